@@ -1,0 +1,32 @@
+//! Loka Stratum: a Stratum V1 mining proxy.
+//!
+//! # Layout
+//! Modules in data-flow order, miner to pool:
+//! - [`server`]: binds the listeners, runs the accept loop, the cleanup task and the drain on shutdown.
+//! - [`registry`]: the `ConnectionManager`, a DashMap of live sessions that the managers share.
+//! - [`connection`]: one task per miner; moves lines between the sockets and the session.
+//! - [`codec`]: bounded, cancel-safe line framing.
+//! - [`protocol`]: JSON-RPC ids and the typed Stratum messages, parsed once at the edge.
+//! - [`session`]: the sans-IO state machine of one miner session (message in, actions out).
+//! - [`auth`], [`jobs`], [`submissions`]: the managers (credential rewriting, job book, share accounting).
+//! - [`upstream`]: pool URLs, health and backoff, and the link a session talks to its pool through.
+//! - [`metrics`]: every metric name, described in one place.
+//! - [`admin`]: the HTTP port (`/metrics`, `/api/v1/workers`, `/health`, `/ready`).
+//! - [`config`], [`cli`], [`logging`]: settings and process set-up.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod jobs;
+pub mod logging;
+pub mod metrics;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod submissions;
+pub mod upstream;

@@ -1,0 +1,293 @@
+//! The `ConnectionManager`: a registry of live miner sessions that the accept loop, the cleanup
+//! task, the managers and the HTTP API share.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::submissions::WorkerStats;
+
+/// Why a miner connection ended; the `reason` label of the closed-connections metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    MinerClosed,
+    Idle,
+    Handshake,
+    LineTooLong,
+    Malformed,
+    UpstreamLost,
+    NoUpstream,
+    PoolReconnect,
+    WriteFailed,
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::MinerClosed => "miner_closed",
+            CloseReason::Idle => "idle",
+            CloseReason::Handshake => "handshake_timeout",
+            CloseReason::LineTooLong => "line_too_long",
+            CloseReason::Malformed => "malformed",
+            CloseReason::UpstreamLost => "upstream_lost",
+            CloseReason::NoUpstream => "no_upstream",
+            CloseReason::PoolReconnect => "pool_reconnect",
+            CloseReason::WriteFailed => "write_failed",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What other tasks may ask of a session.
+#[derive(Debug)]
+pub enum Control {
+    Close(CloseReason),
+}
+
+/// Where a session is in its life, as the cleanup task and the API see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Phase {
+    Connecting = 0,
+    Connected = 1,
+    Subscribed = 2,
+    Authorized = 3,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Connected => "connected",
+            Phase::Subscribed => "subscribed",
+            Phase::Authorized => "authorized",
+        }
+    }
+}
+
+/// One live session as the rest of the proxy sees it. Written by its own connection task only;
+/// read by the cleanup task and the API.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub connected_since: SystemTime,
+    pub connected_at: Instant,
+    /// Milliseconds since the registry's epoch at the last line from the miner.
+    last_activity_ms: AtomicU64,
+    phase: AtomicU8,
+    /// Bounded: a session only ever needs one pending close.
+    control: mpsc::Sender<Control>,
+    /// Rarely written, briefly locked: the worker name, the upstream and the share statistics.
+    info: Mutex<SessionInfo>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SessionInfo {
+    pub worker: Option<String>,
+    pub upstream: Option<Arc<str>>,
+    pub difficulty: Option<f64>,
+    pub stats: WorkerStats,
+}
+
+impl SessionHandle {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Connecting,
+            1 => Phase::Connected,
+            2 => Phase::Subscribed,
+            _ => Phase::Authorized,
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    pub fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
+        // A panic while holding this lock cannot leave the plain data inside inconsistent.
+        self.info.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks the session to close; a close already queued makes this one redundant.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.control.try_send(Control::Close(reason));
+    }
+}
+
+/// The registry of live sessions, with the connection limit.
+#[derive(Debug)]
+pub struct ConnectionManager {
+    sessions: DashMap<u64, Arc<SessionHandle>>,
+    next_id: AtomicU64,
+    count: AtomicUsize,
+    max: usize,
+    epoch: Instant,
+}
+
+impl ConnectionManager {
+    pub fn new(max_connections: usize) -> Self {
+        Self {
+            sessions: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            max: max_connections,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Registers a new session, or returns `None` when `max_connections` are already live.
+    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Option<Registration> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (control, control_rx) = mpsc::channel(1);
+        let handle = Arc::new(SessionHandle {
+            id,
+            peer,
+            connected_since: SystemTime::now(),
+            connected_at: Instant::now(),
+            last_activity_ms: AtomicU64::new(self.now_ms()),
+            phase: AtomicU8::new(Phase::Connecting as u8),
+            control,
+            info: Mutex::new(SessionInfo::default()),
+        });
+        self.sessions.insert(id, handle.clone());
+        Some(Registration { manager: self.clone(), handle, control_rx: Some(control_rx) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<SessionHandle>> {
+        self.sessions.get(&id).map(|h| h.clone())
+    }
+
+    /// A copy of the live handles, for the API.
+    pub fn snapshot(&self) -> Vec<Arc<SessionHandle>> {
+        let mut v: Vec<_> = self.sessions.iter().map(|e| e.value().clone()).collect();
+        v.sort_by_key(|h| h.id);
+        v
+    }
+
+    pub fn touch(&self, handle: &SessionHandle) {
+        handle.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Closes sessions idle longer than `idle` and connections that have not subscribed within
+    /// `handshake`. Returns how many were asked to close.
+    pub fn evict_expired(&self, idle: Duration, handshake: Duration) -> usize {
+        let now = Instant::now();
+        let now_ms = self.now_ms();
+        let mut evicted = 0;
+        for entry in self.sessions.iter() {
+            let h = entry.value();
+            let reason = if h.phase() < Phase::Subscribed && now.duration_since(h.connected_at) >= handshake {
+                Some(CloseReason::Handshake)
+            } else if now_ms.saturating_sub(h.last_activity_ms.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+                Some(CloseReason::Idle)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                h.close(reason);
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+
+    /// Asks every session to close.
+    pub fn close_all(&self, reason: CloseReason) {
+        for entry in self.sessions.iter() {
+            entry.value().close(reason);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        Instant::now().duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn remove(&self, id: u64) {
+        if self.sessions.remove(&id).is_some() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A registered session; dropping it removes the session from the registry.
+#[derive(Debug)]
+pub struct Registration {
+    manager: Arc<ConnectionManager>,
+    pub handle: Arc<SessionHandle>,
+    control_rx: Option<mpsc::Receiver<Control>>,
+}
+
+impl Registration {
+    pub fn take_control(&mut self) -> mpsc::Receiver<Control> {
+        self.control_rx.take().expect("the control receiver is taken once")
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.manager.remove(self.handle.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:1".parse().unwrap()
+    }
+
+    #[test]
+    fn limit_is_enforced_and_released() {
+        let m = Arc::new(ConnectionManager::new(2));
+        let a = m.register(peer()).unwrap();
+        let _b = m.register(peer()).unwrap();
+        assert!(m.register(peer()).is_none());
+        assert_eq!(m.len(), 2);
+        drop(a);
+        assert_eq!(m.len(), 1);
+        assert!(m.register(peer()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_by_handshake_and_idle() {
+        let m = Arc::new(ConnectionManager::new(10));
+        let mut fresh = m.register(peer()).unwrap();
+        let mut subscribed = m.register(peer()).unwrap();
+        subscribed.handle.set_phase(Phase::Subscribed);
+        let (mut rx_fresh, mut rx_sub) = (fresh.take_control(), subscribed.take_control());
+
+        tokio::time::advance(Duration::from_secs(14)).await;
+        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15)), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15)), 1);
+        assert!(matches!(rx_fresh.try_recv(), Ok(Control::Close(CloseReason::Handshake))));
+
+        m.touch(&subscribed.handle);
+        tokio::time::advance(Duration::from_secs(599)).await;
+        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15));
+        assert!(rx_sub.try_recv().is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15));
+        assert!(matches!(rx_sub.try_recv(), Ok(Control::Close(CloseReason::Idle))));
+    }
+}

@@ -1,0 +1,194 @@
+//! The server: binds the listeners, accepts miners into the registry, runs the background tasks,
+//! and drains on shutdown.
+//!
+//! Shutdown order: signal → stop accepting → cancel → sessions answer their in-flight requests
+//! (within `shutdown_grace`) → wait for the tasks → stop the admin port.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::auth::AuthManager;
+use crate::config::Config;
+use crate::connection::{self, Shared};
+use crate::metrics as m;
+use crate::registry::ConnectionManager;
+use crate::submissions::SubmissionManager;
+use crate::upstream::PoolSet;
+
+/// How often the cleanup task looks for idle and handshake-expired sessions.
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A proxy with its ports bound, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    http: TcpListener,
+    shared: Arc<Shared>,
+    prometheus: PrometheusHandle,
+}
+
+impl Server {
+    /// Binds the miner and admin ports. The config must already be validated.
+    pub async fn bind(config: Config) -> io::Result<Server> {
+        let prometheus = m::install();
+        let listener = TcpListener::bind(config.server.listen).await?;
+        let http = TcpListener::bind(config.http.listen).await?;
+        tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
+        let shared = Arc::new(Shared {
+            registry: Arc::new(ConnectionManager::new(config.server.max_connections)),
+            pools: Arc::new(PoolSet::new(&config)),
+            auth: Arc::new(AuthManager::new(&config.upstream.user_template)),
+            submissions: SubmissionManager,
+            shutdown: CancellationToken::new(),
+            config: Arc::new(config),
+        });
+        Ok(Server { listener, http, shared, prometheus })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn registry(&self) -> Arc<ConnectionManager> {
+        self.shared.registry.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let Server { listener, http, shared, prometheus } = self;
+        let tracker = TaskTracker::new();
+        let admin_stop = CancellationToken::new();
+        let admin_task = tokio::spawn(admin::serve(
+            http,
+            admin::State { prometheus, registry: shared.registry.clone(), pools: shared.pools.clone() },
+            admin_stop.clone(),
+        ));
+        for index in 0..shared.pools.pools().len() {
+            tracker.spawn(shared.pools.clone().monitor(index, shared.shutdown.clone()));
+        }
+        tracker.spawn(cleanup(shared.clone()));
+
+        accept_loop(&listener, &shared, &tracker, shutdown).await;
+        drop(listener);
+        tracing::info!(sessions = shared.registry.len(), "shutting down: draining sessions");
+        shared.shutdown.cancel();
+        tracker.close();
+        let grace = shared.config.server.shutdown_grace() + Duration::from_secs(1);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(sessions = shared.registry.len(), "drain did not finish within the grace period");
+        }
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        tracing::info!("stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut limit_log = RateLimitedLog::new(Duration::from_secs(10));
+    let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    if let Some(suppressed) = error_log.allow() {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+        let Some(registration) = shared.registry.register(peer) else {
+            counter!(m::CONNECTIONS_REJECTED).increment(1);
+            if let Some(suppressed) = limit_log.allow() {
+                tracing::warn!(%peer, max = shared.config.server.max_connections, suppressed, "connection limit reached; closing new connections");
+            }
+            drop(stream);
+            continue;
+        };
+        gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
+        tracker.spawn(connection::serve(shared.clone(), stream, registration));
+    }
+}
+
+/// Evicts idle and handshake-expired sessions, and keeps the readiness gauge current.
+async fn cleanup(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let server = &shared.config.server;
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let evicted = shared.registry.evict_expired(server.idle_timeout(), server.handshake_timeout());
+        if evicted > 0 {
+            tracing::debug!(evicted, "evicting expired sessions");
+        }
+        gauge!(m::READY).set(if shared.pools.any_up() { 1.0 } else { 0.0 });
+    }
+}
+
+/// Lets a repeated warning through at most once per period, counting what it held back.
+struct RateLimitedLog {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(period: Duration) -> Self {
+        Self { period, last: None, suppressed: 0 }
+    }
+
+    /// `Some(suppressed since the last one)` when this occurrence may be logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < self.period) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_log() {
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        assert_eq!(log.allow(), Some(0));
+        assert_eq!(log.allow(), None);
+        assert_eq!(log.allow(), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(log.allow(), Some(2));
+    }
+}

@@ -1,0 +1,321 @@
+//! Pools: their health, the backoff while they are unreachable, and the link a session talks to
+//! its pool through.
+//!
+//! A session sees its pool only through the [`Upstream`] trait: lines out, lines in. Passthrough
+//! mode implements it with one TCP connection per miner ([`PoolLink`]); a mode where many miners
+//! share one pool session is another implementation behind the same trait.
+
+use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use metrics::{counter, gauge};
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{FrameError, LineCodec};
+use crate::config::{Config, PoolConfig, PoolUrl};
+use crate::metrics as m;
+
+/// What a session needs from its pool. `next_line` must be cancel-safe: it is polled in `select!`.
+pub trait Upstream: Send {
+    /// The pool's name for logs and metric labels.
+    fn pool(&self) -> &Pool;
+    fn send(&mut self, bytes: &[u8]) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// The next line from the pool; `None` when the pool closed the connection.
+    fn next_line(&mut self) -> impl std::future::Future<Output = Option<Result<BytesMut, FrameError>>> + Send;
+}
+
+/// Read buffer a pool connection starts with; it grows to the line cap only when a line needs it.
+const READ_BUFFER: usize = 1024;
+
+/// One miner's own TCP connection to a pool.
+pub struct PoolLink {
+    pool: Arc<Pool>,
+    reader: FramedRead<OwnedReadHalf, LineCodec>,
+    writer: OwnedWriteHalf,
+}
+
+impl Upstream for PoolLink {
+    fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
+    async fn next_line(&mut self) -> Option<Result<BytesMut, FrameError>> {
+        self.reader.next().await
+    }
+}
+
+impl Drop for PoolLink {
+    fn drop(&mut self) {
+        gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => self.pool.label.clone()).decrement(1.0);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Health {
+    /// Not tried yet: worth a try.
+    Unknown = 0,
+    Up = 1,
+    Down = 2,
+}
+
+/// One configured pool and what the proxy knows of its health.
+#[derive(Debug)]
+pub struct Pool {
+    pub config: Arc<PoolConfig>,
+    pub url: PoolUrl,
+    /// `host:port`, the `pool` label of the metrics.
+    pub label: String,
+    health: AtomicU8,
+    /// Wakes the pool's monitor when a connect fails.
+    failed: Notify,
+}
+
+impl Pool {
+    fn health(&self) -> Health {
+        match self.health.load(Ordering::Acquire) {
+            0 => Health::Unknown,
+            1 => Health::Up,
+            _ => Health::Down,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.health() == Health::Up
+    }
+
+    fn set_health(&self, health: Health) {
+        let old = self.health.swap(health as u8, Ordering::AcqRel);
+        gauge!(m::POOL_UP, "pool" => self.label.clone()).set(if health == Health::Up { 1.0 } else { 0.0 });
+        if old != health as u8 {
+            match health {
+                Health::Up => tracing::info!(pool = %self.label, "pool reachable"),
+                Health::Down => tracing::warn!(pool = %self.label, "pool unreachable; retrying with backoff"),
+                Health::Unknown => {}
+            }
+        }
+    }
+
+    async fn connect_tcp(&self, timeout: Duration) -> io::Result<TcpStream> {
+        let attempt = async {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            for addr in tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        };
+        let stream = tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// Why no pool session could be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("no pool reachable")]
+pub struct NoUpstream;
+
+/// The configured pools in priority order.
+#[derive(Debug)]
+pub struct PoolSet {
+    pools: Vec<Arc<Pool>>,
+    connect_timeout: Duration,
+    max_line_bytes: usize,
+    retry_initial: Duration,
+    retry_max: Duration,
+}
+
+impl PoolSet {
+    /// Builds the set from a validated config.
+    pub fn new(config: &Config) -> Self {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let url = PoolUrl::parse(&p.url).expect("pool URLs are validated with the config");
+                Arc::new(Pool {
+                    label: url.to_string(),
+                    url,
+                    config: Arc::new(p.clone()),
+                    health: AtomicU8::new(Health::Unknown as u8),
+                    failed: Notify::new(),
+                })
+            })
+            .collect();
+        Self {
+            pools,
+            connect_timeout: config.upstream.connect_timeout(),
+            max_line_bytes: config.upstream.max_line_bytes,
+            retry_initial: Duration::from_millis(config.upstream.retry_initial_ms),
+            retry_max: Duration::from_millis(config.upstream.retry_max_ms),
+        }
+    }
+
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// True when some pool answered its last connection attempt.
+    pub fn any_up(&self) -> bool {
+        self.pools.iter().any(|p| p.is_up())
+    }
+
+    /// Opens a session to the first pool, in priority order, that is not known to be down.
+    pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
+        for pool in self.pools.iter().filter(|p| p.health() != Health::Down) {
+            match pool.connect_tcp(self.connect_timeout).await {
+                Ok(stream) => {
+                    pool.set_health(Health::Up);
+                    gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
+                    let (r, w) = stream.into_split();
+                    let reader = FramedRead::with_capacity(r, LineCodec::new(self.max_line_bytes), READ_BUFFER);
+                    return Ok(PoolLink { pool: pool.clone(), reader, writer: w });
+                }
+                Err(e) => {
+                    counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
+                    tracing::debug!(pool = %pool.label, error = %e, "pool connect failed");
+                    pool.set_health(Health::Down);
+                    pool.failed.notify_one();
+                }
+            }
+        }
+        Err(NoUpstream)
+    }
+
+    /// Watches one pool: probes it at start, and while it is down retries with jittered
+    /// exponential backoff until a connect succeeds. Returns when `cancel` fires.
+    pub async fn monitor(self: Arc<Self>, index: usize, cancel: CancellationToken) {
+        let pool = self.pools[index].clone();
+        let mut delay = self.retry_initial;
+        loop {
+            if pool.health() != Health::Down {
+                // Probe once at start; afterwards sleep until a session's connect fails.
+                if pool.health() == Health::Unknown {
+                    self.probe(&pool).await;
+                    continue;
+                }
+                delay = self.retry_initial;
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = pool.failed.notified() => continue,
+                }
+            }
+            let wait = jitter(delay);
+            tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if !self.probe(&pool).await {
+                delay = (delay * 2).min(self.retry_max);
+            }
+        }
+    }
+
+    async fn probe(&self, pool: &Pool) -> bool {
+        match pool.connect_tcp(self.connect_timeout).await {
+            Ok(_stream) => {
+                pool.set_health(Health::Up);
+                true
+            }
+            Err(e) => {
+                counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
+                tracing::debug!(pool = %pool.label, error = %e, "pool probe failed");
+                pool.set_health(Health::Down);
+                false
+            }
+        }
+    }
+}
+
+/// A delay drawn uniformly from [d/2, d], so that many proxies do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..1000 {
+            let j = jitter(Duration::from_secs(8));
+            assert!(j >= Duration::from_secs(4) && j <= Duration::from_secs(8));
+        }
+    }
+
+    fn config(urls: &[String]) -> Config {
+        let mut c = Config::default();
+        c.pools = urls.iter().map(|u| PoolConfig { url: u.clone(), user: String::new(), password: String::new() }).collect();
+        c.upstream.retry_initial_ms = 10;
+        c.upstream.retry_max_ms = 40;
+        c
+    }
+
+    #[tokio::test]
+    async fn connects_in_priority_order_skipping_dead_pools() {
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let set = PoolSet::new(&config(&[
+            format!("stratum+tcp://{dead_addr}"),
+            format!("stratum+tcp://localhost:{}", live.local_addr().unwrap().port()),
+        ]));
+        let link = set.connect().await.unwrap();
+        assert_eq!(link.pool().label, format!("localhost:{}", live.local_addr().unwrap().port()));
+        assert!(!set.pools()[0].is_up() && set.pools()[1].is_up());
+        // The dead pool is now skipped without a connect attempt.
+        assert!(set.connect().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn monitor_brings_a_pool_back() {
+        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let set = Arc::new(PoolSet::new(&config(&[format!("stratum+tcp://{addr}")])));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(set.clone().monitor(0, cancel.clone()));
+        for _ in 0..200 {
+            if set.pools()[0].health() == Health::Down {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(set.connect().await.is_err());
+        let _listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let mut up = false;
+        for _ in 0..400 {
+            if set.any_up() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(up, "the monitor reconnects once the pool listens");
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
