@@ -88,13 +88,7 @@ mod tests {
 
     #[test]
     fn no_subcommand_means_run() {
-        let cli = parse(&[
-            "--pool",
-            "stratum+tcp://a:1",
-            "--pool",
-            "stratum+tcp://b:2",
-            "-vv",
-        ]);
+        let cli = parse(&["--pool", "stratum+tcp://a:1", "--pool", "stratum+tcp://b:2", "-vv"]);
         assert!(cli.command.is_none());
         assert_eq!(cli.run.pool, ["stratum+tcp://a:1", "stratum+tcp://b:2"]);
         assert_eq!(cli.run.log_level_override(), Some("trace"));
@@ -102,10 +96,7 @@ mod tests {
 
     #[test]
     fn subcommands() {
-        assert!(matches!(
-            parse(&["default-config"]).command,
-            Some(Command::DefaultConfig)
-        ));
+        assert!(matches!(parse(&["default-config"]).command, Some(Command::DefaultConfig)));
         match parse(&["check-config", "x.toml"]).command {
             Some(Command::CheckConfig { file }) => assert_eq!(file, PathBuf::from("x.toml")),
             other => panic!("{other:?}"),
@@ -121,14 +112,7 @@ mod tests {
 
     #[test]
     fn verbosity() {
-        let level = |v, q| {
-            RunArgs {
-                verbose: v,
-                quiet: q,
-                ..RunArgs::default()
-            }
-            .log_level_override()
-        };
+        let level = |v, q| RunArgs { verbose: v, quiet: q, ..RunArgs::default() }.log_level_override();
         assert_eq!(level(0, 0), None);
         assert_eq!(level(1, 0), Some("debug"));
         assert_eq!(level(3, 0), Some("trace"));

@@ -129,18 +129,13 @@ impl Default for UpstreamConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        Self { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -177,42 +172,25 @@ impl PoolUrl {
     /// Parses `stratum+tcp://host:port`. Anything a URL could carry beyond host and port (paths,
     /// user info) is rejected rather than ignored, so a pasted URL never means something else.
     pub fn parse(url: &str) -> Result<PoolUrl, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or("missing scheme, expected stratum+tcp://host:port")?;
+        let (scheme, rest) = url.split_once("://").ok_or("missing scheme, expected stratum+tcp://host:port")?;
         match scheme.to_ascii_lowercase().as_str() {
             "stratum+tcp" => {}
-            "stratum+ssl" | "stratum+tls" => {
-                return Err(format!("{scheme}: TLS upstreams are not supported yet"))
-            }
-            _ => {
-                return Err(format!(
-                    "unsupported scheme {scheme:?}, expected stratum+tcp"
-                ))
-            }
+            "stratum+ssl" | "stratum+tls" => return Err(format!("{scheme}: TLS upstreams are not supported yet")),
+            _ => return Err(format!("unsupported scheme {scheme:?}, expected stratum+tcp")),
         }
         if rest.contains(['/', '?', '#']) {
             return Err("a pool URL has no path, expected stratum+tcp://host:port".into());
         }
         if rest.contains('@') {
-            return Err(
-                "user info is not allowed in the URL; set the pool's user and password".into(),
-            );
+            return Err("user info is not allowed in the URL; set the pool's user and password".into());
         }
         let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or("unclosed '[' in IPv6 address")?;
-            host.parse::<Ipv6Addr>()
-                .map_err(|_| format!("{host:?} is not an IPv6 address"))?;
-            let port = after
-                .strip_prefix(':')
-                .ok_or("missing port, expected [ipv6]:port")?;
+            let (host, after) = bracketed.split_once(']').ok_or("unclosed '[' in IPv6 address")?;
+            host.parse::<Ipv6Addr>().map_err(|_| format!("{host:?} is not an IPv6 address"))?;
+            let port = after.strip_prefix(':').ok_or("missing port, expected [ipv6]:port")?;
             (host, port)
         } else {
-            let (host, port) = rest
-                .rsplit_once(':')
-                .ok_or("missing port, expected host:port")?;
+            let (host, port) = rest.rsplit_once(':').ok_or("missing port, expected host:port")?;
             if host.contains(':') {
                 return Err("IPv6 addresses must be in brackets, e.g. [::1]:3333".into());
             }
@@ -230,16 +208,11 @@ impl PoolUrl {
             }
             (host, port)
         };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("port {port:?} is not a number from 1 to 65535"))?;
+        let port: u16 = port.parse().map_err(|_| format!("port {port:?} is not a number from 1 to 65535"))?;
         if port == 0 {
             return Err("port 0 is not a valid pool port".into());
         }
-        Ok(PoolUrl {
-            host: host.to_owned(),
-            port,
-        })
+        Ok(PoolUrl { host: host.to_owned(), port })
     }
 }
 
@@ -257,35 +230,20 @@ impl fmt::Display for PoolUrl {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}", path = .path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot parse {path}: {message}", path = .path.display())]
     Parse { path: PathBuf, message: String },
     #[error("unknown key {key} in {origin}")]
     UnknownKey { key: String, origin: String },
     #[error("invalid value for {key}: {value} ({reason})")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    Invalid { key: String, value: String, reason: String },
     #[error("no pools configured: use --pool URL or a [[pools]] section in the config file")]
     NoPools,
 }
 
 impl ConfigError {
-    fn invalid(
-        key: impl Into<String>,
-        value: impl fmt::Display,
-        reason: impl Into<String>,
-    ) -> Self {
-        Self::Invalid {
-            key: key.into(),
-            value: value.to_string(),
-            reason: reason.into(),
-        }
+    fn invalid(key: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self::Invalid { key: key.into(), value: value.to_string(), reason: reason.into() }
     }
 }
 
@@ -299,15 +257,10 @@ pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> 
         .map(|path| {
             std::fs::read_to_string(path)
                 .map(|text| (text, path.display().to_string()))
-                .map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
+                .map_err(|source| ConfigError::Read { path: path.to_owned(), source })
         })
         .transpose()?;
-    let file = file
-        .as_ref()
-        .map(|(text, origin)| (text.as_str(), origin.as_str()));
+    let file = file.as_ref().map(|(text, origin)| (text.as_str(), origin.as_str()));
     let mut config = layered(file, loka_env())?;
     apply_flags(&mut config, args)?;
     config.validate()?;
@@ -330,12 +283,10 @@ fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Con
     let schema = schema();
     let mut builder = config::Config::builder();
     if let Some((text, origin)) = file {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: origin.into(),
-                message: line_of(text, e.span()) + &e.message().trim().replace('\n', "; "),
-            })?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: origin.into(),
+            message: line_of(text, e.span()) + &e.message().trim().replace('\n', "; "),
+        })?;
         check_table(&table, &schema, "", origin)?;
         builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
     }
@@ -350,81 +301,47 @@ fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Con
             .try_parsing(true)
             .source(Some(env)),
     );
-    let merged = builder
-        .build()
-        .map_err(|e| ConfigError::invalid("configuration", "", e.to_string()))?;
-    merged
-        .clone()
-        .try_deserialize()
-        .map_err(|e| describe(e, &merged))
+    let merged = builder.build().map_err(|e| ConfigError::invalid("configuration", "", e.to_string()))?;
+    merged.clone().try_deserialize().map_err(|e| describe(e, &merged))
 }
 
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    span.map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1))
-        .unwrap_or_default()
+    span.map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1)).unwrap_or_default()
 }
 
 /// The shape every layer must fit: the default config with one example pool.
 fn schema() -> toml::Table {
     let sample = Config {
-        pools: vec![PoolConfig {
-            url: String::new(),
-            user: String::new(),
-            password: String::new(),
-        }],
+        pools: vec![PoolConfig { url: String::new(), user: String::new(), password: String::new() }],
         ..Config::default()
     };
     toml::Table::try_from(sample).expect("Config serializes to a TOML table")
 }
 
-fn check_table(
-    table: &toml::Table,
-    schema: &toml::Table,
-    prefix: &str,
-    origin: &str,
-) -> Result<(), ConfigError> {
+fn check_table(table: &toml::Table, schema: &toml::Table, prefix: &str, origin: &str) -> Result<(), ConfigError> {
     for (name, value) in table {
-        let key = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}.{name}")
-        };
+        let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
         let Some(expected) = schema.get(name) else {
-            return Err(ConfigError::UnknownKey {
-                key,
-                origin: origin.into(),
-            });
+            return Err(ConfigError::UnknownKey { key, origin: origin.into() });
         };
         check_value(value, expected, &key, origin)?;
     }
     Ok(())
 }
 
-fn check_value(
-    value: &toml::Value,
-    expected: &toml::Value,
-    key: &str,
-    origin: &str,
-) -> Result<(), ConfigError> {
+fn check_value(value: &toml::Value, expected: &toml::Value, key: &str, origin: &str) -> Result<(), ConfigError> {
     use toml::Value as V;
     match (expected, value) {
         (V::Table(schema), V::Table(table)) => check_table(table, schema, key, origin),
-        (V::Array(schema), V::Array(items)) => {
-            items.iter().enumerate().try_for_each(|(i, item)| {
-                check_value(item, &schema[0], &format!("{key}[{i}]"), origin)
-            })
+        (V::Array(schema), V::Array(items)) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| check_value(item, &schema[0], &format!("{key}[{i}]"), origin)),
+        (V::Integer(_), V::Integer(n)) if *n < 0 => {
+            Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
         }
-        (V::Integer(_), V::Integer(n)) if *n < 0 => Err(ConfigError::invalid(
-            key,
-            n,
-            format!("must not be negative; set in {origin}"),
-        )),
         (V::Integer(_), V::Integer(_)) | (V::String(_), V::String(_)) => Ok(()),
-        _ => Err(ConfigError::invalid(
-            key,
-            value,
-            format!("expected {}; set in {origin}", kind_name(expected)),
-        )),
+        _ => Err(ConfigError::invalid(key, value, format!("expected {}; set in {origin}", kind_name(expected)))),
     }
 }
 
@@ -458,17 +375,9 @@ fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigE
         table = expected.and_then(toml::Value::as_table);
     }
     let typed = match expected {
-        Some(toml::Value::Integer(_)) => value
-            .trim()
-            .parse::<i64>()
-            .map(toml::Value::Integer)
-            .map_err(|_| {
-                ConfigError::invalid(
-                    &key,
-                    format!("{value:?}"),
-                    format!("expected a whole number; set in {origin}"),
-                )
-            })?,
+        Some(toml::Value::Integer(_)) => value.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
+            ConfigError::invalid(&key, format!("{value:?}"), format!("expected a whole number; set in {origin}"))
+        })?,
         Some(toml::Value::String(_)) => toml::Value::String(value.into()),
         _ => return Err(ConfigError::UnknownKey { key, origin }),
     };
@@ -478,16 +387,8 @@ fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigE
 /// Turns a `config` crate error into one that names the key and its value.
 fn describe(error: config::ConfigError, merged: &config::Config) -> ConfigError {
     let (key, reason) = match &error {
-        config::ConfigError::At {
-            error,
-            key: Some(key),
-            ..
-        } => (key.clone(), error.to_string()),
-        config::ConfigError::Type {
-            key: Some(key),
-            expected,
-            ..
-        } => (key.clone(), format!("expected {expected}")),
+        config::ConfigError::At { error, key: Some(key), .. } => (key.clone(), error.to_string()),
+        config::ConfigError::Type { key: Some(key), expected, .. } => (key.clone(), format!("expected {expected}")),
         _ => return ConfigError::invalid("configuration", "", error.to_string()),
     };
     let value = match merged.get::<config::Value>(&key) {
@@ -502,13 +403,9 @@ fn describe(error: config::ConfigError, merged: &config::Config) -> ConfigError 
 
 fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
     let addr = |key: &str, value: &str| {
-        value.parse::<SocketAddr>().map_err(|_| {
-            ConfigError::invalid(
-                key,
-                format!("{value:?}"),
-                "expected IP:port, e.g. 0.0.0.0:3333",
-            )
-        })
+        value
+            .parse::<SocketAddr>()
+            .map_err(|_| ConfigError::invalid(key, format!("{value:?}"), "expected IP:port, e.g. 0.0.0.0:3333"))
     };
     if let Some(listen) = &args.listen {
         config.server.listen = addr("--listen (server.listen)", listen)?;
@@ -523,11 +420,7 @@ fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
         config.pools = args
             .pool
             .iter()
-            .map(|url| PoolConfig {
-                url: url.clone(),
-                user: String::new(),
-                password: String::new(),
-            })
+            .map(|url| PoolConfig { url: url.clone(), user: String::new(), password: String::new() })
             .collect();
     }
     for pool in &mut config.pools {
@@ -549,9 +442,8 @@ impl Config {
             return Err(ConfigError::NoPools);
         }
         for (i, pool) in self.pools.iter().enumerate() {
-            PoolUrl::parse(&pool.url).map_err(|reason| {
-                ConfigError::invalid(format!("pools[{i}].url"), format!("{:?}", pool.url), reason)
-            })?;
+            PoolUrl::parse(&pool.url)
+                .map_err(|reason| ConfigError::invalid(format!("pools[{i}].url"), format!("{:?}", pool.url), reason))?;
         }
         let (s, u) = (&self.server, &self.upstream);
         let limits: [(&str, u64); 10] = [
@@ -567,32 +459,20 @@ impl Config {
             ("upstream.retry_max_ms", u.retry_max_ms),
         ];
         if let Some((key, value)) = limits.iter().find(|(_, v)| *v == 0) {
-            return Err(ConfigError::invalid(
-                *key,
-                value,
-                "must be greater than zero",
-            ));
+            return Err(ConfigError::invalid(*key, value, "must be greater than zero"));
         }
         if u.retry_max_ms < u.retry_initial_ms {
             return Err(ConfigError::invalid(
                 "upstream.retry_max_ms",
                 u.retry_max_ms,
-                format!(
-                    "must be at least upstream.retry_initial_ms = {}",
-                    u.retry_initial_ms
-                ),
+                format!("must be at least upstream.retry_initial_ms = {}", u.retry_initial_ms),
             ));
         }
         check_template(&u.user_template).map_err(|reason| {
-            ConfigError::invalid(
-                "upstream.user_template",
-                format!("{:?}", u.user_template),
-                reason,
-            )
+            ConfigError::invalid("upstream.user_template", format!("{:?}", u.user_template), reason)
         })?;
-        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            ConfigError::invalid("log.level", format!("{:?}", self.log.level), e.to_string())
-        })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::invalid("log.level", format!("{:?}", self.log.level), e.to_string()))?;
         Ok(())
     }
 
@@ -619,9 +499,7 @@ fn check_template(template: &str) -> Result<(), String> {
         let close = rest[open..].find('}').ok_or("unclosed '{'")? + open;
         let name = &rest[open + 1..close];
         if !matches!(name, "pool_user" | "worker" | "user") {
-            return Err(format!(
-                "unknown placeholder {{{name}}}; use {{pool_user}}, {{worker}} or {{user}}"
-            ));
+            return Err(format!("unknown placeholder {{{name}}}; use {{pool_user}}, {{worker}} or {{user}}"));
         }
         rest = &rest[close + 1..];
     }
@@ -633,9 +511,7 @@ mod tests {
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
-        vars.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -643,18 +519,11 @@ mod tests {
     }
 
     fn pool(url: &str) -> PoolConfig {
-        PoolConfig {
-            url: url.into(),
-            user: "acct".into(),
-            password: "secret".into(),
-        }
+        PoolConfig { url: url.into(), user: "acct".into(), password: "secret".into() }
     }
 
     fn valid() -> Config {
-        Config {
-            pools: vec![pool("stratum+tcp://pool.example.com:3333")],
-            ..Config::default()
-        }
+        Config { pools: vec![pool("stratum+tcp://pool.example.com:3333")], ..Config::default() }
     }
 
     #[test]
@@ -671,45 +540,20 @@ mod tests {
     fn pool_urls() {
         let ok = |url: &str, host: &str, port: u16, shown: &str| {
             let parsed = PoolUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!(
-                parsed,
-                PoolUrl {
-                    host: host.into(),
-                    port
-                },
-                "{url}"
-            );
+            assert_eq!(parsed, PoolUrl { host: host.into(), port }, "{url}");
             assert_eq!(parsed.to_string(), shown);
         };
-        ok(
-            "stratum+tcp://10.0.0.1:3333",
-            "10.0.0.1",
-            3333,
-            "10.0.0.1:3333",
-        );
+        ok("stratum+tcp://10.0.0.1:3333", "10.0.0.1", 3333, "10.0.0.1:3333");
         ok("stratum+tcp://[::1]:4444", "::1", 4444, "[::1]:4444");
-        ok(
-            "stratum+tcp://[2001:db8::7]:1",
-            "2001:db8::7",
-            1,
-            "[2001:db8::7]:1",
-        );
-        ok(
-            "stratum+tcp://eu.pool-1.example.com:65535",
-            "eu.pool-1.example.com",
-            65535,
-            "eu.pool-1.example.com:65535",
-        );
+        ok("stratum+tcp://[2001:db8::7]:1", "2001:db8::7", 1, "[2001:db8::7]:1");
+        ok("stratum+tcp://eu.pool-1.example.com:65535", "eu.pool-1.example.com", 65535, "eu.pool-1.example.com:65535");
         ok("STRATUM+TCP://pool:3333", "pool", 3333, "pool:3333");
 
         let bad = |url: &str, needle: &str| {
             let e = PoolUrl::parse(url).expect_err(url);
             assert!(e.contains(needle), "{url}: {e}");
         };
-        bad(
-            "stratum+ssl://pool:443",
-            "TLS upstreams are not supported yet",
-        );
+        bad("stratum+ssl://pool:443", "TLS upstreams are not supported yet");
         bad("http://pool:80", "unsupported scheme \"http\"");
         bad("pool:3333", "missing scheme");
         bad("stratum+tcp://pool", "missing port");
@@ -732,34 +576,19 @@ mod tests {
     fn validation_errors_name_key_and_value() {
         let cases: [(Breaker, &str); 16] = [
             (|c| c.pools.clear(), "use --pool URL or a [[pools]] section"),
-            (
-                |c| c.pools.push(pool("http://x")),
-                "pools[1].url: \"http://x\" (unsupported scheme",
-            ),
+            (|c| c.pools.push(pool("http://x")), "pools[1].url: \"http://x\" (unsupported scheme"),
             (
                 |c| c.server.max_connections = 0,
                 "invalid value for server.max_connections: 0 (must be greater than zero)",
             ),
             (|c| c.server.idle_timeout = 0, "server.idle_timeout: 0"),
-            (
-                |c| c.server.handshake_timeout = 0,
-                "server.handshake_timeout: 0",
-            ),
+            (|c| c.server.handshake_timeout = 0, "server.handshake_timeout: 0"),
             (|c| c.server.max_line_bytes = 0, "server.max_line_bytes: 0"),
             (|c| c.server.write_timeout = 0, "server.write_timeout: 0"),
             (|c| c.server.shutdown_grace = 0, "server.shutdown_grace: 0"),
-            (
-                |c| c.upstream.connect_timeout = 0,
-                "upstream.connect_timeout: 0",
-            ),
-            (
-                |c| c.upstream.max_line_bytes = 0,
-                "upstream.max_line_bytes: 0",
-            ),
-            (
-                |c| c.upstream.retry_initial_ms = 0,
-                "upstream.retry_initial_ms: 0",
-            ),
+            (|c| c.upstream.connect_timeout = 0, "upstream.connect_timeout: 0"),
+            (|c| c.upstream.max_line_bytes = 0, "upstream.max_line_bytes: 0"),
+            (|c| c.upstream.retry_initial_ms = 0, "upstream.retry_initial_ms: 0"),
             (|c| c.upstream.retry_max_ms = 0, "upstream.retry_max_ms: 0"),
             (
                 |c| c.upstream.retry_max_ms = 999,
@@ -769,14 +598,8 @@ mod tests {
                 |c| c.upstream.user_template = "{pool_user}.{wroker}".into(),
                 "upstream.user_template: \"{pool_user}.{wroker}\" (unknown placeholder {wroker}",
             ),
-            (
-                |c| c.upstream.user_template = "{user".into(),
-                "upstream.user_template: \"{user\" (unclosed '{')",
-            ),
-            (
-                |c| c.log.level = "loka=shouty".into(),
-                "log.level: \"loka=shouty\"",
-            ),
+            (|c| c.upstream.user_template = "{user".into(), "upstream.user_template: \"{user\" (unclosed '{')"),
+            (|c| c.log.level = "loka=shouty".into(), "log.level: \"loka=shouty\""),
         ];
         for (break_it, expected) in cases {
             let mut config = valid();
@@ -792,27 +615,12 @@ mod tests {
     #[test]
     fn layer_errors_name_key_and_value() {
         let cases = [
-            (
-                "[server]\nmax_conections = 5\n",
-                "unknown key server.max_conections in test.toml",
-            ),
+            ("[server]\nmax_conections = 5\n", "unknown key server.max_conections in test.toml"),
             ("bogus = 1\n", "unknown key bogus in test.toml"),
-            (
-                "[[pools]]\nurl = \"stratum+tcp://a:1\"\npasword = \"x\"\n",
-                "unknown key pools[0].pasword",
-            ),
-            (
-                "[server]\nmax_connections = -5\n",
-                "invalid value for server.max_connections: -5 (must not be negative",
-            ),
-            (
-                "[server]\nidle_timeout = \"soon\"\n",
-                "server.idle_timeout: \"soon\" (expected a whole number",
-            ),
-            (
-                "[server]\nlisten = \"notanaddr\"\n",
-                "server.listen: \"notanaddr\"",
-            ),
+            ("[[pools]]\nurl = \"stratum+tcp://a:1\"\npasword = \"x\"\n", "unknown key pools[0].pasword"),
+            ("[server]\nmax_connections = -5\n", "invalid value for server.max_connections: -5 (must not be negative"),
+            ("[server]\nidle_timeout = \"soon\"\n", "server.idle_timeout: \"soon\" (expected a whole number"),
+            ("[server]\nlisten = \"notanaddr\"\n", "server.listen: \"notanaddr\""),
             ("[log]\nformat = \"xml\"\n", "log.format: \"xml\""),
             ("[server\n", "cannot parse test.toml"),
         ];
@@ -847,9 +655,7 @@ mod tests {
             (("LOKA_HTTP__LISTEN", "nowhere"), "http.listen: \"nowhere\""),
         ];
         for ((var, value), expected) in cases {
-            let message = layered(None, env(&[(var, value)]))
-                .expect_err(var)
-                .to_string();
+            let message = layered(None, env(&[(var, value)])).expect_err(var).to_string();
             assert!(message.contains(expected), "{message:?} lacks {expected:?}");
         }
     }
@@ -859,10 +665,7 @@ mod tests {
         let file = "[server]\nlisten = \"127.0.0.1:1000\"\n[http]\nlisten = \"127.0.0.1:1001\"\n\
                     [[pools]]\nurl = \"stratum+tcp://file:1\"\nuser = \"u\"\npassword = \"p\"\n\
                     [[pools]]\nurl = \"stratum+tcp://file:2\"\n";
-        let vars = env(&[
-            ("LOKA_SERVER__LISTEN", "127.0.0.1:2000"),
-            ("LOKA_HTTP__LISTEN", "127.0.0.1:2001"),
-        ]);
+        let vars = env(&[("LOKA_SERVER__LISTEN", "127.0.0.1:2000"), ("LOKA_HTTP__LISTEN", "127.0.0.1:2001")]);
         let mut config = layered(Some((file, "f.toml")), vars).unwrap();
         assert_eq!(config.http.listen, "127.0.0.1:2001".parse().unwrap());
         let args = RunArgs {
@@ -877,13 +680,7 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Json);
         // Without --pool the file's pools stay; --pool-password applies to each.
         assert_eq!(config.pools.len(), 2);
-        assert_eq!(
-            (
-                config.pools[0].user.as_str(),
-                config.pools[0].password.as_str()
-            ),
-            ("u", "flagpw")
-        );
+        assert_eq!((config.pools[0].user.as_str(), config.pools[0].password.as_str()), ("u", "flagpw"));
         assert_eq!(config.pools[1].password, "flagpw");
 
         let args = RunArgs {
@@ -895,33 +692,19 @@ mod tests {
         apply_flags(&mut config, &args).unwrap();
         assert_eq!(
             config.pools,
-            [PoolConfig {
-                url: "stratum+tcp://flag:9".into(),
-                user: "fu".into(),
-                password: String::new()
-            }]
+            [PoolConfig { url: "stratum+tcp://flag:9".into(), user: "fu".into(), password: String::new() }]
         );
         assert_eq!(config.http.listen, "127.0.0.1:9999".parse().unwrap());
 
-        let args = RunArgs {
-            listen: Some("notanaddr".into()),
-            ..RunArgs::default()
-        };
+        let args = RunArgs { listen: Some("notanaddr".into()), ..RunArgs::default() };
         let message = apply_flags(&mut config, &args).unwrap_err().to_string();
-        assert!(
-            message.contains("--listen (server.listen): \"notanaddr\""),
-            "{message}"
-        );
+        assert!(message.contains("--listen (server.listen): \"notanaddr\""), "{message}");
     }
 
     #[test]
     fn masked_toml_hides_passwords() {
         let mut config = valid();
-        config.pools.push(PoolConfig {
-            url: "stratum+tcp://b:1".into(),
-            user: "b".into(),
-            password: String::new(),
-        });
+        config.pools.push(PoolConfig { url: "stratum+tcp://b:1".into(), user: "b".into(), password: String::new() });
         let text = config.masked_toml();
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("password = \"***\""), "{text}");

@@ -15,16 +15,10 @@ pub fn init(cfg: &LogConfig, level_override: Option<&str>) {
         }),
         _ => EnvFilter::new(directive),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // `try_init` fails only when a subscriber is already installed, which is the harmless case.
     let _ = match cfg.format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
     };
 }

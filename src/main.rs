@@ -58,10 +58,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     loka_stratum::logging::init(&config.log, args.log_level_override());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             error!(error = %e, "cannot start the tokio runtime");
@@ -85,7 +82,6 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         server.run(shutdown).await;
-        info!("stopped");
         ExitCode::SUCCESS
     })
 }
@@ -100,10 +96,7 @@ fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'stati
             _ = interrupt.recv() => "SIGINT",
             _ = terminate.recv() => "SIGTERM",
         };
-        info!(
-            signal = name,
-            "shutting down; a second signal exits immediately"
-        );
+        info!(signal = name, "shutting down; a second signal exits immediately");
         tokio::spawn(async move {
             tokio::select! {
                 _ = interrupt.recv() => {}
