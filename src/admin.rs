@@ -73,7 +73,8 @@ struct PoolReadiness {
 
 /// Ready when the listener is bound (it is, while this port serves) and some pool is reachable.
 async fn ready(Extract(state): Extract<State>) -> impl IntoResponse {
-    let pools: Vec<_> = state.pools.pools().iter().map(|p| PoolReadiness { pool: p.label.clone(), up: p.is_up() }).collect();
+    let pools: Vec<_> =
+        state.pools.pools().iter().map(|p| PoolReadiness { pool: p.label.clone(), up: p.is_up() }).collect();
     let ready = pools.iter().any(|p| p.up);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, pools }))

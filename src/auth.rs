@@ -65,7 +65,10 @@ mod tests {
     #[test]
     fn template_rewrites_worker() {
         let a = AuthManager::new("{pool_user}.{worker}");
-        assert_eq!(a.credentials("farm.rig1", "x", &pool()), Credentials { user: "acct.rig1".into(), password: "pw".into() });
+        assert_eq!(
+            a.credentials("farm.rig1", "x", &pool()),
+            Credentials { user: "acct.rig1".into(), password: "pw".into() }
+        );
         assert_eq!(a.upstream_user("rig2", &pool()), "acct.rig2");
         assert_eq!(a.upstream_user("farm.rack.7", &pool()), "acct.rack.7");
         assert_eq!(AuthManager::new("{pool_user}_{user}").upstream_user("a.b", &pool()), "acct_a.b");

@@ -370,7 +370,10 @@ mod tests {
         let up = lines(&out.to_pool);
         assert_eq!(up[0]["id"], 1);
         assert_eq!(up[0]["params"], serde_json::json!(["bitaxe/2.4"]));
-        let out = pool(&mut s, r#"{"id":1,"result":[[["mining.notify","ae6812eb4cd7735a302a8a9dd95cf71f"]],"08000002",4],"error":null}"#);
+        let out = pool(
+            &mut s,
+            r#"{"id":1,"result":[[["mining.notify","ae6812eb4cd7735a302a8a9dd95cf71f"]],"08000002",4],"error":null}"#,
+        );
         assert_eq!(lines(&out.to_miner)[0]["id"], "sub-1");
         assert_eq!(s.phase(), Phase::Subscribed);
         assert_eq!(s.extranonce(), (&[8u8, 0, 0, 2][..], 4));
@@ -382,12 +385,20 @@ mod tests {
         assert_eq!(s.phase(), Phase::Authorized);
 
         pool(&mut s, r#"{"id":null,"method":"mining.set_difficulty","params":[0.5]}"#);
-        let out = miner(&mut s, r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j1","00000000","5c8f0a1e","b2957c02"]}"#);
+        let out = miner(
+            &mut s,
+            r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j1","00000000","5c8f0a1e","b2957c02"]}"#,
+        );
         let up = lines(&out.to_pool);
         assert_eq!(up[0]["id"], 3);
         let out = pool(&mut s, r#"{"id":3,"result":null,"error":[23,"Low difficulty share",null]}"#);
-        assert_eq!(lines(&out.to_miner)[0], serde_json::json!({"id":2,"result":null,"error":[23,"Low difficulty share",null]}));
-        assert!(matches!(&out.events[0], Event::Share(o) if o.result == Err(RejectReason::LowDifficulty) && o.difficulty == 0.5));
+        assert_eq!(
+            lines(&out.to_miner)[0],
+            serde_json::json!({"id":2,"result":null,"error":[23,"Low difficulty share",null]})
+        );
+        assert!(
+            matches!(&out.events[0], Event::Share(o) if o.result == Err(RejectReason::LowDifficulty) && o.difficulty == 0.5)
+        );
         assert_eq!(s.pending(), 0);
     }
 
@@ -396,7 +407,10 @@ mod tests {
         let mut s = session("{pool_user}.{worker}");
         let out = miner(&mut s, r#"{"id":1,"method":"mining.authorize","params":["farm.rig1","secret"]}"#);
         assert_eq!(lines(&out.to_pool)[0]["params"], serde_json::json!(["acct.rig1", "pw"]));
-        let out = miner(&mut s, r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j","00","00000000","00000000","00002000"]}"#);
+        let out = miner(
+            &mut s,
+            r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j","00","00000000","00000000","00002000"]}"#,
+        );
         assert_eq!(
             lines(&out.to_pool)[0]["params"],
             serde_json::json!(["acct.rig1", "j", "00", "00000000", "00000000", "00002000"])
@@ -407,7 +421,10 @@ mod tests {
     fn pending_requests_fail_exactly_once_when_the_pool_goes() {
         let mut s = session("");
         for id in 10..13 {
-            miner(&mut s, &format!(r#"{{"id":{id},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#));
+            miner(
+                &mut s,
+                &format!(r#"{{"id":{id},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#),
+            );
         }
         miner(&mut s, r#"{"id":null,"method":"mining.suggest_difficulty","params":[8]}"#);
         let mut out = Output::default();
@@ -458,7 +475,10 @@ mod tests {
             &mut s,
             r#"{"id":1,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"1fffe000","version-rolling.min-bit-count":2}]}"#,
         );
-        let out = pool(&mut s, r#"{"id":1,"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"error":null}"#);
+        let out = pool(
+            &mut s,
+            r#"{"id":1,"result":{"version-rolling":true,"version-rolling.mask":"1fffe000"},"error":null}"#,
+        );
         assert_eq!(lines(&out.to_miner)[0]["result"]["version-rolling.mask"], "1fffe000");
         assert_eq!(s.version_mask(), Some(0x1fffe000));
     }
@@ -467,7 +487,10 @@ mod tests {
     fn in_flight_is_bounded() {
         let mut s = session("");
         for i in 0..MAX_PENDING + 5 {
-            let out = miner(&mut s, &format!(r#"{{"id":{i},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#));
+            let out = miner(
+                &mut s,
+                &format!(r#"{{"id":{i},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#),
+            );
             if i >= MAX_PENDING {
                 assert!(out.to_pool.is_empty());
                 assert_eq!(lines(&out.to_miner)[0]["error"][0], 20);

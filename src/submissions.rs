@@ -99,12 +99,8 @@ impl WorkerStats {
     pub fn hashrate(&self, elapsed: Duration) -> f64 {
         let current = elapsed.as_secs() / BUCKET_SECS;
         let oldest = (current + 1).saturating_sub(BUCKETS as u64);
-        let work: f64 = self
-            .window
-            .iter()
-            .filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current)
-            .map(|(_, d)| d)
-            .sum();
+        let work: f64 =
+            self.window.iter().filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current).map(|(_, d)| d).sum();
         let secs = elapsed.min(HASHRATE_WINDOW).as_secs_f64().max(1.0);
         work * 4_294_967_296.0 / secs
     }

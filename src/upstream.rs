@@ -266,8 +266,9 @@ mod tests {
     }
 
     fn config(urls: &[String]) -> Config {
-        let mut c = Config::default();
-        c.pools = urls.iter().map(|u| PoolConfig { url: u.clone(), user: String::new(), password: String::new() }).collect();
+        let pools =
+            urls.iter().map(|u| PoolConfig { url: u.clone(), user: String::new(), password: String::new() }).collect();
+        let mut c = Config { pools, ..Config::default() };
         c.upstream.retry_initial_ms = 10;
         c.upstream.retry_max_ms = 40;
         c

@@ -4,14 +4,16 @@ use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 
-use super::{parse_envelope, Id, ParseError, ParseErrorKind, Params};
+use super::{parse_envelope, Id, Params, ParseError, ParseErrorKind};
 
 /// One line from a miner.
 #[derive(Debug)]
 pub enum MinerMessage<'a> {
     Request(Request<'a>),
     /// A line without a method: a reply to something the proxy never asks miners, so it is ignored.
-    Response { id: Id },
+    Response {
+        id: Id,
+    },
 }
 
 /// A miner request: the typed call, plus its id, method name and raw params for relaying.
@@ -25,8 +27,14 @@ pub struct Request<'a> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
-    Subscribe { user_agent: Option<String>, session_id: Option<String> },
-    Authorize { user: String, password: String },
+    Subscribe {
+        user_agent: Option<String>,
+        session_id: Option<String>,
+    },
+    Authorize {
+        user: String,
+        password: String,
+    },
     Configure(Configure),
     ExtranonceSubscribe,
     SuggestDifficulty(f64),
@@ -230,14 +238,22 @@ mod tests {
     #[test]
     fn nicehash_extranonce_subscribe_and_suggest() {
         assert_eq!(call(r#"{"id":3,"method":"mining.extranonce.subscribe","params":[]}"#), Call::ExtranonceSubscribe);
-        assert_eq!(call(r#"{"id":3,"method":"mining.suggest_difficulty","params":[512]}"#), Call::SuggestDifficulty(512.0));
-        assert_eq!(call(r#"{"id":3,"method":"mining.suggest_difficulty","params":["0.5"]}"#), Call::SuggestDifficulty(0.5));
+        assert_eq!(
+            call(r#"{"id":3,"method":"mining.suggest_difficulty","params":[512]}"#),
+            Call::SuggestDifficulty(512.0)
+        );
+        assert_eq!(
+            call(r#"{"id":3,"method":"mining.suggest_difficulty","params":["0.5"]}"#),
+            Call::SuggestDifficulty(0.5)
+        );
     }
 
     #[test]
     fn submits() {
         assert_eq!(
-            call(r#"{"params": ["acct.rig1", "1a2b", "00000000", "5c8f0a1e", "b2957c02"], "id": 4, "method": "mining.submit"}"#),
+            call(
+                r#"{"params": ["acct.rig1", "1a2b", "00000000", "5c8f0a1e", "b2957c02"], "id": 4, "method": "mining.submit"}"#
+            ),
             Call::Submit(Submit {
                 worker: "acct.rig1".into(),
                 job_id: "1a2b".into(),

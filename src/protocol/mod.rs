@@ -249,7 +249,9 @@ pub fn verdict(result: Option<&RawValue>, error: Option<&RawValue>) -> Result<()
         };
         return Err((
             code.and_then(serde_json::Value::as_i64).unwrap_or(code::OTHER),
-            message.and_then(serde_json::Value::as_str).map_or_else(|| error.get().chars().take(120).collect(), str::to_owned),
+            message
+                .and_then(serde_json::Value::as_str)
+                .map_or_else(|| error.get().chars().take(120).collect(), str::to_owned),
         ));
     }
     match result.map(RawValue::get) {
@@ -285,9 +287,9 @@ pub mod write {
 
     /// A pool's reply relayed under the miner's id, with its result and error as they came.
     pub fn relayed_reply(buf: &mut Vec<u8>, id: &Id, result: Option<&RawValue>, error: Option<&RawValue>) {
-        let _ = write!(
+        let _ = writeln!(
             buf,
-            "{{\"id\":{},\"result\":{},\"error\":{}}}\n",
+            "{{\"id\":{},\"result\":{},\"error\":{}}}",
             id.as_json(),
             result.map_or("null", RawValue::get),
             error.map_or("null", RawValue::get)
@@ -371,7 +373,10 @@ mod tests {
         assert_eq!(verdict(Some(&raw("true")), None), Ok(()));
         assert_eq!(verdict(Some(&raw("false")), None), Err((20, "rejected".into())));
         assert_eq!(verdict(None, Some(&raw(r#"[21,"Job not found",null]"#))), Err((21, "Job not found".into())));
-        assert_eq!(verdict(None, Some(&raw(r#"[23,"Low difficulty share"]"#))), Err((23, "Low difficulty share".into())));
+        assert_eq!(
+            verdict(None, Some(&raw(r#"[23,"Low difficulty share"]"#))),
+            Err((23, "Low difficulty share".into()))
+        );
         assert_eq!(verdict(None, Some(&raw(r#"{"code":22,"message":"Duplicate"}"#))), Err((22, "Duplicate".into())));
         assert_eq!(verdict(None, Some(&raw(r#""weird""#))).unwrap_err().0, 20);
     }

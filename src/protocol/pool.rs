@@ -4,22 +4,37 @@
 
 use serde_json::value::RawValue;
 
-use super::{parse_envelope, Id, ParseError, ParseErrorKind, Params};
+use super::{parse_envelope, Id, Params, ParseError, ParseErrorKind};
 
 #[derive(Debug)]
 pub enum PoolMessage<'a> {
     /// A reply to a request the proxy sent.
-    Response { id: Id, result: Option<&'a RawValue>, error: Option<&'a RawValue> },
+    Response {
+        id: Id,
+        result: Option<&'a RawValue>,
+        error: Option<&'a RawValue>,
+    },
     Notify(Notify),
     SetDifficulty(f64),
-    SetExtranonce { extranonce1: Vec<u8>, extranonce2_size: usize },
+    SetExtranonce {
+        extranonce1: Vec<u8>,
+        extranonce2_size: usize,
+    },
     SetVersionMask(u32),
-    Reconnect { host: Option<String>, port: Option<u16>, wait: u64 },
+    Reconnect {
+        host: Option<String>,
+        port: Option<u16>,
+        wait: u64,
+    },
     ShowMessage(String),
     /// `client.get_version`: a request that expects a reply.
-    GetVersion { id: Id },
+    GetVersion {
+        id: Id,
+    },
     /// A method the proxy does not know.
-    Unknown { method: String },
+    Unknown {
+        method: String,
+    },
 }
 
 /// `mining.notify`, decoded.
@@ -92,7 +107,12 @@ pub fn parse(line: &[u8]) -> Result<PoolMessage<'_>, ParseError> {
                 None => None,
                 Some(_) => {
                     let n = p.number(1, "port")?;
-                    Some(u16::try_from(n as i64).ok().filter(|p| *p != 0 && n.fract() == 0.0).ok_or_else(|| p.error("bad port"))?)
+                    Some(
+                        u16::try_from(n as i64)
+                            .ok()
+                            .filter(|p| *p != 0 && n.fract() == 0.0)
+                            .ok_or_else(|| p.error("bad port"))?,
+                    )
                 }
             };
             let wait = match p.raw(2) {
@@ -304,10 +324,10 @@ mod tests {
 
     #[test]
     fn replies() {
-        let PoolMessage::Response { id, result, error } =
-            parse(br#"{"id":3,"result":[[["mining.set_difficulty","1"],["mining.notify","1"]],"08000002",4],"error":null}"#)
-                .unwrap()
-        else {
+        let PoolMessage::Response { id, result, error } = parse(
+            br#"{"id":3,"result":[[["mining.set_difficulty","1"],["mining.notify","1"]],"08000002",4],"error":null}"#,
+        )
+        .unwrap() else {
             panic!()
         };
         assert_eq!(id.as_u64(), Some(3));
@@ -316,7 +336,8 @@ mod tests {
             parse_subscribe_result(result.unwrap()),
             Some(SubscribeResult { extranonce1: vec![8, 0, 0, 2], extranonce2_size: 4 })
         );
-        let raw = RawValue::from_string(r#"{"version-rolling":true,"version-rolling.mask":"1fffe000"}"#.into()).unwrap();
+        let raw =
+            RawValue::from_string(r#"{"version-rolling":true,"version-rolling.mask":"1fffe000"}"#.into()).unwrap();
         assert_eq!(parse_configure_result(&raw), Some(0x1fffe000));
     }
 }
