@@ -1,0 +1,107 @@
+//! The admin port's numbers against the pool's own count. Alone in its binary: the metrics
+//! recorder is process-global.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_matches_the_pool() {
+    const MINERS: usize = 4;
+    const SHARES: u64 = 5;
+    const DIFFICULTY: f64 = 1e-6;
+    let pool = MockPool::start(PoolOptions { validate: true, difficulty: DIFFICULTY, ..PoolOptions::default() }).await;
+    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let label = pool.label();
+
+    let mut miners = Vec::new();
+    for i in 0..MINERS {
+        let worker = format!("farm.w{i}");
+        let mut miner = proxy.miner().await;
+        miner.handshake(&worker).await;
+        assert_eq!(miner.difficulty, DIFFICULTY);
+        for _ in 0..SHARES {
+            let share = miner.grind(None);
+            let id = miner.submit(&worker, &share).await;
+            let reply = miner.wait_reply(&id).await.expect("submit reply");
+            assert_eq!(reply["result"], json!(true), "{reply}");
+        }
+        miners.push(miner);
+    }
+    // One share that misses the target, from the first worker.
+    let miner = &mut miners[0];
+    let mut low = miner.grind(None);
+    let job = miner.job.clone().unwrap();
+    let en2 = hex::decode(&low.extranonce2).unwrap();
+    let nonce = (0u32..1000)
+        .find(|n| hash_difficulty(&job.share_hash(&miner.extranonce1, &en2, job.ntime, *n, job.version)) < DIFFICULTY)
+        .unwrap();
+    low.nonce = format!("{nonce:08x}");
+    let id = miner.submit("farm.w0", &low).await;
+    assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 23);
+
+    let total = MINERS as u64 * SHARES;
+    assert_eq!(pool.submits().len() as u64, total + 1);
+    assert_eq!((pool.accepted(), pool.rejected()), (total, 1));
+
+    // The proxy records an outcome right after writing the reply, so poll briefly.
+    let pool_label = [("pool", label.as_str())];
+    let settled = eventually(WAIT, || async {
+        let (_, text) = proxy.http_get("/metrics").await;
+        metric(&text, "loka_shares_accepted_total", &pool_label) == Some(total as f64)
+            && metric(&text, "loka_shares_rejected_total", &pool_label) == Some(1.0)
+    })
+    .await;
+    let (status, text) = proxy.http_get("/metrics").await;
+    assert!(settled, "{text}");
+    assert_eq!(status, 200);
+    let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    assert_eq!(value("loka_shares_submitted_total", &pool_label), Some(pool.submits().len() as f64));
+    assert_eq!(value("loka_shares_accepted_total", &pool_label), Some(pool.accepted() as f64));
+    assert_eq!(
+        value("loka_shares_rejected_total", &[("pool", label.as_str()), ("reason", "low_difficulty")]),
+        Some(1.0)
+    );
+    let accepted_difficulty = value("loka_shares_accepted_difficulty_sum", &pool_label).unwrap();
+    assert!((accepted_difficulty - total as f64 * DIFFICULTY).abs() < 1e-9, "{accepted_difficulty}");
+    assert_eq!(value("loka_pool_up", &pool_label), Some(1.0));
+    assert_eq!(value("loka_upstream_sessions_active", &pool_label), Some(MINERS as f64));
+    assert_eq!(value("loka_connections_active", &[]), Some(MINERS as f64));
+    assert_eq!(
+        value("loka_messages_total", &[("method", "mining.submit"), ("direction", "from_miner")]),
+        Some((total + 1) as f64)
+    );
+    assert!(text.contains("# HELP loka_shares_accepted_total"), "{text}");
+
+    let (status, body) = proxy.http_get("/api/v1/workers").await;
+    assert_eq!(status, 200);
+    let workers: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(workers.len(), MINERS, "{body}");
+    for i in 0..MINERS {
+        let name = format!("farm.w{i}");
+        let w = workers.iter().find(|w| w["worker"] == name.as_str()).unwrap_or_else(|| panic!("{name} in {body}"));
+        assert_eq!(w["state"], "authorized", "{w}");
+        assert_eq!(w["upstream"], label.as_str(), "{w}");
+        assert_eq!(w["accepted"], SHARES, "{w}");
+        assert_eq!(w["rejected"], u64::from(i == 0), "{w}");
+        assert_eq!(w["difficulty"], DIFFICULTY, "{w}");
+        let work = w["accepted_difficulty"].as_f64().unwrap();
+        assert!((work - SHARES as f64 * DIFFICULTY).abs() < 1e-12, "{w}");
+        assert!(w["hashrate_5m"].as_f64().unwrap() > 0.0, "{w}");
+        assert!(w["last_share"].as_u64().is_some(), "{w}");
+        assert!(w["connected_since"].as_u64().unwrap() > 1_600_000_000, "{w}");
+        assert!(w["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{w}");
+    }
+
+    let (status, body) = proxy.http_get("/health").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = proxy.http_get("/ready").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"ready": true, "pools": [{"pool": label, "up": true}]})
+    );
+    drop(miners);
+    proxy.shutdown().await;
+}
