@@ -159,7 +159,7 @@ impl<U: Upstream> Driver<'_, U> {
             tokio::select! {
                 biased;
                 Some(Control::Close(reason)) = control.recv() => {
-                    session.on_pool_lost(&mut self.out);
+                    session.on_miner_closing(&mut self.out);
                     close = Some(reason);
                 }
                 _ = self.shared.shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -192,10 +192,15 @@ impl<U: Upstream> Driver<'_, U> {
                     Some(Err(FrameError::TooLong(max))) => {
                         counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
                         tracing::info!(max, "miner line over the cap");
-                        session.on_pool_lost(&mut self.out);
+                        session.on_miner_closing(&mut self.out);
                         close = Some(CloseReason::LineTooLong);
                     }
-                    Some(Err(FrameError::Io(_))) | None => return CloseReason::MinerClosed,
+                    Some(Err(FrameError::Io(_))) | None => {
+                        // Nobody is left to answer; the shares in flight are still accounted for.
+                        session.on_miner_closing(&mut self.out);
+                        self.report();
+                        return CloseReason::MinerClosed;
+                    }
                 },
             }
             if !self.out.to_pool.is_empty() {
@@ -205,11 +210,14 @@ impl<U: Upstream> Driver<'_, U> {
                     session.on_pool_lost(&mut self.out);
                 }
             }
+            // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
+            self.handle.set_phase(session.phase());
+            close = close.or(self.report());
             if let Err(reason) = self.miner.write(&self.out.to_miner).await {
                 close = close.or(Some(reason));
             }
-            self.handle.set_phase(session.phase());
-            if let Some(reason) = close.or(self.report()) {
+            self.out.to_miner.clear();
+            if let Some(reason) = close {
                 return reason;
             }
             if drain_deadline.is_some() && session.pending() == 0 {
@@ -218,8 +226,8 @@ impl<U: Upstream> Driver<'_, U> {
         }
     }
 
-    /// Hands the step's events to the registry and the managers, and clears the step's output.
-    /// Returns the session's close reason, if it ended.
+    /// Hands the step's events to the registry and the managers. Returns the session's close
+    /// reason, if it ended.
     fn report(&mut self) -> Option<CloseReason> {
         let pool = &self.link.pool().label;
         let mut close = None;
@@ -236,7 +244,7 @@ impl<U: Upstream> Driver<'_, U> {
                 Event::Close(reason) => close = Some(reason),
             }
         }
-        self.out.clear();
+        self.out.to_pool.clear();
         close
     }
 }

@@ -313,6 +313,12 @@ impl Session {
         out.events.push(Event::Close(CloseReason::UpstreamLost));
     }
 
+    /// The miner is leaving or being closed (evicted, over a limit): requests in flight get an
+    /// error if it can still read one, and their shares are counted as closed.
+    pub fn on_miner_closing(&mut self, out: &mut Output) {
+        self.fail_pending("connection closing", RejectReason::Closed, out);
+    }
+
     /// The shutdown grace period is over: requests still in flight get an error.
     pub fn on_shutdown_deadline(&mut self, out: &mut Output) {
         self.fail_pending("proxy shutting down", RejectReason::Shutdown, out);

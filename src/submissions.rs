@@ -21,6 +21,8 @@ pub enum RejectReason {
     Other,
     UpstreamUnavailable,
     Shutdown,
+    /// The miner's connection closed before the pool answered.
+    Closed,
 }
 
 impl RejectReason {
@@ -34,6 +36,7 @@ impl RejectReason {
             RejectReason::Other => "other",
             RejectReason::UpstreamUnavailable => "upstream_unavailable",
             RejectReason::Shutdown => "shutdown",
+            RejectReason::Closed => "closed",
         }
     }
 
