@@ -8,7 +8,9 @@
 //! - [`codec`]: bounded, cancel-safe line framing.
 //! - [`protocol`]: JSON-RPC ids and the typed Stratum messages, parsed once at the edge.
 //! - [`session`]: the sans-IO state machine of one miner session (message in, actions out).
-//! - [`auth`], [`jobs`], [`submissions`]: the managers (credential rewriting, job book, share accounting).
+//! - [`auth`], [`jobs`], [`submissions`]: the managers (credential rewriting, the job book, share
+//!   checks and accounting).
+//! - [`share`]: the share hash and targets, byte for byte as cpuminer and ckpool build them.
 //! - [`upstream`]: pool URLs, health and backoff, and the link a session talks to its pool through.
 //! - [`metrics`]: every metric name, described in one place.
 //! - [`admin`]: the HTTP port (`/metrics`, `/api/v1/workers`, `/health`, `/ready`).
@@ -28,5 +30,6 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod share;
 pub mod submissions;
 pub mod upstream;
