@@ -233,6 +233,7 @@ impl<U: Upstream> Driver<'_, U> {
         let mut close = None;
         for event in self.out.events.drain(..) {
             match event {
+                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, pool, &share),
                 Event::ShareForwarded => self.shared.submissions.forwarded(pool),
                 Event::Share(outcome) => self.shared.submissions.record(self.handle, pool, &outcome),
                 Event::Authorized(worker) => {

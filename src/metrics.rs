@@ -23,10 +23,13 @@ pub const LINES_TOO_LONG: &str = "loka_lines_too_long_total";
 pub const SHARES_SUBMITTED: &str = "loka_shares_submitted_total";
 /// Label `pool`.
 pub const SHARES_ACCEPTED: &str = "loka_shares_accepted_total";
-/// Labels `pool` and `reason`: one of [`RejectReason::as_str`](crate::submissions::RejectReason::as_str).
+/// Labels `pool`, `reason` (one of [`RejectReason::as_str`](crate::submissions::RejectReason::as_str))
+/// and `source` (`local` for the proxy's own checks, `pool` for the pool's verdict).
 pub const SHARES_REJECTED: &str = "loka_shares_rejected_total";
 /// Label `pool`.
 pub const SHARES_ACCEPTED_DIFFICULTY: &str = "loka_shares_accepted_difficulty_sum";
+/// Label `pool`.
+pub const BLOCKS_FOUND: &str = "loka_blocks_found_total";
 /// Label `pool`.
 pub const SUBMIT_RTT: &str = "loka_upstream_submit_rtt_seconds";
 /// Label `pool`.
@@ -67,9 +70,10 @@ fn describe() {
     describe_counter!(MESSAGES, "Stratum messages received, by method and direction.");
     describe_counter!(MALFORMED, "Lines that were not valid Stratum messages, by source.");
     describe_counter!(LINES_TOO_LONG, "Lines over max_line_bytes, by source.");
-    describe_counter!(SHARES_SUBMITTED, "Shares forwarded to a pool.");
+    describe_counter!(SHARES_SUBMITTED, "Shares forwarded to a pool after passing local validation.");
     describe_counter!(SHARES_ACCEPTED, "Shares the pool accepted.");
-    describe_counter!(SHARES_REJECTED, "Shares rejected, by pool and reason.");
+    describe_counter!(SHARES_REJECTED, "Shares rejected, by pool, reason and who rejected them.");
+    describe_counter!(BLOCKS_FOUND, "Shares whose hash met the network target (block candidates).");
     describe_gauge!(SHARES_ACCEPTED_DIFFICULTY, "Sum of the difficulty of accepted shares.");
     describe_histogram!(SUBMIT_RTT, Unit::Seconds, "Time from forwarding a share to the pool's reply.");
     describe_gauge!(UPSTREAM_SESSIONS_ACTIVE, "Pool sessions currently open.");

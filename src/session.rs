@@ -15,13 +15,13 @@ use tokio::time::Instant;
 
 use crate::auth::AuthManager;
 use crate::config::PoolConfig;
-use crate::jobs::JobBook;
+use crate::jobs::{JobBook, Lookup};
 use crate::metrics as m;
-use crate::protocol::miner::{self, Call, MinerMessage};
+use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::pool::{self, PoolMessage};
 use crate::protocol::{code, verdict, write, Id, ParseError};
 use crate::registry::{CloseReason, Phase};
-use crate::submissions::{RejectReason, ShareOutcome};
+use crate::submissions::{self, LocalReject, RejectReason, ShareContext, ShareOutcome, ValidShare};
 
 /// Requests in flight to the pool per session. A miner past it gets an error at once, so a
 /// silent pool cannot make the pending map grow.
@@ -33,8 +33,10 @@ const MALFORMED_STREAK_CLOSE: u8 = 2;
 pub const VERSION: &str = concat!("loka-stratum/", env!("CARGO_PKG_VERSION"));
 
 /// Something the session's driver has to act on besides moving bytes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Event {
+    /// A share passed the local checks (it is forwarded next).
+    ShareValid(ValidShare),
     /// A share was sent to the pool.
     ShareForwarded,
     /// A forwarded share got its answer (or never will).
@@ -136,7 +138,7 @@ impl Session {
         self.version_mask
     }
 
-    pub fn difficulty(&self) -> Option<f64> {
+    pub fn difficulty(&self) -> f64 {
         self.jobs.difficulty()
     }
 
@@ -162,6 +164,20 @@ impl Session {
             return;
         }
         let miner_id = (!request.id.is_null()).then(|| request.id.clone());
+        if let Call::Submit(submit) = &request.call {
+            match self.judge(submit) {
+                Ok(valid) => out.events.push(Event::ShareValid(valid)),
+                Err((reject, difficulty)) => {
+                    // Refused here, answered at once, and never sent to the pool.
+                    if let Some(id) = &miner_id {
+                        write::error(&mut out.to_miner, id, reject.code, &reject.message);
+                    }
+                    let outcome = ShareOutcome { difficulty, result: Err(reject.reason), local: true, rtt: None };
+                    out.events.push(Event::Share(outcome));
+                    return;
+                }
+            }
+        }
         let upstream_id = self.next_id;
         self.next_id += 1;
         let kind = match request.call {
@@ -174,7 +190,10 @@ impl Session {
             }
             Call::Configure(_) => Pending::Configure,
             Call::Submit(s) => {
-                let difficulty = self.jobs.difficulty_for(&s.job_id).unwrap_or(0.0);
+                let difficulty = match out.events.last() {
+                    Some(Event::ShareValid(v)) => v.job_difficulty,
+                    _ => unreachable!("a forwarded submit was judged valid just above"),
+                };
                 if self.auth.rewrites() {
                     let worker = self.auth.upstream_user(&s.worker, &self.pool);
                     let mut params = vec![&worker, &s.job_id, &s.extranonce2, &s.ntime, &s.nonce];
@@ -191,6 +210,40 @@ impl Session {
         };
         write::request_raw(&mut out.to_pool, upstream_id, &request.method, request.params);
         self.track(upstream_id, miner_id, kind, now);
+    }
+
+    /// The local checks, in order: subscribed, an authorized worker, a known job, then the share
+    /// itself. A reject carries the difficulty the share was judged at.
+    fn judge(&mut self, submit: &Submit) -> Result<ValidShare, (LocalReject, f64)> {
+        let current = self.jobs.difficulty();
+        if self.phase < Phase::Subscribed {
+            return Err((
+                LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed),
+                current,
+            ));
+        }
+        if !self.workers.contains(&submit.worker) {
+            let reject = LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized);
+            return Err((reject, current));
+        }
+        let miner = ShareContext {
+            extranonce1: &self.extranonce1,
+            extranonce2_size: self.extranonce2_size,
+            version_mask: self.version_mask.unwrap_or(0),
+        };
+        match self.jobs.lookup(&submit.job_id) {
+            Lookup::Live(job) => {
+                let valid = submissions::check(job, miner, submit).map_err(|r| (r, job.difficulty))?;
+                job.remember(valid.key);
+                Ok(valid)
+            }
+            Lookup::Stale => {
+                Err((LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale), current))
+            }
+            Lookup::Unknown => {
+                Err((LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob), current))
+            }
+        }
     }
 
     fn track(&mut self, upstream_id: u64, miner_id: Option<Id>, kind: Pending, now: Instant) {
@@ -270,14 +323,14 @@ impl Session {
                     Pending::Submit { difficulty } => {
                         let result = ok.map_err(|(code, _)| RejectReason::from_code(code));
                         let rtt = Some(now.saturating_duration_since(flight.sent_at));
-                        out.events.push(Event::Share(ShareOutcome { difficulty, result, rtt }));
+                        out.events.push(Event::Share(ShareOutcome { difficulty, result, local: false, rtt }));
                     }
                     Pending::Other => {}
                 }
             }
             PoolMessage::Notify(n) => {
-                self.jobs.on_notify(&n.job_id, n.clean_jobs);
                 relay(out);
+                self.jobs.on_notify(n);
             }
             PoolMessage::SetDifficulty(d) => {
                 self.jobs.set_difficulty(d);
@@ -333,7 +386,8 @@ impl Session {
                 write::error(&mut out.to_miner, miner_id, code::OTHER, message);
             }
             if let Pending::Submit { difficulty } = flight.kind {
-                out.events.push(Event::Share(ShareOutcome { difficulty, result: Err(reason), rtt: None }));
+                let outcome = ShareOutcome { difficulty, result: Err(reason), local: true, rtt: None };
+                out.events.push(Event::Share(outcome));
             }
         }
     }
@@ -347,6 +401,20 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::share;
+
+    const EN1: [u8; 4] = [8, 0, 0, 2];
+    const NTIME: u32 = 0x5c8f_0a1e;
+    /// Wide enough that one nonce in ~40 meets it, so tests grind in microseconds.
+    const EASY: f64 = 1e-8;
+    const PREVHASH: &str = "4d16b6f85af6e2198f44ae2a6de67f78487ae5611b77c6c0440b921e00000000";
+    const COINB1: &str = "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff20020862062f503253482f04b8864e5008";
+    const COINB2: &str =
+        "072f736c7573682f000000000100f2052a010000001976a914d23fcdf86f7e756a64a7a9688ef9903327048ed988ac00000000";
+    const BRANCH: [&str; 2] = [
+        "3ba3edfd7a7b12b27ac72c3e67768f617fc81bc3888a51323a9fb8aa4b1e5e4a",
+        "b1fea52486ce0c62bb442b530a3f0132b826c74e473d1f2c220bfa78111c5082",
+    ];
 
     fn session(template: &str) -> Session {
         let pool = PoolConfig { url: "stratum+tcp://127.0.0.1:1".into(), user: "acct".into(), password: "pw".into() };
@@ -369,6 +437,76 @@ mod tests {
         out
     }
 
+    fn notify(job: &str, clean: bool) -> String {
+        format!(
+            r#"{{"id":null,"method":"mining.notify","params":["{job}","{PREVHASH}","{COINB1}","{COINB2}",["{}","{}"],"20000000","1d00ffff","{NTIME:08x}",{clean}]}}"#,
+            BRANCH[0], BRANCH[1]
+        )
+    }
+
+    fn set_difficulty(s: &mut Session, d: f64) {
+        pool(s, &format!(r#"{{"id":null,"method":"mining.set_difficulty","params":[{d:e}]}}"#));
+    }
+
+    /// A session past subscribe and authorize (worker "farm.rig1"), with job "j1" at EASY.
+    fn ready(template: &str) -> Session {
+        let mut s = session(template);
+        miner(&mut s, r#"{"id":1,"method":"mining.subscribe","params":["bitaxe/2.4"]}"#);
+        pool(&mut s, r#"{"id":1,"result":[[["mining.notify","ae68"]],"08000002",4],"error":null}"#);
+        miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+        pool(&mut s, r#"{"id":2,"result":true,"error":null}"#);
+        set_difficulty(&mut s, EASY);
+        pool(&mut s, &notify("j1", true));
+        s
+    }
+
+    fn hash(en2: u32, ntime: u32, nonce: u32, version: u32) -> [u8; 32] {
+        let branch: Vec<[u8; 32]> = BRANCH.iter().map(|b| hex::decode(b).unwrap().try_into().unwrap()).collect();
+        let cb = share::coinbase_hash(
+            &hex::decode(COINB1).unwrap(),
+            &EN1,
+            &en2.to_be_bytes(),
+            &hex::decode(COINB2).unwrap(),
+        );
+        let root = share::merkle_root(cb, &branch);
+        let prev: [u8; 32] = hex::decode(PREVHASH).unwrap().try_into().unwrap();
+        share::sha256d(&share::header(version, &prev, &root, ntime, 0x1d00ffff, nonce))
+    }
+
+    /// The first nonce from `from` whose share meets `difficulty`, or misses it when `meet` is false.
+    fn grind(en2: u32, ntime: u32, version: u32, difficulty: f64, meet: bool) -> u32 {
+        let target = share::target_from_difficulty(difficulty);
+        (0..1_000_000).find(|n| share::meets(&hash(en2, ntime, *n, version), &target) == meet).expect("bounded grind")
+    }
+
+    fn submit(id: u64, job: &str, en2: &str, ntime: u32, nonce: u32, bits: Option<u32>) -> String {
+        let bits = bits.map_or(String::new(), |b| format!(r#","{b:08x}""#));
+        format!(
+            r#"{{"id":{id},"method":"mining.submit","params":["farm.rig1","{job}","{en2}","{ntime:08x}","{nonce:08x}"{bits}]}}"#
+        )
+    }
+
+    fn valid_submit(id: u64, en2: u32) -> String {
+        submit(id, "j1", &format!("{en2:08x}"), NTIME, grind(en2, NTIME, 0x2000_0000, EASY, true), None)
+    }
+
+    /// The local error a submit gets, asserting nothing went upstream.
+    fn local_error(s: &mut Session, line: &str) -> (i64, String, RejectReason) {
+        let out = miner(s, line);
+        assert!(out.to_pool.is_empty(), "a local reject must not reach the pool: {line}");
+        let reply = &lines(&out.to_miner)[0];
+        let Some(Event::Share(o)) = out.events.first() else { panic!("{:?}", out.events) };
+        assert!(o.local);
+        (reply["error"][0].as_i64().unwrap(), reply["error"][1].as_str().unwrap().to_owned(), o.result.unwrap_err())
+    }
+
+    fn forwarded(s: &mut Session, line: &str) -> serde_json::Value {
+        let out = miner(s, line);
+        assert!(out.to_miner.is_empty(), "{:?}", String::from_utf8_lossy(&out.to_miner));
+        assert!(out.events.iter().any(|e| matches!(e, Event::ShareForwarded)));
+        lines(&out.to_pool).remove(0)
+    }
+
     #[test]
     fn handshake_and_submit_with_remapped_ids() {
         let mut s = session("");
@@ -382,28 +520,25 @@ mod tests {
         );
         assert_eq!(lines(&out.to_miner)[0]["id"], "sub-1");
         assert_eq!(s.phase(), Phase::Subscribed);
-        assert_eq!(s.extranonce(), (&[8u8, 0, 0, 2][..], 4));
+        assert_eq!(s.extranonce(), (&EN1[..], 4));
 
         let out = miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
         assert_eq!(lines(&out.to_pool)[0]["params"], serde_json::json!(["farm.rig1", "x"]));
         let out = pool(&mut s, r#"{"id":2,"result":true,"error":null}"#);
-        assert_eq!(out.events, vec![Event::Authorized("farm.rig1".into())]);
+        assert!(matches!(&out.events[..], [Event::Authorized(w)] if w == "farm.rig1"));
         assert_eq!(s.phase(), Phase::Authorized);
 
-        pool(&mut s, r#"{"id":null,"method":"mining.set_difficulty","params":[0.5]}"#);
-        let out = miner(
-            &mut s,
-            r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j1","00000000","5c8f0a1e","b2957c02"]}"#,
-        );
-        let up = lines(&out.to_pool);
-        assert_eq!(up[0]["id"], 3);
+        set_difficulty(&mut s, EASY);
+        pool(&mut s, &notify("j1", true));
+        let up = forwarded(&mut s, &valid_submit(2, 7));
+        assert_eq!(up["id"], 3);
         let out = pool(&mut s, r#"{"id":3,"result":null,"error":[23,"Low difficulty share",null]}"#);
         assert_eq!(
             lines(&out.to_miner)[0],
             serde_json::json!({"id":2,"result":null,"error":[23,"Low difficulty share",null]})
         );
         assert!(
-            matches!(&out.events[0], Event::Share(o) if o.result == Err(RejectReason::LowDifficulty) && o.difficulty == 0.5)
+            matches!(&out.events[0], Event::Share(o) if o.result == Err(RejectReason::LowDifficulty) && !o.local && o.difficulty == EASY)
         );
         assert_eq!(s.pending(), 0);
     }
@@ -413,24 +548,20 @@ mod tests {
         let mut s = session("{pool_user}.{worker}");
         let out = miner(&mut s, r#"{"id":1,"method":"mining.authorize","params":["farm.rig1","secret"]}"#);
         assert_eq!(lines(&out.to_pool)[0]["params"], serde_json::json!(["acct.rig1", "pw"]));
-        let out = miner(
-            &mut s,
-            r#"{"id":2,"method":"mining.submit","params":["farm.rig1","j","00","00000000","00000000","00002000"]}"#,
-        );
+        let mut s = ready("{pool_user}.{worker}");
+        let nonce = grind(1, NTIME, 0x2000_0000, EASY, true);
+        let up = forwarded(&mut s, &submit(9, "j1", "00000001", NTIME, nonce, None));
         assert_eq!(
-            lines(&out.to_pool)[0]["params"],
-            serde_json::json!(["acct.rig1", "j", "00", "00000000", "00000000", "00002000"])
+            up["params"],
+            serde_json::json!(["acct.rig1", "j1", "00000001", format!("{NTIME:08x}"), format!("{nonce:08x}")])
         );
     }
 
     #[test]
     fn pending_requests_fail_exactly_once_when_the_pool_goes() {
-        let mut s = session("");
+        let mut s = ready("");
         for id in 10..13 {
-            miner(
-                &mut s,
-                &format!(r#"{{"id":{id},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#),
-            );
+            forwarded(&mut s, &valid_submit(id, id as u32));
         }
         miner(&mut s, r#"{"id":null,"method":"mining.suggest_difficulty","params":[8]}"#);
         let mut out = Output::default();
@@ -441,7 +572,7 @@ mod tests {
         assert_eq!(out.events.iter().filter(|e| matches!(e, Event::Share(_))).count(), 3);
         assert_eq!(out.close_reason(), Some(CloseReason::UpstreamLost));
         // A late reply from the dead pool finds nothing to answer.
-        assert!(pool(&mut s, r#"{"id":1,"result":true,"error":null}"#).to_miner.is_empty());
+        assert!(pool(&mut s, r#"{"id":3,"result":true,"error":null}"#).to_miner.is_empty());
     }
 
     #[test]
@@ -461,8 +592,8 @@ mod tests {
     #[test]
     fn pool_notifications_are_relayed_and_tracked() {
         let mut s = session("");
-        let notify = r#"{"id":null,"method":"mining.notify","params":["j1","00000000000000000000000000000000000000000000000000000000000000ff","01","02",[],"20000000","1d00ffff","5c8f0a1e",true]}"#;
-        assert_eq!(pool(&mut s, notify).to_miner, format!("{notify}\n").into_bytes());
+        let line = notify("j1", true);
+        assert_eq!(pool(&mut s, &line).to_miner, format!("{line}\n").into_bytes());
         pool(&mut s, r#"{"id":null,"method":"mining.set_version_mask","params":["1fffe000"]}"#);
         assert_eq!(s.version_mask(), Some(0x1fffe000));
         let out = pool(&mut s, r#"{"id":null,"method":"client.reconnect","params":["evil.example",3333,0]}"#);
@@ -491,17 +622,159 @@ mod tests {
 
     #[test]
     fn in_flight_is_bounded() {
-        let mut s = session("");
-        for i in 0..MAX_PENDING + 5 {
-            let out = miner(
-                &mut s,
-                &format!(r#"{{"id":{i},"method":"mining.submit","params":["w","j","00","00000000","00000000"]}}"#),
-            );
-            if i >= MAX_PENDING {
+        let mut s = ready("");
+        for i in 0..MAX_PENDING as u64 + 5 {
+            let out = miner(&mut s, &valid_submit(i, i as u32));
+            if i >= MAX_PENDING as u64 {
                 assert!(out.to_pool.is_empty());
                 assert_eq!(lines(&out.to_miner)[0]["error"][0], 20);
             }
         }
         assert_eq!(s.pending(), MAX_PENDING);
+    }
+
+    #[test]
+    fn submit_before_subscribe_or_authorize() {
+        let mut s = session("");
+        assert_eq!(local_error(&mut s, &valid_submit(1, 1)).0, code::NOT_SUBSCRIBED);
+        miner(&mut s, r#"{"id":1,"method":"mining.subscribe","params":[]}"#);
+        pool(&mut s, r#"{"id":1,"result":[[],"08000002",4],"error":null}"#);
+        assert_eq!(local_error(&mut s, &valid_submit(2, 1)).0, code::UNAUTHORIZED);
+        // A worker the pool refused is not authorized either.
+        miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+        pool(&mut s, r#"{"id":2,"result":false,"error":[24,"Unauthorized worker",null]}"#);
+        assert_eq!(local_error(&mut s, &valid_submit(3, 1)).2, RejectReason::Unauthorized);
+    }
+
+    #[test]
+    fn worker_must_be_authorized_on_this_connection() {
+        let mut s = ready("");
+        let line = valid_submit(4, 1).replace("farm.rig1", "farm.rig2");
+        assert_eq!(local_error(&mut s, &line), (24, "Unauthorized worker".into(), RejectReason::Unauthorized));
+    }
+
+    #[test]
+    fn unknown_and_stale_jobs() {
+        let mut s = ready("");
+        let (code, _, reason) = local_error(&mut s, &submit(5, "nope", "00000001", NTIME, 0, None));
+        assert_eq!((code, reason), (21, RejectReason::BadJob));
+        pool(&mut s, &notify("j2", true));
+        let (code, _, reason) = local_error(&mut s, &valid_submit(6, 1));
+        assert_eq!((code, reason), (21, RejectReason::Stale));
+    }
+
+    #[test]
+    fn field_widths_and_hex() {
+        let mut s = ready("");
+        for (en2, ntime, nonce, bits, field) in [
+            ("000001", "5c8f0a1e", "00000000", None, "extranonce2"),
+            ("0000000001", "5c8f0a1e", "00000000", None, "extranonce2"),
+            ("0000000g", "5c8f0a1e", "00000000", None, "extranonce2"),
+            ("00000001", "5c8f0a1", "00000000", None, "ntime"),
+            ("00000001", "0x8f0a1e", "00000000", None, "ntime"),
+            ("00000001", "5c8f0a1e", "0000000", None, "nonce"),
+            ("00000001", "5c8f0a1e", "0000000z", None, "nonce"),
+            ("00000001", "5c8f0a1e", "00000000", Some("2000"), "version bits"),
+        ] {
+            let bits = bits.map_or(String::new(), |b| format!(r#","{b}""#));
+            let line = format!(
+                r#"{{"id":7,"method":"mining.submit","params":["farm.rig1","j1","{en2}","{ntime}","{nonce}"{bits}]}}"#
+            );
+            let (code, message, reason) = local_error(&mut s, &line);
+            assert_eq!((code, reason), (20, RejectReason::Malformed), "{line}");
+            assert!(message.starts_with(field), "{message} names {field}");
+        }
+    }
+
+    #[test]
+    fn ntime_window_boundaries() {
+        let mut s = ready("");
+        for (ntime, ok) in [(NTIME - 1, false), (NTIME, true), (NTIME + 7000, true), (NTIME + 7001, false)] {
+            let line = submit(8, "j1", "00000005", ntime, grind(5, ntime, 0x2000_0000, EASY, true), None);
+            if ok {
+                forwarded(&mut s, &line);
+            } else {
+                assert_eq!(local_error(&mut s, &line).1, "ntime out of range", "{ntime}");
+            }
+        }
+    }
+
+    #[test]
+    fn version_bits_inside_the_mask() {
+        let mut s = ready("");
+        // No mask negotiated: no bits may roll.
+        assert_eq!(local_error(&mut s, &submit(9, "j1", "00000001", NTIME, 0, Some(0x2000))).0, 20);
+        pool(&mut s, r#"{"id":null,"method":"mining.set_version_mask","params":["1fffe000"]}"#);
+        let bits = 0x0000_e000;
+        let nonce = grind(1, NTIME, 0x2000_e000, EASY, true);
+        forwarded(&mut s, &submit(10, "j1", "00000001", NTIME, nonce, Some(bits)));
+        let (_, message, _) = local_error(&mut s, &submit(11, "j1", "00000001", NTIME, nonce, Some(0x0000_1000)));
+        assert_eq!(message, "version bits outside the negotiated mask");
+    }
+
+    #[test]
+    fn duplicates_are_judged_on_decoded_bytes() {
+        let mut s = ready("");
+        let nonce = grind(0xabcdef01, NTIME, 0x2000_0000, EASY, true);
+        forwarded(&mut s, &submit(12, "j1", "abcdef01", NTIME, nonce, None));
+        let upper =
+            submit(13, "j1", "ABCDEF01", NTIME, nonce, None).replace(&format!("{nonce:08x}"), &format!("{nonce:08X}"));
+        assert_eq!(local_error(&mut s, &upper), (22, "Duplicate share".into(), RejectReason::Duplicate));
+        // The same share on a new job is not a duplicate of the old one.
+        pool(&mut s, &notify("j1", true));
+        forwarded(&mut s, &submit(14, "j1", "abcdef01", NTIME, nonce, None));
+    }
+
+    #[test]
+    fn low_difficulty_and_difficulty_bound_to_the_next_job() {
+        let mut s = ready("");
+        let miss = grind(3, NTIME, 0x2000_0000, EASY, false);
+        assert_eq!(
+            local_error(&mut s, &submit(15, "j1", "00000003", NTIME, miss, None)),
+            (23, "Low difficulty share".into(), RejectReason::LowDifficulty)
+        );
+        // A harder difficulty applies from the next job only: j1 keeps EASY.
+        set_difficulty(&mut s, 1.0);
+        forwarded(&mut s, &valid_submit(16, 4));
+        pool(&mut s, &notify("j2", false));
+        let nonce = grind(4, NTIME, 0x2000_0000, EASY, true);
+        let (code, _, reason) = local_error(&mut s, &submit(17, "j2", "00000004", NTIME, nonce, None));
+        assert_eq!((code, reason), (23, RejectReason::LowDifficulty));
+        assert_eq!(s.difficulty(), 1.0);
+    }
+
+    /// The genesis block replayed as a Stratum job: its share is a block candidate.
+    #[test]
+    fn block_candidates_are_flagged() {
+        let coinbase = concat!(
+            "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff4d04ffff001d",
+            "0104455468652054696d65732030332f4a616e2f32303039204368616e63656c6c6f72206f6e206272696e6b206f",
+            "66207365636f6e64206261696c6f757420666f722062616e6b73ffffffff0100f2052a01000000434104678afdb0",
+            "fe5548271967f1a67130b7105cd6a828e03909a67962e0ea1f61deb649f6bc3f4cef38c4f35504e51ec112de5c38",
+            "4df7ba0b8d578a4c702b6bf11d5fac00000000"
+        );
+        let (coinb1, rest) = coinbase.split_at(120);
+        let (en1, rest) = rest.split_at(8);
+        let (en2, coinb2) = rest.split_at(8);
+        let mut s = session("");
+        miner(&mut s, r#"{"id":1,"method":"mining.subscribe","params":[]}"#);
+        pool(&mut s, &format!(r#"{{"id":1,"result":[[],"{en1}",4],"error":null}}"#));
+        miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+        pool(&mut s, r#"{"id":2,"result":true,"error":null}"#);
+        let zero = "0".repeat(64);
+        pool(
+            &mut s,
+            &format!(
+                r#"{{"id":null,"method":"mining.notify","params":["g","{zero}","{coinb1}","{coinb2}",[],"00000001","1d00ffff","495fab29",true]}}"#
+            ),
+        );
+        let out = miner(&mut s, &submit(3, "g", en2, 0x495fab29, 2083236893, None));
+        let Some(Event::ShareValid(v)) = out.events.first() else { panic!("{:?}", out.events) };
+        assert!(v.block);
+        assert_eq!(share::display_hash(&v.hash), "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f");
+        assert_eq!(lines(&out.to_pool)[0]["params"][2], en2);
+        // The next nonce is an ordinary share at difficulty 1, not a block.
+        let out = miner(&mut s, &submit(4, "g", en2, 0x495fab29, 2083236894, None));
+        assert!(out.to_pool.is_empty());
     }
 }

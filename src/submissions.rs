@@ -1,19 +1,26 @@
-//! The submission manager: accounts for every share's outcome, in the metrics and in the
-//! per-worker statistics the API shows.
+//! The submission manager: judges every share locally before it may leave the proxy, and
+//! accounts for every share's outcome in the metrics and in the per-worker statistics.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use metrics::{counter, gauge, histogram};
 use serde::Serialize;
 
+use crate::jobs::{Job, ShareKey};
 use crate::metrics as m;
-use crate::protocol::code;
+use crate::protocol::miner::Submit;
+use crate::protocol::pool::MAX_EXTRANONCE2_SIZE;
+use crate::protocol::{code, parse_hex_u32};
 use crate::registry::SessionHandle;
+use crate::share;
 
 /// Why a share was rejected; the `reason` label of the rejected-shares metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     Stale,
+    BadJob,
+    Malformed,
     Duplicate,
     LowDifficulty,
     Unauthorized,
@@ -29,6 +36,8 @@ impl RejectReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Stale => "stale",
+            RejectReason::BadJob => "bad_job",
+            RejectReason::Malformed => "malformed",
             RejectReason::Duplicate => "duplicate",
             RejectReason::LowDifficulty => "low_difficulty",
             RejectReason::Unauthorized => "unauthorized",
@@ -53,14 +62,115 @@ impl RejectReason {
     }
 }
 
-/// What became of one forwarded share.
+/// What became of one share.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShareOutcome {
     /// The difficulty the share was worked at.
     pub difficulty: f64,
     pub result: Result<(), RejectReason>,
+    /// Who decided: the proxy's own checks (`true`) or the pool.
+    pub local: bool,
     /// Time from forwarding to the pool's reply; `None` when the pool never replied.
     pub rtt: Option<Duration>,
+}
+
+/// How far past its job's ntime a share's ntime may roll, as ckpool allows.
+pub const NTIME_WINDOW: u32 = 7000;
+
+/// What the proxy knows of the miner a share comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct ShareContext<'a> {
+    pub extranonce1: &'a [u8],
+    pub extranonce2_size: usize,
+    /// The negotiated version-rolling mask; 0 when none was negotiated.
+    pub version_mask: u32,
+}
+
+/// A share that passed every local check.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidShare {
+    pub key: ShareKey,
+    pub hash: [u8; 32],
+    /// The difficulty of the share's job.
+    pub job_difficulty: f64,
+    /// The difficulty the hash itself reaches.
+    pub share_difficulty: f64,
+    /// The hash also meets the network target: a block.
+    pub block: bool,
+}
+
+/// A share refused locally, with the Stratum error the miner gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalReject {
+    pub code: i64,
+    pub message: Cow<'static, str>,
+    pub reason: RejectReason,
+}
+
+impl LocalReject {
+    pub fn new(code: i64, message: impl Into<Cow<'static, str>>, reason: RejectReason) -> Self {
+        Self { code, message: message.into(), reason }
+    }
+
+    fn malformed(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(code::OTHER, message, RejectReason::Malformed)
+    }
+}
+
+/// Judges a share on a known job: field widths, the ntime window, the version mask, duplicates
+/// and the hash against the job's target, in that order. Allocates nothing on success.
+pub fn check(job: &Job, miner: ShareContext<'_>, submit: &Submit) -> Result<ValidShare, LocalReject> {
+    let size = miner.extranonce2_size;
+    let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
+    if size == 0 || size > MAX_EXTRANONCE2_SIZE || submit.extranonce2.len() != size * 2 {
+        return Err(LocalReject::malformed(format!("extranonce2 must be {} hex characters", size * 2)));
+    }
+    hex::decode_to_slice(&submit.extranonce2, &mut extranonce2[..size])
+        .map_err(|_| LocalReject::malformed("extranonce2 is not hex"))?;
+    let extranonce2 = &extranonce2[..size];
+    let ntime = parse_hex_u32(&submit.ntime).ok_or_else(|| LocalReject::malformed("ntime must be 8 hex characters"))?;
+    let nonce = parse_hex_u32(&submit.nonce).ok_or_else(|| LocalReject::malformed("nonce must be 8 hex characters"))?;
+    let version_bits = match &submit.version_bits {
+        None => None,
+        Some(v) => {
+            Some(parse_hex_u32(v).ok_or_else(|| LocalReject::malformed("version bits must be 8 hex characters"))?)
+        }
+    };
+
+    let n = &job.notify;
+    if ntime < n.ntime || ntime - n.ntime > NTIME_WINDOW {
+        return Err(LocalReject::new(code::OTHER, "ntime out of range", RejectReason::Malformed));
+    }
+    let version = match version_bits {
+        None => n.version,
+        Some(bits) if bits & !miner.version_mask != 0 => {
+            return Err(LocalReject::new(
+                code::OTHER,
+                "version bits outside the negotiated mask",
+                RejectReason::Malformed,
+            ));
+        }
+        Some(bits) => (n.version & !miner.version_mask) | (bits & miner.version_mask),
+    };
+
+    let key = ShareKey::new(miner.extranonce1, extranonce2, ntime, nonce, version);
+    if job.is_duplicate(&key) {
+        return Err(LocalReject::new(code::DUPLICATE, "Duplicate share", RejectReason::Duplicate));
+    }
+
+    let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
+    let root = share::merkle_root(coinbase, &n.merkle_branch);
+    let hash = share::sha256d(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
+    if !share::meets(&hash, &job.target) {
+        return Err(LocalReject::new(code::LOW_DIFFICULTY, "Low difficulty share", RejectReason::LowDifficulty));
+    }
+    Ok(ValidShare {
+        key,
+        hash,
+        job_difficulty: job.difficulty,
+        share_difficulty: share::difficulty_of(&hash),
+        block: share::meets(&hash, &share::target_from_nbits(n.nbits)),
+    })
 }
 
 /// The window the API's hashrate is averaged over.
@@ -68,37 +178,45 @@ pub const HASHRATE_WINDOW: Duration = Duration::from_secs(300);
 const BUCKET_SECS: u64 = 10;
 const BUCKETS: usize = (HASHRATE_WINDOW.as_secs() / BUCKET_SECS) as usize;
 
-/// Share counts and accepted work of one session, in fixed memory.
+/// Share counts and locally validated work of one session, in fixed memory.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerStats {
     pub accepted: u64,
     pub rejected: u64,
     pub accepted_difficulty: f64,
+    pub best_share_difficulty: f64,
     pub last_share: Option<SystemTime>,
-    /// Accepted difficulty per 10-second bucket: (bucket number since the session began, sum).
+    /// Validated work per 10-second bucket: (bucket number since the session began, difficulty sum).
     window: [(u64, f64); BUCKETS],
 }
 
 impl WorkerStats {
-    /// `elapsed` is the time since the session began.
-    pub fn record(&mut self, elapsed: Duration, outcome: &ShareOutcome) {
+    /// Counts a share's final verdict.
+    pub fn record(&mut self, outcome: &ShareOutcome) {
         self.last_share = Some(SystemTime::now());
-        if outcome.result.is_err() {
-            self.rejected += 1;
-            return;
+        match outcome.result {
+            Ok(()) => {
+                self.accepted += 1;
+                self.accepted_difficulty += outcome.difficulty;
+            }
+            Err(_) => self.rejected += 1,
         }
-        self.accepted += 1;
-        self.accepted_difficulty += outcome.difficulty;
+    }
+
+    /// Adds a share that passed local validation to the hashrate window. `elapsed` is the time
+    /// since the session began.
+    pub fn record_work(&mut self, elapsed: Duration, job_difficulty: f64, share_difficulty: f64) {
+        self.best_share_difficulty = self.best_share_difficulty.max(share_difficulty);
         let bucket = elapsed.as_secs() / BUCKET_SECS;
         let slot = &mut self.window[(bucket % BUCKETS as u64) as usize];
         if slot.0 != bucket {
             *slot = (bucket, 0.0);
         }
-        slot.1 += outcome.difficulty;
+        slot.1 += job_difficulty;
     }
 
     /// Hashes per second over the last five minutes (or the session's life, if shorter), from the
-    /// accepted difficulty: difficulty × 2³² / seconds.
+    /// validated difficulty: difficulty × 2³² / seconds.
     pub fn hashrate(&self, elapsed: Duration) -> f64 {
         let current = elapsed.as_secs() / BUCKET_SECS;
         let oldest = (current + 1).saturating_sub(BUCKETS as u64);
@@ -118,6 +236,17 @@ impl SubmissionManager {
         counter!(m::SHARES_SUBMITTED, "pool" => pool.to_owned()).increment(1);
     }
 
+    /// A share passed local validation: it counts as work, and a block candidate is announced.
+    pub fn validated(&self, session: &SessionHandle, pool: &str, share: &ValidShare) {
+        if share.block {
+            counter!(m::BLOCKS_FOUND, "pool" => pool.to_owned()).increment(1);
+            tracing::info!(block_hash = %share::display_hash(&share.hash), pool, "block candidate found");
+        }
+        let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
+        session.info().stats.record_work(elapsed, share.job_difficulty, share.share_difficulty);
+    }
+
+    /// A share's final verdict, the proxy's or the pool's.
     pub fn record(&self, session: &SessionHandle, pool: &str, outcome: &ShareOutcome) {
         let pool = pool.to_owned();
         match outcome.result {
@@ -126,14 +255,15 @@ impl SubmissionManager {
                 gauge!(m::SHARES_ACCEPTED_DIFFICULTY, "pool" => pool.clone()).increment(outcome.difficulty);
             }
             Err(reason) => {
-                counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
+                let source = if outcome.local { "local" } else { "pool" };
+                counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str(), "source" => source)
+                    .increment(1);
             }
         }
         if let Some(rtt) = outcome.rtt {
             histogram!(m::SUBMIT_RTT, "pool" => pool).record(rtt.as_secs_f64());
         }
-        let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
-        session.info().stats.record(elapsed, outcome);
+        session.info().stats.record(outcome);
     }
 }
 
@@ -151,6 +281,7 @@ pub struct WorkerView {
     pub accepted: u64,
     pub rejected: u64,
     pub accepted_difficulty: f64,
+    pub best_share_difficulty: f64,
     pub hashrate_5m: f64,
     /// Unix seconds of the last share answered, if any.
     pub last_share: Option<u64>,
@@ -172,6 +303,7 @@ impl WorkerView {
             accepted: info.stats.accepted,
             rejected: info.stats.rejected,
             accepted_difficulty: info.stats.accepted_difficulty,
+            best_share_difficulty: info.stats.best_share_difficulty,
             hashrate_5m: info.stats.hashrate(elapsed),
             last_share: info.stats.last_share.map(unix),
         }
@@ -181,9 +313,84 @@ impl WorkerView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::{JobBook, Lookup};
+    use crate::protocol::pool::Notify;
+    use proptest::prelude::*;
 
-    fn ok(d: f64) -> ShareOutcome {
-        ShareOutcome { difficulty: d, result: Ok(()), rtt: None }
+    const MASK: u32 = 0x1fff_e000;
+
+    fn book(coinb1: Vec<u8>, coinb2: Vec<u8>, branch: Vec<[u8; 32]>, difficulty: f64) -> JobBook {
+        let mut book = JobBook::default();
+        book.set_difficulty(difficulty);
+        let notify = Notify {
+            job_id: "j".into(),
+            prevhash: [0x11; 32],
+            coinb1,
+            coinb2,
+            merkle_branch: branch,
+            version: 0x2000_0000,
+            nbits: 0x1703_4219,
+            ntime: 0x6745_a1b0,
+            clean_jobs: true,
+        };
+        book.on_notify(notify);
+        book
+    }
+
+    fn submit(en2: u32, ntime: u32, nonce: u32, bits: u32) -> Submit {
+        Submit {
+            worker: "w".into(),
+            job_id: "j".into(),
+            extranonce2: format!("{en2:08x}"),
+            ntime: format!("{ntime:08x}"),
+            nonce: format!("{nonce:08x}"),
+            version_bits: Some(format!("{bits:08x}")),
+        }
+    }
+
+    fn judge(book: &mut JobBook, s: &Submit) -> Result<ValidShare, LocalReject> {
+        let Lookup::Live(job) = book.lookup("j") else { unreachable!() };
+        check(job, ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: MASK }, s)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A share the test miner grinds to meet the target validates; flipping any one bit of
+        /// extranonce2, ntime, nonce or the version bits gives another hash.
+        #[test]
+        fn ground_shares_validate_and_every_bit_counts(
+            coinb1 in proptest::collection::vec(any::<u8>(), 0..120),
+            coinb2 in proptest::collection::vec(any::<u8>(), 0..120),
+            branch in proptest::collection::vec(any::<[u8; 32]>(), 0..13),
+            en2 in any::<u32>(),
+            ntime_offset in 0u32..=NTIME_WINDOW,
+            bits in any::<u32>().prop_map(|b| b & MASK),
+            flip in 0usize..128,
+        ) {
+            let ntime = 0x6745_a1b0 + ntime_offset;
+            // One hash in ~40 meets difficulty 1e-8: the grind stays short.
+            let mut hard = book(coinb1.clone(), coinb2.clone(), branch.clone(), 1e-8);
+            let nonce = (0..100_000u32).find(|n| judge(&mut hard, &submit(en2, ntime, *n, bits)).is_ok());
+            prop_assert!(nonce.is_some());
+            let nonce = nonce.unwrap();
+            let mut any = book(coinb1, coinb2, branch, 1e-12);
+            let base = judge(&mut any, &submit(en2, ntime, nonce, bits)).unwrap().hash;
+            let bit = 1u32 << (flip % 32);
+            let flipped = match flip / 32 {
+                0 => submit(en2 ^ bit, ntime, nonce, bits),
+                1 => submit(en2, ntime ^ bit, nonce, bits),
+                2 => submit(en2, ntime, nonce ^ bit, bits),
+                _ => submit(en2, ntime, nonce, bits ^ (bit & MASK)),
+            };
+            // Flips that leave the window or the mask are refused before hashing, or change nothing.
+            if flip / 32 == 3 && bit & MASK == 0 {
+                return Ok(());
+            }
+            if let Ok(v) = judge(&mut any, &flipped) {
+                prop_assert_ne!(v.hash, base);
+            }
+        }
     }
 
     #[test]
@@ -191,15 +398,16 @@ mod tests {
         let mut s = WorkerStats::default();
         // 60 shares of difficulty 1 over the first minute: 2^32 hashes per second.
         for i in 0..60 {
-            s.record(Duration::from_secs(i), &ok(1.0));
+            s.record_work(Duration::from_secs(i), 1.0, 1.5 + i as f64);
         }
         let h = s.hashrate(Duration::from_secs(60));
         assert!((h - 4_294_967_296.0).abs() < 1.0, "{h}");
+        assert_eq!(s.best_share_difficulty, 60.5);
         // After five minutes of nothing, the window is empty.
         assert_eq!(s.hashrate(Duration::from_secs(400)), 0.0);
-        s.record(Duration::from_secs(401), &ShareOutcome { result: Err(RejectReason::Stale), ..ok(5.0) });
-        assert_eq!((s.accepted, s.rejected), (60, 1));
-        assert_eq!(s.accepted_difficulty, 60.0);
+        s.record(&ShareOutcome { difficulty: 5.0, result: Err(RejectReason::Stale), local: true, rtt: None });
+        s.record(&ShareOutcome { difficulty: 5.0, result: Ok(()), local: false, rtt: None });
+        assert_eq!((s.accepted, s.rejected, s.accepted_difficulty), (1, 1, 5.0));
     }
 
     #[test]

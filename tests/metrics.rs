@@ -42,8 +42,9 @@ async fn admin_port_matches_the_pool() {
     assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 23);
 
     let total = MINERS as u64 * SHARES;
-    assert_eq!(pool.submits().len() as u64, total + 1);
-    assert_eq!((pool.accepted(), pool.rejected()), (total, 1));
+    // The low-difficulty share was refused by the proxy: the pool never saw it.
+    assert_eq!(pool.submits().len() as u64, total);
+    assert_eq!((pool.accepted(), pool.rejected()), (total, 0));
 
     // The proxy records an outcome right after writing the reply, so poll briefly.
     let pool_label = [("pool", label.as_str())];
@@ -60,7 +61,10 @@ async fn admin_port_matches_the_pool() {
     assert_eq!(value("loka_shares_submitted_total", &pool_label), Some(pool.submits().len() as f64));
     assert_eq!(value("loka_shares_accepted_total", &pool_label), Some(pool.accepted() as f64));
     assert_eq!(
-        value("loka_shares_rejected_total", &[("pool", label.as_str()), ("reason", "low_difficulty")]),
+        value(
+            "loka_shares_rejected_total",
+            &[("pool", label.as_str()), ("reason", "low_difficulty"), ("source", "local")]
+        ),
         Some(1.0)
     );
     let accepted_difficulty = value("loka_shares_accepted_difficulty_sum", &pool_label).unwrap();

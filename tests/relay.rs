@@ -67,6 +67,8 @@ async fn handshake_relays_with_remapped_ids_and_rewritten_credentials() {
     assert!(sub["error"].is_null(), "{sub}");
     assert_eq!(sub["result"][2], 4);
     assert_eq!(sub["result"][1].as_str().map(str::len), Some(8));
+    miner.extranonce1 = hex::decode(sub["result"][1].as_str().unwrap()).unwrap();
+    miner.extranonce2_size = 4;
 
     miner.request_with_id(json!("abc"), "mining.authorize", json!(["farm.rig1", "minerpw"])).await;
     let auth = miner.wait_reply(&json!("abc")).await.expect("authorize reply");
@@ -218,13 +220,13 @@ async fn version_rolling_is_negotiated_and_relayed() {
     assert_eq!(submits[1]["params"][5], "00ffe000");
     assert_eq!((pool.accepted(), pool.rejected()), (2, 0));
 
-    // Bits outside the negotiated mask reach the pool unchanged, and its rejection comes back.
+    // Bits outside the negotiated mask are refused by the proxy and never reach the pool.
     let mut bad = miner.grind(Some(0x0000_2000));
     bad.version_bits = Some("10000000".into());
     let id = miner.submit("roller", &bad).await;
     let reply = miner.wait_reply(&id).await.unwrap();
-    assert_eq!(reply["error"][0], 20, "{reply}");
-    assert_eq!(pool.submits()[2]["params"][5], "10000000");
+    assert_eq!(reply["error"], json!([20, "version bits outside the negotiated mask", null]), "{reply}");
+    assert_eq!(pool.submits().len(), 2);
     proxy.shutdown().await;
 }
 
