@@ -1,12 +1,33 @@
 //! The auth manager: the credentials a miner's `mining.authorize` and `mining.submit` carry
-//! upstream, rewritten through `user_template` when one is set.
+//! upstream, rewritten through `user_template` when one is set, and the per-address backoff
+//! after failed authorizes (3 s doubling, capped, as ckpool does).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
 
 use crate::config::PoolConfig;
 
-#[derive(Debug, Clone, Default)]
+/// Addresses whose failures are remembered at once; past it, new ones are not tracked until
+/// expired entries are pruned.
+const MAX_TRACKED: usize = 65_536;
+
+#[derive(Debug, Default)]
 pub struct AuthManager {
     /// `{pool_user}`, `{worker}` and `{user}` are replaced; empty means miners' own credentials.
     template: String,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    failures: DashMap<IpAddr, Failures>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    /// No authorize from this address is forwarded before this.
+    until: Instant,
 }
 
 /// The user and password to present upstream.
@@ -17,8 +38,35 @@ pub struct Credentials {
 }
 
 impl AuthManager {
-    pub fn new(template: &str) -> Self {
-        Self { template: template.to_owned() }
+    pub fn new(template: &str, backoff_initial: Duration, backoff_max: Duration) -> Self {
+        Self { template: template.to_owned(), backoff_initial, backoff_max, failures: DashMap::new() }
+    }
+
+    /// How long `ip` must still wait before its next authorize is forwarded, if at all.
+    pub fn backoff(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let f = self.failures.get(&ip)?;
+        (f.until > now).then(|| f.until - now)
+    }
+
+    /// A pool refused an authorize from `ip`: the wait doubles, from `backoff_initial` up to
+    /// `backoff_max`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        if self.failures.len() >= MAX_TRACKED && !self.failures.contains_key(&ip) {
+            return;
+        }
+        let mut f = self.failures.entry(ip).or_insert(Failures { count: 0, until: now });
+        f.count = f.count.saturating_add(1);
+        let wait = self.backoff_initial.saturating_mul(1 << (f.count - 1).min(20)).min(self.backoff_max);
+        f.until = now + wait;
+    }
+
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.failures.remove(&ip);
+    }
+
+    /// Forgets addresses that have not failed for `backoff_max` past their last wait.
+    pub fn prune(&self, now: Instant) {
+        self.failures.retain(|_, f| now < f.until + self.backoff_max);
     }
 
     pub fn rewrites(&self) -> bool {
@@ -53,9 +101,37 @@ mod tests {
         PoolConfig { url: "stratum+tcp://p:1".into(), user: "acct".into(), password: "pw".into() }
     }
 
+    fn manager(template: &str) -> AuthManager {
+        AuthManager::new(template, Duration::from_secs(3), Duration::from_secs(600))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_authorizes_back_off_per_address() {
+        let a = manager("");
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let other: IpAddr = "10.0.0.8".parse().unwrap();
+        let now = Instant::now();
+        assert_eq!(a.backoff(ip, now), None);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            a.failed(ip, now);
+            waits.push(a.backoff(ip, now).unwrap().as_secs());
+        }
+        assert_eq!(waits, [3, 6, 12, 24, 48, 96, 192, 384, 600, 600]);
+        assert_eq!(a.backoff(other, now), None);
+        assert_eq!(a.backoff(ip, now + Duration::from_secs(600)), None);
+        a.prune(now + Duration::from_secs(1199));
+        assert!(a.failures.contains_key(&ip));
+        a.prune(now + Duration::from_secs(1200));
+        assert!(!a.failures.contains_key(&ip));
+        a.failed(ip, now);
+        a.succeeded(ip);
+        assert_eq!(a.backoff(ip, now), None);
+    }
+
     #[test]
     fn off_by_default() {
-        let a = AuthManager::default();
+        let a = manager("");
         assert_eq!(
             a.credentials("farm.rig1", "x", &pool()),
             Credentials { user: "farm.rig1".into(), password: "x".into() }
@@ -64,13 +140,13 @@ mod tests {
 
     #[test]
     fn template_rewrites_worker() {
-        let a = AuthManager::new("{pool_user}.{worker}");
+        let a = manager("{pool_user}.{worker}");
         assert_eq!(
             a.credentials("farm.rig1", "x", &pool()),
             Credentials { user: "acct.rig1".into(), password: "pw".into() }
         );
         assert_eq!(a.upstream_user("rig2", &pool()), "acct.rig2");
         assert_eq!(a.upstream_user("farm.rack.7", &pool()), "acct.rack.7");
-        assert_eq!(AuthManager::new("{pool_user}_{user}").upstream_user("a.b", &pool()), "acct_a.b");
+        assert_eq!(manager("{pool_user}_{user}").upstream_user("a.b", &pool()), "acct_a.b");
     }
 }

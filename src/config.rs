@@ -41,6 +41,22 @@ pub struct ServerConfig {
     pub write_timeout: u64,
     /// Seconds that in-flight submits have to get their replies on shutdown.
     pub shutdown_grace: u64,
+    /// Seconds after `mining.subscribe` that a miner has to authorize a worker.
+    pub authorize_timeout: u64,
+    /// Connections from one IP address at once; 0 turns the limit off (farms sit behind NAT).
+    pub max_connections_per_ip: usize,
+    /// Bytes waiting to be written to one miner before it is dropped as a slow reader.
+    pub max_queue_bytes: usize,
+    /// Messages waiting to be written to one miner before it is dropped as a slow reader.
+    pub max_queue_messages: usize,
+    /// Sustained lines per second a miner may send; past the burst the connection is closed.
+    pub rate_limit: u32,
+    /// Lines a miner may send at once above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// Seconds an IP must wait after its first failed authorize; doubles with each failure.
+    pub auth_backoff_initial: u64,
+    /// Cap on the wait after failed authorizes, in seconds.
+    pub auth_backoff_max: u64,
 }
 
 /// How the proxy talks to pools.
@@ -57,6 +73,12 @@ pub struct UpstreamConfig {
     pub retry_max_ms: u64,
     /// Rewrites a miner's `mining.authorize` user, e.g. `"{pool_user}.{worker}"`. Empty: off.
     pub user_template: String,
+    /// Seconds without a `mining.notify` before a pool session is judged dead (a blackhole).
+    pub job_timeout: u64,
+    /// Seconds of silence before TCP keepalive probes start on pool and miner sockets.
+    pub keepalive: u64,
+    /// Honour a pool's `client.reconnect` to another port of the same host.
+    pub allow_pool_redirect: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,6 +133,14 @@ impl Default for ServerConfig {
             max_line_bytes: 16 * 1024,
             write_timeout: 60,
             shutdown_grace: 10,
+            authorize_timeout: 30,
+            max_connections_per_ip: 0,
+            max_queue_bytes: 1024 * 1024,
+            max_queue_messages: 1024,
+            rate_limit: 100,
+            rate_limit_burst: 500,
+            auth_backoff_initial: 3,
+            auth_backoff_max: 600,
         }
     }
 }
@@ -123,6 +153,9 @@ impl Default for UpstreamConfig {
             retry_initial_ms: 1_000,
             retry_max_ms: 60_000,
             user_template: String::new(),
+            job_timeout: 120,
+            keepalive: 60,
+            allow_pool_redirect: false,
         }
     }
 }
@@ -152,11 +185,20 @@ impl ServerConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace)
     }
+    pub fn authorize_timeout(&self) -> Duration {
+        Duration::from_secs(self.authorize_timeout)
+    }
 }
 
 impl UpstreamConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout)
+    }
+    pub fn job_timeout(&self) -> Duration {
+        Duration::from_secs(self.job_timeout)
+    }
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs(self.keepalive)
     }
 }
 
@@ -340,7 +382,7 @@ fn check_value(value: &toml::Value, expected: &toml::Value, key: &str, origin: &
         (V::Integer(_), V::Integer(n)) if *n < 0 => {
             Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
         }
-        (V::Integer(_), V::Integer(_)) | (V::String(_), V::String(_)) => Ok(()),
+        (V::Integer(_), V::Integer(_)) | (V::String(_), V::String(_)) | (V::Boolean(_), V::Boolean(_)) => Ok(()),
         _ => Err(ConfigError::invalid(key, value, format!("expected {}; set in {origin}", kind_name(expected)))),
     }
 }
@@ -349,6 +391,7 @@ fn kind_name(value: &toml::Value) -> &'static str {
     match value {
         toml::Value::Integer(_) => "a whole number",
         toml::Value::String(_) => "a string",
+        toml::Value::Boolean(_) => "true or false",
         toml::Value::Array(_) => "an array",
         toml::Value::Table(_) => "a table",
         _ => "another type",
@@ -379,6 +422,9 @@ fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigE
             ConfigError::invalid(&key, format!("{value:?}"), format!("expected a whole number; set in {origin}"))
         })?,
         Some(toml::Value::String(_)) => toml::Value::String(value.into()),
+        Some(toml::Value::Boolean(_)) => value.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
+            ConfigError::invalid(&key, format!("{value:?}"), format!("expected true or false; set in {origin}"))
+        })?,
         _ => return Err(ConfigError::UnknownKey { key, origin }),
     };
     check_value(&typed, expected.expect("matched above"), &key, &origin)
@@ -446,13 +492,22 @@ impl Config {
                 .map_err(|reason| ConfigError::invalid(format!("pools[{i}].url"), format!("{:?}", pool.url), reason))?;
         }
         let (s, u) = (&self.server, &self.upstream);
-        let limits: [(&str, u64); 10] = [
+        let limits: [(&str, u64); 19] = [
             ("server.max_connections", s.max_connections as u64),
             ("server.idle_timeout", s.idle_timeout),
             ("server.handshake_timeout", s.handshake_timeout),
             ("server.max_line_bytes", s.max_line_bytes as u64),
             ("server.write_timeout", s.write_timeout),
             ("server.shutdown_grace", s.shutdown_grace),
+            ("server.authorize_timeout", s.authorize_timeout),
+            ("server.max_queue_bytes", s.max_queue_bytes as u64),
+            ("server.max_queue_messages", s.max_queue_messages as u64),
+            ("server.rate_limit", u64::from(s.rate_limit)),
+            ("server.rate_limit_burst", u64::from(s.rate_limit_burst)),
+            ("server.auth_backoff_initial", s.auth_backoff_initial),
+            ("server.auth_backoff_max", s.auth_backoff_max),
+            ("upstream.job_timeout", u.job_timeout),
+            ("upstream.keepalive", u.keepalive),
             ("upstream.connect_timeout", u.connect_timeout),
             ("upstream.max_line_bytes", u.max_line_bytes as u64),
             ("upstream.retry_initial_ms", u.retry_initial_ms),
@@ -460,6 +515,13 @@ impl Config {
         ];
         if let Some((key, value)) = limits.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::invalid(*key, value, "must be greater than zero"));
+        }
+        if s.auth_backoff_max < s.auth_backoff_initial {
+            return Err(ConfigError::invalid(
+                "server.auth_backoff_max",
+                s.auth_backoff_max,
+                format!("must be at least server.auth_backoff_initial = {}", s.auth_backoff_initial),
+            ));
         }
         if u.retry_max_ms < u.retry_initial_ms {
             return Err(ConfigError::invalid(

@@ -1,15 +1,18 @@
 //! One task per miner connection: reads lines from the miner and the pool, feeds them to the
 //! [`Session`], writes out what it produces, and reports to the registry and the managers.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +26,7 @@ use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Control, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{PoolSet, Upstream};
+use crate::upstream::{set_keepalive, PoolSet, Upstream};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -61,70 +64,148 @@ async fn run(
     handle: &SessionHandle,
     mut control: mpsc::Receiver<Control>,
 ) -> CloseReason {
+    let server = &shared.config.server;
     let _ = stream.set_nodelay(true);
+    set_keepalive(&stream, shared.config.upstream.keepalive());
     let (reader, writer) = stream.into_split();
-    let mut miner = Miner {
-        reader: FramedRead::with_capacity(reader, LineCodec::new(shared.config.server.max_line_bytes), READ_BUFFER),
-        writer,
-        write_timeout: shared.config.server.write_timeout(),
-    };
+    let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
+    let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
 
     // The accept loop never waits on a pool; this task does, while the miner's first lines wait
     // in the socket.
     let link = tokio::select! {
         biased;
-        Some(Control::Close(reason)) = control.recv() => return reason,
-        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        link = shared.pools.connect() => link,
+        Some(Control::Close(reason)) = control.recv() => Err(reason),
+        _ = shared.shutdown.cancelled() => Err(CloseReason::Shutdown),
+        link = shared.pools.connect() => Ok(link),
     };
-    let Ok(link) = link else {
-        return refuse(shared, &mut miner, handle, control).await;
+    let reason = match link {
+        Err(reason) => reason,
+        Ok(Err(_)) => refuse(shared, &mut reader, &outbox, handle, control).await,
+        Ok(Ok(link)) => {
+            handle.set_phase(Phase::Connected, shared.registry.now_ms());
+            handle.info().upstream = Some(link.pool().label.as_str().into());
+            let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
+            Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() }.run(control).await
+        }
     };
-    handle.set_phase(Phase::Connected);
-    handle.info().upstream = Some(link.pool().label.as_str().into());
-    Driver { shared, handle, miner, link, out: Output::default() }.run(control).await
+    outbox.close().await;
+    reason
 }
 
-struct Miner {
-    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, LineCodec>,
-    writer: OwnedWriteHalf,
+/// The miner's outbound queue, bounded in messages and bytes and drained by a writer task, so
+/// that the session never waits on a miner that does not read.
+struct Outbox {
+    /// Bounded by `max_queue_messages`.
+    tx: mpsc::Sender<Bytes>,
+    /// Bytes queued and not yet written.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+    /// Cancelled by the writer when a write fails or stalls past `write_timeout`.
+    failed: CancellationToken,
+    writer: JoinHandle<()>,
     write_timeout: Duration,
 }
 
-impl Miner {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), CloseReason> {
+impl Outbox {
+    fn spawn(mut writer: OwnedWriteHalf, max_messages: usize, max_bytes: usize, write_timeout: Duration) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let failed = CancellationToken::new();
+        let writer = tokio::spawn({
+            let (queued, failed) = (queued.clone(), failed.clone());
+            async move {
+                while let Some(bytes) = rx.recv().await {
+                    match timeout(write_timeout, writer.write_all(&bytes)).await {
+                        Ok(Ok(())) => queued.fetch_sub(bytes.len(), Ordering::AcqRel),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "write to miner failed");
+                            return failed.cancel();
+                        }
+                        Err(_) => {
+                            tracing::info!("write to miner stalled past write_timeout");
+                            return failed.cancel();
+                        }
+                    };
+                }
+                let _ = writer.shutdown().await;
+            }
+        });
+        Outbox { tx, queued, max_bytes, failed, writer, write_timeout }
+    }
+
+    /// Queues `bytes` for the miner. A miner whose queue is full is too slow to keep.
+    fn push(&self, bytes: &[u8]) -> Result<(), CloseReason> {
         if bytes.is_empty() {
             return Ok(());
         }
-        match timeout(self.write_timeout, self.writer.write_all(bytes)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write to miner failed");
-                Err(CloseReason::WriteFailed)
-            }
-            Err(_) => {
-                tracing::info!("write to miner stalled past write_timeout");
-                Err(CloseReason::WriteFailed)
-            }
+        if self.failed.is_cancelled() {
+            return Err(CloseReason::WriteFailed);
         }
+        if self.queued.load(Ordering::Acquire) + bytes.len() > self.max_bytes {
+            return Err(CloseReason::SlowReader);
+        }
+        self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.tx.try_send(Bytes::copy_from_slice(bytes)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CloseReason::SlowReader,
+            mpsc::error::TrySendError::Closed(_) => CloseReason::WriteFailed,
+        })
+    }
+
+    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
+    async fn close(self) {
+        let Outbox { tx, writer, failed, write_timeout, .. } = self;
+        drop(tx);
+        let mut writer = writer;
+        tokio::select! {
+            _ = &mut writer => {}
+            _ = failed.cancelled() => writer.abort(),
+            _ = tokio::time::sleep(write_timeout) => writer.abort(),
+        }
+    }
+}
+
+/// A token bucket over the lines a miner sends.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimiter {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
+    }
+
+    /// Takes a token for one line; false when the miner is past its rate and burst.
+    fn allow(&mut self, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
 async fn refuse(
     shared: &Shared,
-    miner: &mut Miner,
+    reader: &mut MinerReader,
+    outbox: &Outbox,
     handle: &SessionHandle,
     mut control: mpsc::Receiver<Control>,
 ) -> CloseReason {
     counter!(m::MINERS_REFUSED, "reason" => "no_upstream").increment(1);
     tracing::info!("no pool reachable; refusing the miner");
-    handle.set_phase(Phase::Connected);
+    handle.set_phase(Phase::Connected, shared.registry.now_ms());
     let line = tokio::select! {
         biased;
         Some(Control::Close(reason)) = control.recv() => return reason,
         _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        line = miner.reader.next() => line,
+        line = reader.next() => line,
     };
     let Some(Ok(line)) = line else { return CloseReason::NoUpstream };
     let id = match miner::parse(&line) {
@@ -134,26 +215,33 @@ async fn refuse(
     };
     let mut buf = Vec::new();
     write::error(&mut buf, &id, code::OTHER, "no upstream pool available, retry later");
-    let _ = miner.write(&buf).await;
-    let _ = miner.writer.shutdown().await;
+    let _ = outbox.push(&buf);
     CloseReason::NoUpstream
 }
+
+type MinerReader = FramedRead<OwnedReadHalf, LineCodec>;
 
 struct Driver<'a, U: Upstream> {
     shared: &'a Shared,
     handle: &'a SessionHandle,
-    miner: Miner,
+    reader: MinerReader,
+    outbox: &'a Outbox,
     link: U,
+    limiter: RateLimiter,
     out: Output,
 }
 
 impl<U: Upstream> Driver<'_, U> {
     async fn run(mut self, mut control: mpsc::Receiver<Control>) -> CloseReason {
         let pool = self.link.pool().config.clone();
-        let mut session = Session::new(self.shared.auth.clone(), pool);
+        let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
+        let started = Instant::now();
+        let job_timeout = self.shared.config.upstream.job_timeout();
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
+        let mut behaved = false;
         loop {
+            let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
             // A reason to close after this step's output is written.
             let mut close: Option<CloseReason> = None;
             tokio::select! {
@@ -167,6 +255,11 @@ impl<U: Upstream> Driver<'_, U> {
                 }
                 _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                     session.on_shutdown_deadline(&mut self.out);
+                }
+                _ = self.outbox.failed.cancelled() => return CloseReason::WriteFailed,
+                _ = sleep_until(job_deadline) => {
+                    tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
+                    session.on_job_timeout(&mut self.out);
                 }
                 line = self.link.next_line() => match line {
                     Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),
@@ -184,10 +277,17 @@ impl<U: Upstream> Driver<'_, U> {
                         session.on_pool_lost(&mut self.out);
                     }
                 },
-                line = self.miner.reader.next(), if drain_deadline.is_none() => match line {
+                line = self.reader.next(), if drain_deadline.is_none() => match line {
                     Some(Ok(line)) => {
+                        let now = Instant::now();
                         self.shared.registry.touch(self.handle);
-                        session.on_miner_line(&line, Instant::now(), &mut self.out);
+                        if self.limiter.allow(now) {
+                            session.on_miner_line(&line, now, &mut self.out);
+                        } else {
+                            tracing::info!("miner past its message rate limit");
+                            session.on_miner_closing(&mut self.out);
+                            close = Some(CloseReason::RateLimited);
+                        }
                     }
                     Some(Err(FrameError::TooLong(max))) => {
                         counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
@@ -210,10 +310,14 @@ impl<U: Upstream> Driver<'_, U> {
                     session.on_pool_lost(&mut self.out);
                 }
             }
+            if !behaved && session.last_notify().is_some() {
+                self.link.pool().behaved();
+                behaved = true;
+            }
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
-            self.handle.set_phase(session.phase());
+            self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
             close = close.or(self.report());
-            if let Err(reason) = self.miner.write(&self.out.to_miner).await {
+            if let Err(reason) = self.outbox.push(&self.out.to_miner) {
                 close = close.or(Some(reason));
             }
             self.out.to_miner.clear();
@@ -229,13 +333,22 @@ impl<U: Upstream> Driver<'_, U> {
     /// Hands the step's events to the registry and the managers. Returns the session's close
     /// reason, if it ended.
     fn report(&mut self) -> Option<CloseReason> {
-        let pool = &self.link.pool().label;
+        let pool = self.link.pool();
+        let label = &pool.label;
         let mut close = None;
         for event in self.out.events.drain(..) {
             match event {
-                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, pool, &share),
-                Event::ShareForwarded => self.shared.submissions.forwarded(pool),
-                Event::Share(outcome) => self.shared.submissions.record(self.handle, pool, &outcome),
+                Event::PoolFault(reason) => {
+                    counter!(m::UPSTREAM_FAULTS, "pool" => label.clone(), "reason" => reason).increment(1);
+                    tracing::warn!(pool = %label, reason, "pool fault; dropping the pool session");
+                    pool.report_fault();
+                }
+                Event::PoolReconnect { host, port } => {
+                    pool.reconnect_requested(host.as_deref(), port, self.shared.config.upstream.allow_pool_redirect)
+                }
+                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, label, &share),
+                Event::ShareForwarded => self.shared.submissions.forwarded(label),
+                Event::Share(outcome) => self.shared.submissions.record(self.handle, label, &outcome),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");

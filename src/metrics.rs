@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS_ACCEPTED: &str = "loka_connections_accepted_total";
 pub const CONNECTIONS_ACTIVE: &str = "loka_connections_active";
+/// Label `reason` (`max_connections`, `max_connections_per_ip`).
 pub const CONNECTIONS_REJECTED: &str = "loka_connections_rejected_total";
 /// Label `reason`: one of [`CloseReason::as_str`](crate::registry::CloseReason::as_str).
 pub const CONNECTIONS_CLOSED: &str = "loka_connections_closed_total";
@@ -36,6 +37,10 @@ pub const SUBMIT_RTT: &str = "loka_upstream_submit_rtt_seconds";
 pub const UPSTREAM_SESSIONS_ACTIVE: &str = "loka_upstream_sessions_active";
 /// Label `pool`.
 pub const UPSTREAM_CONNECT_FAILURES: &str = "loka_upstream_connect_failures_total";
+/// Labels `pool` and `reason` (a fixed description of the protocol breach).
+pub const UPSTREAM_FAULTS: &str = "loka_upstream_faults_total";
+/// Labels `pool` and `result` (`honoured`, `refused`, `same_address`).
+pub const POOL_REDIRECTS: &str = "loka_pool_redirects_total";
 /// Label `pool`. 1 when the last connect attempt to the pool succeeded.
 pub const POOL_UP: &str = "loka_pool_up";
 pub const READY: &str = "loka_ready";
@@ -65,7 +70,7 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED, "Miner connections accepted by the listener.");
     describe_gauge!(CONNECTIONS_ACTIVE, "Miner connections currently open.");
-    describe_counter!(CONNECTIONS_REJECTED, "Miner connections closed at once because max_connections was reached.");
+    describe_counter!(CONNECTIONS_REJECTED, "Miner connections closed at once at a connection limit, by limit.");
     describe_counter!(CONNECTIONS_CLOSED, "Miner connections closed, by reason.");
     describe_counter!(MESSAGES, "Stratum messages received, by method and direction.");
     describe_counter!(MALFORMED, "Lines that were not valid Stratum messages, by source.");
@@ -78,6 +83,8 @@ fn describe() {
     describe_histogram!(SUBMIT_RTT, Unit::Seconds, "Time from forwarding a share to the pool's reply.");
     describe_gauge!(UPSTREAM_SESSIONS_ACTIVE, "Pool sessions currently open.");
     describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to a pool.");
+    describe_counter!(UPSTREAM_FAULTS, "Pool sessions dropped because the pool broke the protocol or sent no job.");
+    describe_counter!(POOL_REDIRECTS, "client.reconnect requests from pools, by outcome.");
     describe_gauge!(POOL_UP, "1 when the pool's last connection attempt succeeded, else 0.");
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");

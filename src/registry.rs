@@ -1,7 +1,7 @@
 //! The `ConnectionManager`: a registry of live miner sessions that the accept loop, the cleanup
 //! task, the managers and the HTTP API share.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -18,9 +18,13 @@ pub enum CloseReason {
     MinerClosed,
     Idle,
     Handshake,
+    AuthorizeTimeout,
     LineTooLong,
     Malformed,
+    RateLimited,
+    SlowReader,
     UpstreamLost,
+    PoolFault,
     NoUpstream,
     PoolReconnect,
     WriteFailed,
@@ -33,9 +37,13 @@ impl CloseReason {
             CloseReason::MinerClosed => "miner_closed",
             CloseReason::Idle => "idle",
             CloseReason::Handshake => "handshake_timeout",
+            CloseReason::AuthorizeTimeout => "authorize_timeout",
             CloseReason::LineTooLong => "line_too_long",
             CloseReason::Malformed => "malformed",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::SlowReader => "slow_reader",
             CloseReason::UpstreamLost => "upstream_lost",
+            CloseReason::PoolFault => "pool_fault",
             CloseReason::NoUpstream => "no_upstream",
             CloseReason::PoolReconnect => "pool_reconnect",
             CloseReason::WriteFailed => "write_failed",
@@ -81,6 +89,8 @@ pub struct SessionHandle {
     pub connected_at: Instant,
     /// Milliseconds since the registry's epoch at the last line from the miner.
     last_activity_ms: AtomicU64,
+    /// Milliseconds since the registry's epoch when the session reached its current phase.
+    phase_since_ms: AtomicU64,
     phase: AtomicU8,
     /// Bounded: a session only ever needs one pending close.
     control: mpsc::Sender<Control>,
@@ -106,8 +116,11 @@ impl SessionHandle {
         }
     }
 
-    pub fn set_phase(&self, phase: Phase) {
-        self.phase.store(phase as u8, Ordering::Relaxed);
+    /// Records the session's phase; `now_ms` is [`ConnectionManager::now_ms`].
+    pub fn set_phase(&self, phase: Phase, now_ms: u64) {
+        if self.phase.swap(phase as u8, Ordering::Relaxed) != phase as u8 {
+            self.phase_since_ms.store(now_ms, Ordering::Relaxed);
+        }
     }
 
     pub fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
@@ -121,32 +134,65 @@ impl SessionHandle {
     }
 }
 
-/// The registry of live sessions, with the connection limit.
+/// Why a connection was refused at the door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` are live.
+    Limit,
+    /// `max_connections_per_ip` are live from this address.
+    PerIp,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Limit => "max_connections",
+            Refusal::PerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// The registry of live sessions, with the connection limits.
 #[derive(Debug)]
 pub struct ConnectionManager {
     sessions: DashMap<u64, Arc<SessionHandle>>,
+    /// Live connections per address; kept only when the per-IP limit is on.
+    per_ip: DashMap<IpAddr, usize>,
     next_id: AtomicU64,
     count: AtomicUsize,
     max: usize,
+    /// 0: no per-IP limit.
+    max_per_ip: usize,
     epoch: Instant,
 }
 
 impl ConnectionManager {
-    pub fn new(max_connections: usize) -> Self {
+    pub fn new(max_connections: usize, max_connections_per_ip: usize) -> Self {
         Self {
             sessions: DashMap::new(),
+            per_ip: DashMap::new(),
             next_id: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             max: max_connections,
+            max_per_ip: max_connections_per_ip,
             epoch: Instant::now(),
         }
     }
 
-    /// Registers a new session, or returns `None` when `max_connections` are already live.
-    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Option<Registration> {
+    /// Registers a new session, unless a connection limit is reached.
+    pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Result<Registration, Refusal> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.count.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(Refusal::Limit);
+        }
+        if self.max_per_ip > 0 {
+            let mut n = self.per_ip.entry(peer.ip()).or_insert(0);
+            if *n >= self.max_per_ip {
+                drop(n);
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::PerIp);
+            }
+            *n += 1;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (control, control_rx) = mpsc::channel(1);
@@ -156,12 +202,13 @@ impl ConnectionManager {
             connected_since: SystemTime::now(),
             connected_at: Instant::now(),
             last_activity_ms: AtomicU64::new(self.now_ms()),
+            phase_since_ms: AtomicU64::new(self.now_ms()),
             phase: AtomicU8::new(Phase::Connecting as u8),
             control,
             info: Mutex::new(SessionInfo::default()),
         });
         self.sessions.insert(id, handle.clone());
-        Some(Registration { manager: self.clone(), handle, control_rx: Some(control_rx) })
+        Ok(Registration { manager: self.clone(), handle, control_rx: Some(control_rx) })
     }
 
     pub fn len(&self) -> usize {
@@ -187,16 +234,21 @@ impl ConnectionManager {
         handle.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Closes sessions idle longer than `idle` and connections that have not subscribed within
-    /// `handshake`. Returns how many were asked to close.
-    pub fn evict_expired(&self, idle: Duration, handshake: Duration) -> usize {
+    /// Closes sessions idle longer than `idle`, connections that have not subscribed within
+    /// `handshake`, and sessions that have not authorized within `authorize` of subscribing.
+    /// Returns how many were asked to close.
+    pub fn evict_expired(&self, idle: Duration, handshake: Duration, authorize: Duration) -> usize {
         let now = Instant::now();
         let now_ms = self.now_ms();
         let mut evicted = 0;
         for entry in self.sessions.iter() {
             let h = entry.value();
-            let reason = if h.phase() < Phase::Subscribed && now.duration_since(h.connected_at) >= handshake {
+            let phase = h.phase();
+            let in_phase_ms = now_ms.saturating_sub(h.phase_since_ms.load(Ordering::Relaxed));
+            let reason = if phase < Phase::Subscribed && now.duration_since(h.connected_at) >= handshake {
                 Some(CloseReason::Handshake)
+            } else if phase == Phase::Subscribed && in_phase_ms >= authorize.as_millis() as u64 {
+                Some(CloseReason::AuthorizeTimeout)
             } else if now_ms.saturating_sub(h.last_activity_ms.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
                 Some(CloseReason::Idle)
             } else {
@@ -217,13 +269,19 @@ impl ConnectionManager {
         }
     }
 
-    fn now_ms(&self) -> u64 {
+    /// Milliseconds since the registry was made, on tokio's clock.
+    pub fn now_ms(&self) -> u64 {
         Instant::now().duration_since(self.epoch).as_millis() as u64
     }
 
     fn remove(&self, id: u64) {
-        if self.sessions.remove(&id).is_some() {
-            self.count.fetch_sub(1, Ordering::AcqRel);
+        let Some((_, handle)) = self.sessions.remove(&id) else { return };
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if self.max_per_ip > 0 {
+            self.per_ip.remove_if_mut(&handle.peer.ip(), |_, n| {
+                *n -= 1;
+                *n == 0
+            });
         }
     }
 }
@@ -258,36 +316,67 @@ mod tests {
 
     #[test]
     fn limit_is_enforced_and_released() {
-        let m = Arc::new(ConnectionManager::new(2));
+        let m = Arc::new(ConnectionManager::new(2, 0));
         let a = m.register(peer()).unwrap();
         let _b = m.register(peer()).unwrap();
-        assert!(m.register(peer()).is_none());
+        assert_eq!(m.register(peer()).unwrap_err(), Refusal::Limit);
         assert_eq!(m.len(), 2);
         drop(a);
         assert_eq!(m.len(), 1);
-        assert!(m.register(peer()).is_some());
+        assert!(m.register(peer()).is_ok());
+    }
+
+    #[test]
+    fn per_ip_limit() {
+        let m = Arc::new(ConnectionManager::new(10, 2));
+        let other: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let a = m.register(peer()).unwrap();
+        let _b = m.register(peer()).unwrap();
+        assert_eq!(m.register(peer()).unwrap_err(), Refusal::PerIp);
+        let _o = m.register(other).unwrap();
+        drop(a);
+        let _c = m.register(peer()).unwrap();
+        assert_eq!(m.len(), 3);
+        drop(_c);
+        drop(_b);
+        assert!(!m.per_ip.contains_key(&peer().ip()), "entries are freed with their last connection");
     }
 
     #[tokio::test(start_paused = true)]
     async fn eviction_by_handshake_and_idle() {
-        let m = Arc::new(ConnectionManager::new(10));
+        let m = Arc::new(ConnectionManager::new(10, 0));
         let mut fresh = m.register(peer()).unwrap();
         let mut subscribed = m.register(peer()).unwrap();
-        subscribed.handle.set_phase(Phase::Subscribed);
+        subscribed.handle.set_phase(Phase::Authorized, m.now_ms());
         let (mut rx_fresh, mut rx_sub) = (fresh.take_control(), subscribed.take_control());
 
         tokio::time::advance(Duration::from_secs(14)).await;
-        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15)), 0);
+        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15)), 1);
+        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 1);
         assert!(matches!(rx_fresh.try_recv(), Ok(Control::Close(CloseReason::Handshake))));
 
         m.touch(&subscribed.handle);
         tokio::time::advance(Duration::from_secs(599)).await;
-        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15));
+        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
         assert!(rx_sub.try_recv().is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
-        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15));
+        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
         assert!(matches!(rx_sub.try_recv(), Ok(Control::Close(CloseReason::Idle))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn authorize_deadline_runs_from_subscribe() {
+        let m = Arc::new(ConnectionManager::new(10, 0));
+        let mut r = m.register(peer()).unwrap();
+        let mut rx = r.take_control();
+        let evict = || m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        r.handle.set_phase(Phase::Subscribed, m.now_ms());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(evict(), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(evict(), 1);
+        assert!(matches!(rx.try_recv(), Ok(Control::Close(CloseReason::AuthorizeTimeout))));
     }
 }

@@ -45,9 +45,16 @@ impl Server {
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
         let shared = Arc::new(Shared {
-            registry: Arc::new(ConnectionManager::new(config.server.max_connections)),
+            registry: Arc::new(ConnectionManager::new(
+                config.server.max_connections,
+                config.server.max_connections_per_ip,
+            )),
             pools: Arc::new(PoolSet::new(&config)),
-            auth: Arc::new(AuthManager::new(&config.upstream.user_template)),
+            auth: Arc::new(AuthManager::new(
+                &config.upstream.user_template,
+                Duration::from_secs(config.server.auth_backoff_initial),
+                Duration::from_secs(config.server.auth_backoff_max),
+            )),
             submissions: SubmissionManager,
             shutdown: CancellationToken::new(),
             config: Arc::new(config),
@@ -123,13 +130,16 @@ async fn accept_loop(
             },
         };
         counter!(m::CONNECTIONS_ACCEPTED).increment(1);
-        let Some(registration) = shared.registry.register(peer) else {
-            counter!(m::CONNECTIONS_REJECTED).increment(1);
-            if let Some(suppressed) = limit_log.allow() {
-                tracing::warn!(%peer, max = shared.config.server.max_connections, suppressed, "connection limit reached; closing new connections");
+        let registration = match shared.registry.register(peer) {
+            Ok(registration) => registration,
+            Err(refusal) => {
+                counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.as_str()).increment(1);
+                if let Some(suppressed) = limit_log.allow() {
+                    tracing::warn!(%peer, limit = refusal.as_str(), suppressed, "connection limit reached; closing new connections");
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
         gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
         tracker.spawn(connection::serve(shared.clone(), stream, registration));
@@ -146,7 +156,12 @@ async fn cleanup(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let evicted = shared.registry.evict_expired(server.idle_timeout(), server.handshake_timeout());
+        let evicted = shared.registry.evict_expired(
+            server.idle_timeout(),
+            server.handshake_timeout(),
+            server.authorize_timeout(),
+        );
+        shared.auth.prune(Instant::now());
         if evicted > 0 {
             tracing::debug!(evicted, "evicting expired sessions");
         }

@@ -7,6 +7,7 @@
 //! when the pool goes away or the proxy shuts down.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,14 @@ pub enum Event {
     /// The pool accepted an authorize for this worker (the name the miner uses).
     Authorized(String),
     Difficulty(f64),
+    /// The pool broke the protocol (a job, difficulty or reply it could not have meant): it is
+    /// judged unhealthy. A `Close` follows.
+    PoolFault(&'static str),
+    /// The pool asked for a reconnect, to this host and port if given. A `Close` follows.
+    PoolReconnect {
+        host: Option<String>,
+        port: Option<u16>,
+    },
     /// The session is over; the driver flushes what is buffered and closes.
     Close(CloseReason),
 }
@@ -93,6 +102,10 @@ struct InFlight {
 pub struct Session {
     auth: Arc<AuthManager>,
     pool: Arc<PoolConfig>,
+    /// The miner's address, for the auth backoff.
+    peer: IpAddr,
+    /// When the pool last sent a job.
+    last_notify: Option<Instant>,
     phase: Phase,
     next_id: u64,
     pending: HashMap<u64, InFlight>,
@@ -106,10 +119,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(auth: Arc<AuthManager>, pool: Arc<PoolConfig>) -> Self {
+    pub fn new(auth: Arc<AuthManager>, pool: Arc<PoolConfig>, peer: IpAddr) -> Self {
         Self {
             auth,
             pool,
+            peer,
+            last_notify: None,
             phase: Phase::Connected,
             next_id: 1,
             pending: HashMap::new(),
@@ -140,6 +155,11 @@ impl Session {
 
     pub fn difficulty(&self) -> f64 {
         self.jobs.difficulty()
+    }
+
+    /// When the pool last sent a job, if it has.
+    pub fn last_notify(&self) -> Option<Instant> {
+        self.last_notify
     }
 
     /// Requests relayed upstream that still wait for the pool's reply.
@@ -183,6 +203,13 @@ impl Session {
         let kind = match request.call {
             Call::Subscribe { .. } => Pending::Subscribe,
             Call::Authorize { user, password } => {
+                if let Some(wait) = self.auth.backoff(self.peer, now) {
+                    if let Some(id) = &miner_id {
+                        let message = format!("too many failed authorizations; retry in {} s", wait.as_secs().max(1));
+                        write::error(&mut out.to_miner, id, code::UNAUTHORIZED, &message);
+                    }
+                    return;
+                }
                 let creds = self.auth.credentials(&user, &password, &self.pool);
                 write::request(&mut out.to_pool, upstream_id, miner::AUTHORIZE, &[&creds.user, &creds.password]);
                 self.track(upstream_id, miner_id, Pending::Authorize { miner_user: user }, now);
@@ -265,9 +292,10 @@ impl Session {
         let message = match pool::parse(line) {
             Ok(msg) => msg,
             Err(e) => {
+                // A pool that sends what it cannot have meant is not trusted with miners' work.
                 counter!(m::MALFORMED, "source" => "pool").increment(1);
-                tracing::warn!(error = %e, "unparseable line from the pool dropped");
-                return;
+                tracing::warn!(error = %e, "unparseable line from the pool");
+                return self.pool_fault("unparseable message", out);
             }
         };
         let method = match &message {
@@ -294,13 +322,25 @@ impl Session {
                     tracing::debug!(?id, "reply to no request in flight dropped");
                     return;
                 };
+                let subscribed = match flight.kind {
+                    Pending::Subscribe if error.is_none() => {
+                        let sub = result.and_then(pool::parse_subscribe_result);
+                        if sub.is_none() {
+                            // Relaying an extranonce the miner cannot use would only waste its work.
+                            self.pending.insert(id.as_u64().unwrap_or_default(), flight);
+                            return self.pool_fault("invalid subscribe reply", out);
+                        }
+                        sub
+                    }
+                    _ => None,
+                };
                 if let Some(miner_id) = &flight.miner_id {
                     write::relayed_reply(&mut out.to_miner, miner_id, result, error);
                 }
                 let ok = verdict(result, error);
                 match flight.kind {
                     Pending::Subscribe => {
-                        if let Some(sub) = result.filter(|_| error.is_none()).and_then(pool::parse_subscribe_result) {
+                        if let Some(sub) = subscribed {
                             self.extranonce1 = sub.extranonce1;
                             self.extranonce2_size = sub.extranonce2_size;
                             self.phase = self.phase.max(Phase::Subscribed);
@@ -308,11 +348,14 @@ impl Session {
                     }
                     Pending::Authorize { miner_user } => {
                         if ok.is_ok() {
+                            self.auth.succeeded(self.peer);
                             if !self.workers.contains(&miner_user) {
                                 self.workers.push(miner_user.clone());
                             }
                             self.phase = Phase::Authorized;
                             out.events.push(Event::Authorized(miner_user));
+                        } else {
+                            self.auth.failed(self.peer, now);
                         }
                     }
                     Pending::Configure => {
@@ -329,6 +372,7 @@ impl Session {
                 }
             }
             PoolMessage::Notify(n) => {
+                self.last_notify = Some(now);
                 relay(out);
                 self.jobs.on_notify(n);
             }
@@ -346,9 +390,11 @@ impl Session {
                 self.version_mask = Some(mask);
                 relay(out);
             }
-            PoolMessage::Reconnect { .. } => {
-                // The miner reconnects to the proxy, which picks the pool; the pool's target is not relayed.
+            PoolMessage::Reconnect { host, port, .. } => {
+                // The miner reconnects to the proxy, which picks the pool; the pool's target is
+                // never relayed to miners.
                 self.fail_pending("upstream reconnecting", RejectReason::UpstreamUnavailable, out);
+                out.events.push(Event::PoolReconnect { host, port });
                 out.events.push(Event::Close(CloseReason::PoolReconnect));
             }
             PoolMessage::ShowMessage(_) => relay(out),
@@ -358,6 +404,17 @@ impl Session {
                 relay(out);
             }
         }
+    }
+
+    fn pool_fault(&mut self, reason: &'static str, out: &mut Output) {
+        self.fail_pending("upstream unavailable", RejectReason::UpstreamUnavailable, out);
+        out.events.push(Event::PoolFault(reason));
+        out.events.push(Event::Close(CloseReason::PoolFault));
+    }
+
+    /// The pool sent no job within the job timeout: it is judged dead.
+    pub fn on_job_timeout(&mut self, out: &mut Output) {
+        self.pool_fault("no job within job_timeout", out);
     }
 
     /// The pool connection is gone: every request in flight gets an error, then the session ends.
@@ -418,7 +475,8 @@ mod tests {
 
     fn session(template: &str) -> Session {
         let pool = PoolConfig { url: "stratum+tcp://127.0.0.1:1".into(), user: "acct".into(), password: "pw".into() };
-        Session::new(Arc::new(AuthManager::new(template)), Arc::new(pool))
+        let auth = AuthManager::new(template, Duration::from_secs(3), Duration::from_secs(600));
+        Session::new(Arc::new(auth), Arc::new(pool), "10.0.0.1".parse().unwrap())
     }
 
     fn lines(buf: &[u8]) -> Vec<serde_json::Value> {
@@ -603,6 +661,81 @@ mod tests {
         assert_eq!(lines(&out.to_pool)[0]["id"], 7);
         // A job that does not parse is not relayed.
         assert!(pool(&mut s, r#"{"id":null,"method":"mining.notify","params":["j2","zz"]}"#).to_miner.is_empty());
+    }
+
+    /// Each hostile pool message is a fault: pending requests get one error, nothing of it reaches
+    /// the miner, and the session closes.
+    #[test]
+    fn hostile_pools_are_faults() {
+        let long = "ab".repeat(64 * 1024 + 1);
+        let branch = format!("[{}]", vec![format!("\"{}\"", "00".repeat(32)); 33].join(","));
+        let notify_with = |i: usize, v: &str| {
+            let mut p: Vec<String> = vec![
+                "\"j\"".into(),
+                format!("\"{PREVHASH}\""),
+                format!("\"{COINB1}\""),
+                format!("\"{COINB2}\""),
+                "[]".into(),
+                "\"20000000\"".into(),
+                "\"1d00ffff\"".into(),
+                "\"5c8f0a1e\"".into(),
+                "true".into(),
+            ];
+            p[i] = v.into();
+            format!(r#"{{"id":null,"method":"mining.notify","params":[{}]}}"#, p.join(","))
+        };
+        let mut cases = vec![
+            notify_with(0, "7"),
+            notify_with(5, "536870912"),
+            notify_with(8, "\"yes\""),
+            notify_with(2, &format!("\"{long}\"")),
+            notify_with(4, &branch),
+            "not json".to_owned(),
+        ];
+        for d in ["0", "-1", "1e300", "\"NaN\""] {
+            cases.push(format!(r#"{{"id":null,"method":"mining.set_difficulty","params":[{d}]}}"#));
+        }
+        for size in ["0", "-4", "17"] {
+            cases.push(format!(r#"{{"id":null,"method":"mining.set_extranonce","params":["08000002",{size}]}}"#));
+        }
+        for line in cases {
+            let mut s = ready("");
+            forwarded(&mut s, &valid_submit(30, 1));
+            let out = pool(&mut s, &line);
+            assert!(matches!(out.events.first(), Some(Event::Share(_))), "{line:.100}");
+            assert!(out.events.iter().any(|e| matches!(e, Event::PoolFault(_))), "{line:.100}");
+            assert_eq!(out.close_reason(), Some(CloseReason::PoolFault));
+            let replies = lines(&out.to_miner);
+            assert_eq!(replies.len(), 1, "only the pending submit's error: {line:.100}");
+            assert_eq!(replies[0]["error"], serde_json::json!([20, "upstream unavailable", null]));
+        }
+        // A subscribe reply whose extranonce2_size miners cannot use.
+        for size in ["0", "-1", "17", "\"4\""] {
+            let mut s = session("");
+            miner(&mut s, r#"{"id":"s","method":"mining.subscribe","params":[]}"#);
+            let out = pool(&mut s, &format!(r#"{{"id":1,"result":[[],"08000002",{size}],"error":null}}"#));
+            assert_eq!(out.close_reason(), Some(CloseReason::PoolFault), "{size}");
+            assert_eq!(
+                lines(&out.to_miner)[0],
+                serde_json::json!({"id":"s","result":null,"error":[20,"upstream unavailable",null]})
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_authorizes_back_off_without_reaching_the_pool() {
+        let mut s = session("");
+        miner(&mut s, r#"{"id":1,"method":"mining.authorize","params":["farm.rig1","bad"]}"#);
+        pool(&mut s, r#"{"id":1,"result":false,"error":[24,"Unauthorized worker",null]}"#);
+        let out = miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","bad"]}"#);
+        assert!(out.to_pool.is_empty());
+        assert_eq!(
+            lines(&out.to_miner)[0]["error"],
+            serde_json::json!([24, "too many failed authorizations; retry in 3 s", null])
+        );
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let out = miner(&mut s, r#"{"id":3,"method":"mining.authorize","params":["farm.rig1","good"]}"#);
+        assert_eq!(lines(&out.to_pool)[0]["method"], "mining.authorize");
     }
 
     #[test]

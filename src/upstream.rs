@@ -6,7 +6,7 @@
 //! share one pool session is another implementation behind the same trait.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,8 +81,12 @@ pub struct Pool {
     /// `host:port`, the `pool` label of the metrics.
     pub label: String,
     health: AtomicU8,
-    /// Wakes the pool's monitor when a connect fails.
+    /// Wakes the pool's monitor when a connect fails or the pool misbehaves.
     failed: Notify,
+    /// Faults since the pool last behaved; each doubles the wait before it is tried again.
+    faults: AtomicU32,
+    /// A port the pool redirected the proxy to with `client.reconnect`; 0 for none.
+    redirect_port: AtomicU16,
 }
 
 impl Pool {
@@ -110,10 +114,49 @@ impl Pool {
         }
     }
 
-    async fn connect_tcp(&self, timeout: Duration) -> io::Result<TcpStream> {
+    /// The pool broke the protocol: it is down until the monitor's backoff, which grows with
+    /// each fault in a row, lets it be tried again.
+    pub fn report_fault(&self) {
+        self.faults.fetch_add(1, Ordering::AcqRel);
+        self.set_health(Health::Down);
+        self.failed.notify_one();
+    }
+
+    /// The pool sent a job: it behaves.
+    pub fn behaved(&self) {
+        self.faults.store(0, Ordering::Release);
+    }
+
+    /// The pool sent `client.reconnect`. A new port on the same host is honoured only when
+    /// `allowed`; another host never is. Sessions opened later use the outcome.
+    pub fn reconnect_requested(&self, host: Option<&str>, port: Option<u16>, allowed: bool) {
+        let same_host = host.is_none_or(|h| h.eq_ignore_ascii_case(&self.url.host));
+        let result = match port {
+            Some(port) if allowed && same_host => {
+                self.redirect_port.store(port, Ordering::Release);
+                tracing::info!(pool = %self.label, port, "pool redirect honoured");
+                "honoured"
+            }
+            Some(port) => {
+                tracing::warn!(pool = %self.label, host, port, allowed, "pool redirect refused");
+                "refused"
+            }
+            None => "same_address",
+        };
+        counter!(m::POOL_REDIRECTS, "pool" => self.label.clone(), "result" => result).increment(1);
+    }
+
+    fn port(&self) -> u16 {
+        match self.redirect_port.load(Ordering::Acquire) {
+            0 => self.url.port,
+            port => port,
+        }
+    }
+
+    async fn connect_tcp(&self, timeout: Duration, keepalive: Duration) -> io::Result<TcpStream> {
         let attempt = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-            for addr in tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await? {
+            for addr in tokio::net::lookup_host((self.url.host.as_str(), self.port())).await? {
                 match TcpStream::connect(addr).await {
                     Ok(s) => return Ok(s),
                     Err(e) => last = e,
@@ -125,7 +168,17 @@ impl Pool {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
+        set_keepalive(&stream, keepalive);
         Ok(stream)
+    }
+}
+
+/// TCP keepalive after `idle` of silence, so a peer that vanished without a FIN is found even
+/// when nothing is being sent.
+pub fn set_keepalive(stream: &TcpStream, idle: Duration) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(idle).with_interval(Duration::from_secs(10)).with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
     }
 }
 
@@ -139,6 +192,7 @@ pub struct NoUpstream;
 pub struct PoolSet {
     pools: Vec<Arc<Pool>>,
     connect_timeout: Duration,
+    keepalive: Duration,
     max_line_bytes: usize,
     retry_initial: Duration,
     retry_max: Duration,
@@ -158,12 +212,15 @@ impl PoolSet {
                     config: Arc::new(p.clone()),
                     health: AtomicU8::new(Health::Unknown as u8),
                     failed: Notify::new(),
+                    faults: AtomicU32::new(0),
+                    redirect_port: AtomicU16::new(0),
                 })
             })
             .collect();
         Self {
             pools,
             connect_timeout: config.upstream.connect_timeout(),
+            keepalive: config.upstream.keepalive(),
             max_line_bytes: config.upstream.max_line_bytes,
             retry_initial: Duration::from_millis(config.upstream.retry_initial_ms),
             retry_max: Duration::from_millis(config.upstream.retry_max_ms),
@@ -182,7 +239,7 @@ impl PoolSet {
     /// Opens a session to the first pool, in priority order, that is not known to be down.
     pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
         for pool in self.pools.iter().filter(|p| p.health() != Health::Down) {
-            match pool.connect_tcp(self.connect_timeout).await {
+            match pool.connect_tcp(self.connect_timeout, self.keepalive).await {
                 Ok(stream) => {
                     pool.set_health(Health::Up);
                     gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
@@ -213,11 +270,14 @@ impl PoolSet {
                     self.probe(&pool).await;
                     continue;
                 }
-                delay = self.retry_initial;
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = pool.failed.notified() => continue,
+                    _ = pool.failed.notified() => {}
                 }
+                // A pool that misbehaves again and again waits longer each time.
+                let faults = pool.faults.load(Ordering::Acquire).min(16);
+                delay = self.retry_initial.saturating_mul(1 << faults).min(self.retry_max);
+                continue;
             }
             let wait = jitter(delay);
             tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
@@ -232,7 +292,7 @@ impl PoolSet {
     }
 
     async fn probe(&self, pool: &Pool) -> bool {
-        match pool.connect_tcp(self.connect_timeout).await {
+        match pool.connect_tcp(self.connect_timeout, self.keepalive).await {
             Ok(_stream) => {
                 pool.set_health(Health::Up);
                 true

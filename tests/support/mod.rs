@@ -576,7 +576,7 @@ fn check_submit(opts: &PoolOptions, conn: &mut PoolConn, params: &[Value]) -> Re
 
 /// A message without a method is a reply.
 pub fn is_reply(msg: &Value) -> bool {
-    msg.get("method").map_or(true, Value::is_null)
+    msg.get("method").is_none_or(Value::is_null)
 }
 
 /// A share found by [`SimMiner::grind`].
