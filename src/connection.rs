@@ -265,8 +265,8 @@ impl<U: Upstream> Driver<'_, U> {
                     Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),
                     Some(Err(FrameError::TooLong(max))) => {
                         counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
-                        tracing::warn!(max, pool = %self.link.pool().label, "pool line over the cap; dropping the pool session");
-                        session.on_pool_lost(&mut self.out);
+                        tracing::warn!(max, pool = %self.link.pool().label, "pool line over the cap");
+                        session.on_pool_line_too_long(&mut self.out);
                     }
                     Some(Err(FrameError::Io(e))) => {
                         tracing::info!(error = %e, "pool connection failed");

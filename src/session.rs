@@ -205,7 +205,8 @@ impl Session {
             Call::Authorize { user, password } => {
                 if let Some(wait) = self.auth.backoff(self.peer, now) {
                     if let Some(id) = &miner_id {
-                        let message = format!("too many failed authorizations; retry in {} s", wait.as_secs().max(1));
+                        let message =
+                            format!("too many failed authorizations; retry in {} s", wait.as_secs_f64().ceil());
                         write::error(&mut out.to_miner, id, code::UNAUTHORIZED, &message);
                     }
                     return;
@@ -410,6 +411,11 @@ impl Session {
         self.fail_pending("upstream unavailable", RejectReason::UpstreamUnavailable, out);
         out.events.push(Event::PoolFault(reason));
         out.events.push(Event::Close(CloseReason::PoolFault));
+    }
+
+    /// The pool sent a line over the cap: no pool means that.
+    pub fn on_pool_line_too_long(&mut self, out: &mut Output) {
+        self.pool_fault("line over max_line_bytes", out);
     }
 
     /// The pool sent no job within the job timeout: it is judged dead.

@@ -301,6 +301,16 @@ impl MockPool {
         conns.values().filter(|tx| tx.send(line.to_owned()).is_ok()).count()
     }
 
+    /// The id of the connection accepted last, for [`MockPool::send_to`].
+    pub fn newest_connection(&self) -> Option<u64> {
+        self.state.conns.lock().unwrap().keys().copied().max()
+    }
+
+    /// Sends `line` on one connection; false once it has closed.
+    pub fn send_to(&self, conn: u64, line: &str) -> bool {
+        self.state.conns.lock().unwrap().get(&conn).is_some_and(|tx| tx.send(line.to_owned()).is_ok())
+    }
+
     /// Waits until `count` submits have been received.
     pub async fn wait_submits(&self, count: usize) -> bool {
         eventually(WAIT, || async { self.submits().len() >= count }).await
@@ -637,6 +647,17 @@ impl SimMiner {
     /// Writes `line` and a `\n`. Errors are ignored: a closed proxy shows up on the read side.
     pub async fn send(&mut self, line: &str) {
         let _ = self.writer.write_all(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Writes raw bytes as they are, no newline added, within [`WAIT`]. Errors are ignored: the
+    /// proxy may close mid-write (a line over the cap), which shows up on the read side.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        let _ = tokio::time::timeout(WAIT, self.writer.write_all(bytes)).await;
+    }
+
+    /// Half-closes the connection: the proxy sees end of input.
+    pub async fn shutdown_write(&mut self) {
+        let _ = self.writer.shutdown().await;
     }
 
     /// Sends a request with the next numeric id and returns the id.

@@ -1,0 +1,345 @@
+//! Every limit is real: connection and handshake limits, outbound backpressure, inbound floods,
+//! the auth backoff, and pools that misbehave. Time-bound cases run on a paused clock.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn metric_now(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = proxy.http_get("/metrics").await;
+    metric(&text, name, labels).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn authorize_deadline_after_subscribe() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.server.authorize_timeout = 20;
+    let proxy = spawn_proxy(config).await;
+    let mut subscribed_only = proxy.miner().await;
+    subscribed_only.subscribe().await;
+    let mut authorized = proxy.miner().await;
+    authorized.handshake("farm.rig1").await;
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(19)).await;
+    assert!(!subscribed_only.expect_closed(Duration::from_millis(10)).await, "closed before the deadline");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(subscribed_only.expect_closed(Duration::from_secs(5)).await, "no authorize within 20 s: closed");
+    assert!(!authorized.expect_closed(Duration::from_millis(10)).await, "an authorized miner stays");
+}
+
+#[tokio::test]
+async fn per_ip_connection_limit() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.server.max_connections_per_ip = 2;
+    let proxy = spawn_proxy(config).await;
+    let mut a = proxy.miner().await;
+    a.handshake("farm.a").await;
+    let mut b = proxy.miner().await;
+    b.handshake("farm.b").await;
+    let mut c = proxy.miner().await;
+    assert!(c.expect_closed(Duration::from_secs(5)).await, "a third connection from 127.0.0.1 is closed");
+    assert!(c.raw.is_empty(), "{:?}", c.raw);
+    let refused = metric_now(&proxy, "loka_connections_rejected_total", &[("reason", "max_connections_per_ip")]).await;
+    assert!(refused >= 1.0);
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(5), || async { proxy.registry.len() == 1 }).await,
+        "the slot is freed with its connection"
+    );
+    proxy.miner().await.handshake("farm.c").await;
+    proxy.shutdown().await;
+}
+
+/// A notify whose coinb1 carries `bytes` bytes: large lines fill a socket quickly.
+fn big_notify(job: &Job, bytes: usize) -> String {
+    let mut job = job.clone();
+    job.id = "big".into();
+    job.clean = false;
+    job.coinb1 = vec![0x5a; bytes];
+    json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miner_that_stops_reading_is_dropped_and_others_go_on() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.server.max_queue_bytes = 256 * 1024;
+    let proxy = spawn_proxy(config).await;
+    let mut sleeper = proxy.miner().await;
+    sleeper.handshake("farm.sleeper").await;
+    let sleeper_session = pool.newest_connection().unwrap();
+    let mut worker = proxy.miner().await;
+    worker.handshake("farm.worker").await;
+
+    // Up to ~24 MB of jobs to the sleeper's session, which never reads them.
+    let line = big_notify(sleeper.job.as_ref().unwrap(), 30_000);
+    for _ in 0..400 {
+        if !pool.send_to(sleeper_session, &line) {
+            break;
+        }
+    }
+    let closed = eventually(Duration::from_secs(10), || async {
+        metric_now(&proxy, "loka_connections_closed_total", &[("reason", "slow_reader")]).await >= 1.0
+    })
+    .await;
+    assert!(closed, "the slow reader was not dropped");
+    let share = worker.any_share();
+    let id = worker.submit("farm.worker", &share).await;
+    assert_eq!(worker.wait_reply(&id).await.unwrap()["result"], true, "the other miner is unaffected");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn writes_stalled_past_write_timeout_drop_the_miner() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    // The queue is large enough that only the stalled write can end the session.
+    config.server.max_queue_bytes = 256 * 1024 * 1024;
+    config.server.max_queue_messages = 100_000;
+    config.server.write_timeout = 30;
+    let proxy = spawn_proxy(config).await;
+    let mut sleeper = proxy.miner().await;
+    sleeper.handshake("farm.sleeper").await;
+    let line = big_notify(sleeper.job.as_ref().unwrap(), 30_000);
+    for _ in 0..400 {
+        pool.broadcast(&line);
+    }
+    // Let the relay fill every socket buffer on the way, then stop the clock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(31)).await;
+    tokio::time::resume();
+    let dropped = eventually(Duration::from_secs(10), || async {
+        metric_now(&proxy, "loka_connections_closed_total", &[("reason", "write_failed")]).await >= 1.0
+    })
+    .await;
+    assert!(dropped, "a write stalled past write_timeout ends the session");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn message_floods_close_the_connection() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.server.rate_limit = 10;
+    config.server.rate_limit_burst = 20;
+    let proxy = spawn_proxy(config).await;
+    let mut polite = proxy.miner().await;
+    polite.handshake("farm.polite").await;
+    let mut flooder = proxy.miner().await;
+    flooder.handshake("farm.flood").await;
+    let flood: String = (0..100)
+        .map(|i| format!("{{\"id\":{},\"method\":\"mining.extranonce.subscribe\",\"params\":[]}}\n", 1000 + i))
+        .collect();
+    flooder.send(flood.trim_end()).await;
+    assert!(flooder.expect_closed(Duration::from_secs(5)).await, "past the burst the connection is closed");
+    let forwarded = pool.recorded_json().iter().filter(|m| m["method"] == "mining.extranonce.subscribe").count();
+    assert!(forwarded <= 20, "{forwarded} lines of the flood were forwarded");
+    assert!(metric_now(&proxy, "loka_connections_closed_total", &[("reason", "rate_limited")]).await >= 1.0);
+    let share = polite.any_share();
+    let id = polite.submit("farm.polite", &share).await;
+    assert_eq!(polite.wait_reply(&id).await.unwrap()["result"], true);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_authorizes_back_off_per_address() {
+    let pool = MockPool::start(PoolOptions { reject_user: Some("farm.bad".into()), ..PoolOptions::default() }).await;
+    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let mut miner = proxy.miner().await;
+    miner.subscribe().await;
+    let authorizes = || pool.recorded_json().iter().filter(|m| m["method"] == "mining.authorize").count();
+
+    assert_eq!(miner.authorize("farm.bad", "x").await["result"], false);
+    // Within 3 s even a good worker from this address is answered locally.
+    let reply = miner.authorize("farm.good", "x").await;
+    assert_eq!(reply["error"], json!([24, "too many failed authorizations; retry in 3 s", null]));
+    let mut neighbour = proxy.miner().await;
+    neighbour.subscribe().await;
+    assert_eq!(neighbour.authorize("farm.good", "x").await["error"][0], 24, "the backoff is per address");
+    assert_eq!(authorizes(), 1);
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(3)).await;
+    assert_eq!(miner.authorize("farm.bad", "x").await["result"], false, "forwarded again after 3 s");
+    assert_eq!(authorizes(), 2);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(miner.authorize("farm.good", "x").await["error"][0], 24, "the second failure doubles the wait to 6 s");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(miner.authorize("farm.good", "x").await["result"], true);
+    assert_eq!(authorizes(), 3);
+}
+
+/// A miner with a submit in flight when the pool sends `line`: the submit gets exactly one
+/// error, the line never reaches the miner, and the connection closes.
+async fn assert_pool_fault(line: &str, counter: &str, label: (&str, &str)) {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.upstream.retry_initial_ms = 60_000;
+    config.upstream.retry_max_ms = 60_000;
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    pool.set_submit_replies(SubmitReplies::Never);
+    let share = miner.any_share();
+    let id = miner.submit("farm.rig1", &share).await;
+    assert!(pool.wait_submits(1).await);
+    let lines_before = miner.raw.len();
+    assert_eq!(pool.broadcast(line), 1);
+    let (messages, closed) = miner.drain_until_closed(Duration::from_secs(5)).await;
+    assert!(closed, "the session ends on {line:.120}");
+    let replies: Vec<&Value> = messages.iter().filter(|m| m["id"] == id).collect();
+    assert_eq!(replies.len(), 1, "{messages:?}");
+    assert_eq!(replies[0]["error"], json!([20, "upstream unavailable", null]));
+    assert!(
+        miner.raw[lines_before..].iter().all(|l| !l.contains("mining.notify") && !l.contains("set_")),
+        "{:?}",
+        miner.raw
+    );
+    let label = if label.0 == "pool" { ("pool", pool.label()) } else { (label.0, label.1.to_owned()) };
+    assert!(metric_now(&proxy, counter, &[(label.0, &label.1)]).await >= 1.0, "{counter} for {line:.120}");
+    // The pool is judged down: the next miner is refused rather than sent to it.
+    let ready = proxy.http_get("/ready").await.0;
+    assert_eq!(ready, 503);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn hostile_pool_messages_are_faults() {
+    let job = Job {
+        id: "h".into(),
+        prevhash: [7; 32],
+        coinb1: vec![1; 40],
+        coinb2: vec![2; 40],
+        branch: vec![[3; 32]; 2],
+        version: 0x2000_0000,
+        nbits: 0x1d00_ffff,
+        ntime: 0x6745_a1b0,
+        clean: true,
+    };
+    let notify = |params: Value| json!({"id": null, "method": "mining.notify", "params": params}).to_string();
+    let with = |i: usize, v: Value| {
+        let mut p = job.notify_params();
+        p[i] = v;
+        notify(p)
+    };
+    let mut faults = vec![
+        with(0, json!(17)),
+        with(1, json!(["not", "hex"])),
+        with(5, json!(536870912)),
+        with(8, json!("true")),
+        with(4, json!(vec![hex::encode([0u8; 32]); 33])),
+        notify(json!(["h"])),
+    ];
+    for d in [json!(0), json!(-1), json!(1e300), json!("NaN")] {
+        faults.push(json!({"id": null, "method": "mining.set_difficulty", "params": [d]}).to_string());
+    }
+    for size in [json!(0), json!(-2)] {
+        faults.push(json!({"id": null, "method": "mining.set_extranonce", "params": ["0a0b0c0d", size]}).to_string());
+    }
+    for line in &faults {
+        assert_pool_fault(line, "loka_upstream_faults_total", ("pool", "")).await;
+    }
+    // A coinb1 over 64 KiB cannot even fit the pool line cap.
+    assert_pool_fault(&with(2, json!("00".repeat(64 * 1024 + 1))), "loka_lines_too_long_total", ("source", "pool"))
+        .await;
+}
+
+#[tokio::test]
+async fn unusable_extranonce2_sizes_are_not_relayed() {
+    for size in [0, 17] {
+        let pool = MockPool::start(PoolOptions { extranonce2_size: size, ..PoolOptions::default() }).await;
+        let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+        let mut miner = proxy.miner().await;
+        let id = miner.request("mining.subscribe", json!(["bitaxe/2.4"])).await;
+        let reply = miner.wait_reply(&id).await.expect("a reply");
+        assert_eq!(reply["error"], json!([20, "upstream unavailable", null]), "size {size}");
+        assert!(miner.expect_closed(Duration::from_secs(5)).await);
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_silent_pool_is_detected_by_the_job_timeout() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.upstream.job_timeout = 120;
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    // The pool keeps its connection open and sends nothing more.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(119)).await;
+    assert!(!miner.expect_closed(Duration::from_millis(10)).await);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(miner.expect_closed(Duration::from_secs(5)).await, "no job for 120 s: the pool session is dropped");
+    tokio::time::resume();
+    let faults = metric_now(
+        &proxy,
+        "loka_upstream_faults_total",
+        &[("pool", &pool.label()), ("reason", "no job within job_timeout")],
+    )
+    .await;
+    assert_eq!(faults, 1.0);
+}
+
+/// Sends `client.reconnect` from pool `a` to `host`:`b`; returns how many connections each pool
+/// got afterwards (the next miner's session) and the redirect counters.
+async fn redirect(allow: bool, host: &str) -> (usize, usize, f64, f64) {
+    let a = MockPool::start(PoolOptions::default()).await;
+    let b = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(a.addr);
+    config.upstream.allow_pool_redirect = allow;
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    let line = json!({"id": null, "method": "client.reconnect", "params": [host, b.addr.port(), 0]}).to_string();
+    let before = a.connections_accepted();
+    a.broadcast(&line);
+    assert!(miner.expect_closed(Duration::from_secs(5)).await);
+    assert!(miner.raw.iter().all(|l| !l.contains("client.reconnect")), "never relayed");
+    proxy.miner().await.handshake("farm.rig1").await;
+    let label = a.label();
+    let honoured = metric_now(&proxy, "loka_pool_redirects_total", &[("pool", &label), ("result", "honoured")]).await;
+    let refused = metric_now(&proxy, "loka_pool_redirects_total", &[("pool", &label), ("result", "refused")]).await;
+    proxy.shutdown().await;
+    (a.connections_accepted() - before, b.connections_accepted(), honoured, refused)
+}
+
+#[tokio::test]
+async fn pool_redirects_only_to_the_same_host_and_only_when_allowed() {
+    assert_eq!(redirect(false, "127.0.0.1").await, (1, 0, 0.0, 1.0), "off by default");
+    assert_eq!(redirect(true, "evil.example").await, (1, 0, 0.0, 1.0), "never to another host");
+    assert_eq!(redirect(true, "127.0.0.1").await, (0, 1, 1.0, 0.0), "same host, allowed");
+}
+
+/// A raw socket that sends nothing is reaped at the handshake deadline, and its memory with it.
+#[tokio::test]
+async fn silent_sockets_are_reaped() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let mut sockets = Vec::new();
+    for _ in 0..50 {
+        sockets.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    assert!(eventually(Duration::from_secs(5), || async { proxy.registry.len() == 50 }).await);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(16)).await;
+    tokio::time::resume();
+    for mut s in sockets {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
+        assert!(matches!(n, Ok(0) | Err(_)));
+        let _ = s.shutdown().await;
+    }
+    assert!(eventually(Duration::from_secs(5), || async { proxy.registry.is_empty() }).await);
+    proxy.shutdown().await;
+}
