@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
@@ -26,7 +26,7 @@ use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Control, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{set_keepalive, PoolSet, Upstream};
+use crate::upstream::{set_keepalive, NoUpstream, PoolLink, PoolSet, Upstream};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -71,26 +71,52 @@ async fn run(
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
     let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
 
-    // The accept loop never waits on a pool; this task does, while the miner's first lines wait
-    // in the socket.
-    let link = tokio::select! {
-        biased;
-        Some(Control::Close(reason)) = control.recv() => Err(reason),
-        _ = shared.shutdown.cancelled() => Err(CloseReason::Shutdown),
-        link = shared.pools.connect() => Ok(link),
-    };
-    let reason = match link {
+    let reason = match open(shared, handle, &mut reader, &mut control).await {
         Err(reason) => reason,
-        Ok(Err(_)) => refuse(shared, &mut reader, &outbox, handle, control).await,
-        Ok(Ok(link)) => {
+        Ok((first, Err(_))) => refuse(&first, &outbox),
+        Ok((first, Ok(link))) => {
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
             let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
-            Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() }.run(control).await
+            Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() }
+                .run(first, control)
+                .await
         }
     };
     outbox.close().await;
     reason
+}
+
+/// Waits for the miner's first line, then opens its pool session. A socket that never speaks
+/// costs the pool nothing, and the accept loop never waits on a pool: this task does.
+async fn open(
+    shared: &Shared,
+    handle: &SessionHandle,
+    reader: &mut MinerReader,
+    control: &mut mpsc::Receiver<Control>,
+) -> Result<(BytesMut, Result<PoolLink, NoUpstream>), CloseReason> {
+    let first = tokio::select! {
+        biased;
+        Some(Control::Close(reason)) = control.recv() => return Err(reason),
+        _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
+        line = reader.next() => line,
+    };
+    let first = match first {
+        Some(Ok(line)) => line,
+        Some(Err(FrameError::TooLong(_))) => {
+            counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+            return Err(CloseReason::LineTooLong);
+        }
+        Some(Err(FrameError::Io(_))) | None => return Err(CloseReason::MinerClosed),
+    };
+    shared.registry.touch(handle);
+    let link = tokio::select! {
+        biased;
+        Some(Control::Close(reason)) = control.recv() => return Err(reason),
+        _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
+        link = shared.pools.connect() => link,
+    };
+    Ok((first, link))
 }
 
 /// The miner's outbound queue, bounded in messages and bytes and drained by a writer task, so
@@ -191,24 +217,10 @@ impl RateLimiter {
 }
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
-async fn refuse(
-    shared: &Shared,
-    reader: &mut MinerReader,
-    outbox: &Outbox,
-    handle: &SessionHandle,
-    mut control: mpsc::Receiver<Control>,
-) -> CloseReason {
+fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
     counter!(m::MINERS_REFUSED, "reason" => "no_upstream").increment(1);
     tracing::info!("no pool reachable; refusing the miner");
-    handle.set_phase(Phase::Connected, shared.registry.now_ms());
-    let line = tokio::select! {
-        biased;
-        Some(Control::Close(reason)) = control.recv() => return reason,
-        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        line = reader.next() => line,
-    };
-    let Some(Ok(line)) = line else { return CloseReason::NoUpstream };
-    let id = match miner::parse(&line) {
+    let id = match miner::parse(line) {
         Ok(miner::MinerMessage::Request(r)) => r.id,
         Ok(_) => Id::null(),
         Err(e) => e.id.unwrap_or_else(Id::null),
@@ -232,7 +244,7 @@ struct Driver<'a, U: Upstream> {
 }
 
 impl<U: Upstream> Driver<'_, U> {
-    async fn run(mut self, mut control: mpsc::Receiver<Control>) -> CloseReason {
+    async fn run(mut self, first: BytesMut, mut control: mpsc::Receiver<Control>) -> CloseReason {
         let pool = self.link.pool().config.clone();
         let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
         let started = Instant::now();
@@ -240,68 +252,63 @@ impl<U: Upstream> Driver<'_, U> {
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
         let mut behaved = false;
+        let mut first = Some(first);
         loop {
             let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
             // A reason to close after this step's output is written.
             let mut close: Option<CloseReason> = None;
-            tokio::select! {
-                biased;
-                Some(Control::Close(reason)) = control.recv() => {
-                    session.on_miner_closing(&mut self.out);
-                    close = Some(reason);
-                }
-                _ = self.shared.shutdown.cancelled(), if drain_deadline.is_none() => {
-                    drain_deadline = Some(Instant::now() + self.shared.config.server.shutdown_grace());
-                }
-                _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    session.on_shutdown_deadline(&mut self.out);
-                }
-                _ = self.outbox.failed.cancelled() => return CloseReason::WriteFailed,
-                _ = sleep_until(job_deadline) => {
-                    tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
-                    session.on_job_timeout(&mut self.out);
-                }
-                line = self.link.next_line() => match line {
-                    Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),
-                    Some(Err(FrameError::TooLong(max))) => {
-                        counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
-                        tracing::warn!(max, pool = %self.link.pool().label, "pool line over the cap");
-                        session.on_pool_line_too_long(&mut self.out);
+            if let Some(line) = first.take() {
+                self.miner_line(&mut session, &line, &mut close);
+            } else {
+                tokio::select! {
+                    biased;
+                    Some(Control::Close(reason)) = control.recv() => {
+                        session.on_miner_closing(&mut self.out);
+                        close = Some(reason);
                     }
-                    Some(Err(FrameError::Io(e))) => {
-                        tracing::info!(error = %e, "pool connection failed");
-                        session.on_pool_lost(&mut self.out);
+                    _ = self.shared.shutdown.cancelled(), if drain_deadline.is_none() => {
+                        drain_deadline = Some(Instant::now() + self.shared.config.server.shutdown_grace());
                     }
-                    None => {
-                        tracing::info!("pool closed the connection");
-                        session.on_pool_lost(&mut self.out);
+                    _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                        session.on_shutdown_deadline(&mut self.out);
                     }
-                },
-                line = self.reader.next(), if drain_deadline.is_none() => match line {
-                    Some(Ok(line)) => {
-                        let now = Instant::now();
-                        self.shared.registry.touch(self.handle);
-                        if self.limiter.allow(now) {
-                            session.on_miner_line(&line, now, &mut self.out);
-                        } else {
-                            tracing::info!("miner past its message rate limit");
-                            session.on_miner_closing(&mut self.out);
-                            close = Some(CloseReason::RateLimited);
+                    _ = self.outbox.failed.cancelled() => return CloseReason::WriteFailed,
+                    _ = sleep_until(job_deadline) => {
+                        tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
+                        session.on_job_timeout(&mut self.out);
+                    }
+                    line = self.link.next_line() => match line {
+                        Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),
+                        Some(Err(FrameError::TooLong(max))) => {
+                            counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
+                            tracing::warn!(max, pool = %self.link.pool().label, "pool line over the cap");
+                            session.on_pool_line_too_long(&mut self.out);
                         }
-                    }
-                    Some(Err(FrameError::TooLong(max))) => {
-                        counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
-                        tracing::info!(max, "miner line over the cap");
-                        session.on_miner_closing(&mut self.out);
-                        close = Some(CloseReason::LineTooLong);
-                    }
-                    Some(Err(FrameError::Io(_))) | None => {
-                        // Nobody is left to answer; the shares in flight are still accounted for.
-                        session.on_miner_closing(&mut self.out);
-                        self.report();
-                        return CloseReason::MinerClosed;
-                    }
-                },
+                        Some(Err(FrameError::Io(e))) => {
+                            tracing::info!(error = %e, "pool connection failed");
+                            session.on_pool_lost(&mut self.out);
+                        }
+                        None => {
+                            tracing::info!("pool closed the connection");
+                            session.on_pool_lost(&mut self.out);
+                        }
+                    },
+                    line = self.reader.next(), if drain_deadline.is_none() => match line {
+                        Some(Ok(line)) => self.miner_line(&mut session, &line, &mut close),
+                        Some(Err(FrameError::TooLong(max))) => {
+                            counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+                            tracing::info!(max, "miner line over the cap");
+                            session.on_miner_closing(&mut self.out);
+                            close = Some(CloseReason::LineTooLong);
+                        }
+                        Some(Err(FrameError::Io(_))) | None => {
+                            // Nobody is left to answer; the shares in flight are still accounted for.
+                            session.on_miner_closing(&mut self.out);
+                            self.report();
+                            return CloseReason::MinerClosed;
+                        }
+                    },
+                }
             }
             if !self.out.to_pool.is_empty() {
                 if let Err(e) = self.link.send(&self.out.to_pool).await {
@@ -327,6 +334,19 @@ impl<U: Upstream> Driver<'_, U> {
             if drain_deadline.is_some() && session.pending() == 0 {
                 return CloseReason::Shutdown;
             }
+        }
+    }
+
+    /// One line from the miner, within its rate limit.
+    fn miner_line(&mut self, session: &mut Session, line: &[u8], close: &mut Option<CloseReason>) {
+        let now = Instant::now();
+        self.shared.registry.touch(self.handle);
+        if self.limiter.allow(now) {
+            session.on_miner_line(line, now, &mut self.out);
+        } else {
+            tracing::info!("miner past its message rate limit");
+            session.on_miner_closing(&mut self.out);
+            *close = Some(CloseReason::RateLimited);
         }
     }
 

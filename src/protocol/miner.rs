@@ -102,7 +102,10 @@ pub fn parse(line: &[u8]) -> Result<MinerMessage<'_>, ParseError> {
             Call::Authorize { user, password: p.opt_string(1, "password")?.unwrap_or_default() }
         }
         CONFIGURE => Call::Configure(parse_configure(&Params::new(&id, CONFIGURE, env.params)?)?),
-        EXTRANONCE_SUBSCRIBE => Call::ExtranonceSubscribe,
+        EXTRANONCE_SUBSCRIBE => {
+            Params::new(&id, EXTRANONCE_SUBSCRIBE, env.params)?;
+            Call::ExtranonceSubscribe
+        }
         SUGGEST_DIFFICULTY => {
             let p = Params::new(&id, SUGGEST_DIFFICULTY, env.params)?;
             p.expect_len(1, 1)?;
@@ -299,6 +302,7 @@ mod tests {
             r#"{"id":4,"method":"mining.configure","params":["version-rolling"]}"#,
             r#"{"id":4,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"xyz"}]}"#,
             r#"{"id":4,"method":"mining.foo","params":7}"#,
+            r#"{"id":4,"method":"mining.extranonce.subscribe","params":true}"#,
             r#"{"id":4,"params":[]}"#,
         ] {
             assert_eq!(err(line).id, Some(Id::number(4)), "{line}");
