@@ -106,7 +106,7 @@ pub struct Session {
     peer: IpAddr,
     /// When the pool last sent a job.
     last_notify: Option<Instant>,
-    phase: Phase,
+    subscribed: bool,
     next_id: u64,
     pending: HashMap<u64, InFlight>,
     jobs: JobBook,
@@ -125,7 +125,7 @@ impl Session {
             pool,
             peer,
             last_notify: None,
-            phase: Phase::Connected,
+            subscribed: false,
             next_id: 1,
             pending: HashMap::new(),
             jobs: JobBook::default(),
@@ -137,8 +137,13 @@ impl Session {
         }
     }
 
+    /// Subscribed once the pool accepted a subscribe; authorized once it also accepted a worker.
     pub fn phase(&self) -> Phase {
-        self.phase
+        match (self.subscribed, self.workers.is_empty()) {
+            (false, _) => Phase::Connected,
+            (true, true) => Phase::Subscribed,
+            (true, false) => Phase::Authorized,
+        }
     }
 
     pub fn workers(&self) -> &[String] {
@@ -244,7 +249,7 @@ impl Session {
     /// itself. A reject carries the difficulty the share was judged at.
     fn judge(&mut self, submit: &Submit) -> Result<ValidShare, (LocalReject, f64)> {
         let current = self.jobs.difficulty();
-        if self.phase < Phase::Subscribed {
+        if !self.subscribed {
             return Err((
                 LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed),
                 current,
@@ -344,7 +349,7 @@ impl Session {
                         if let Some(sub) = subscribed {
                             self.extranonce1 = sub.extranonce1;
                             self.extranonce2_size = sub.extranonce2_size;
-                            self.phase = self.phase.max(Phase::Subscribed);
+                            self.subscribed = true;
                         }
                     }
                     Pending::Authorize { miner_user } => {
@@ -353,7 +358,6 @@ impl Session {
                             if !self.workers.contains(&miner_user) {
                                 self.workers.push(miner_user.clone());
                             }
-                            self.phase = Phase::Authorized;
                             out.events.push(Event::Authorized(miner_user));
                         } else {
                             self.auth.failed(self.peer, now);
@@ -776,6 +780,12 @@ mod tests {
     fn submit_before_subscribe_or_authorize() {
         let mut s = session("");
         assert_eq!(local_error(&mut s, &valid_submit(1, 1)).0, code::NOT_SUBSCRIBED);
+        // A worker authorized without a subscribe does not make the session subscribed.
+        miner(&mut s, r#"{"id":9,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+        pool(&mut s, r#"{"id":1,"result":true,"error":null}"#);
+        assert_eq!(s.phase(), Phase::Connected);
+        assert_eq!(local_error(&mut s, &valid_submit(1, 1)).0, code::NOT_SUBSCRIBED);
+        let mut s = session("");
         miner(&mut s, r#"{"id":1,"method":"mining.subscribe","params":[]}"#);
         pool(&mut s, r#"{"id":1,"result":[[],"08000002",4],"error":null}"#);
         assert_eq!(local_error(&mut s, &valid_submit(2, 1)).0, code::UNAUTHORIZED);

@@ -128,6 +128,11 @@ pub fn parse(line: &[u8]) -> Result<MinerMessage<'_>, ParseError> {
                 if !params.get().starts_with('[') && params.get() != "null" {
                     return Err(ParseError { id: Some(id), kind: ParseErrorKind::ParamsNotArray });
                 }
+                // Relayed as they came, so they must be JSON a pool can parse: serde_json's
+                // recursion limit refuses what would be nested too deep to answer.
+                if serde_json::from_str::<serde_json::Value>(params.get()).is_err() {
+                    return Err(ParseError::params(&id, "params", "params nested too deeply"));
+                }
             }
             Call::Unknown
         }
@@ -303,6 +308,7 @@ mod tests {
             r#"{"id":4,"method":"mining.configure","params":[["version-rolling"],{"version-rolling.mask":"xyz"}]}"#,
             r#"{"id":4,"method":"mining.foo","params":7}"#,
             r#"{"id":4,"method":"mining.extranonce.subscribe","params":true}"#,
+            &format!(r#"{{"id":4,"method":"mining.nope","params":{}{}}}"#, "[".repeat(200), "]".repeat(200)),
             r#"{"id":4,"params":[]}"#,
         ] {
             assert_eq!(err(line).id, Some(Id::number(4)), "{line}");

@@ -93,7 +93,7 @@ pub enum ParseErrorKind {
 }
 
 impl ParseError {
-    fn params(id: &Id, method: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn params(id: &Id, method: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
         ParseError { id: Some(id.clone()), kind: ParseErrorKind::Params { method, reason: reason.into() } }
     }
 }
