@@ -286,10 +286,12 @@ impl<U: Upstream> Driver<'_, U> {
                         }
                         Some(Err(FrameError::Io(e))) => {
                             tracing::info!(error = %e, "pool connection failed");
+                            self.link.pool().connection_lost();
                             session.on_pool_lost(&mut self.out);
                         }
                         None => {
                             tracing::info!("pool closed the connection");
+                            self.link.pool().connection_lost();
                             session.on_pool_lost(&mut self.out);
                         }
                     },

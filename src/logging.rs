@@ -1,5 +1,7 @@
 //! Process-wide tracing set-up.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -15,7 +17,9 @@ pub fn init(cfg: &LogConfig, level_override: Option<&str>) {
         }),
         _ => EnvFilter::new(directive),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal, not in journald or a log file.
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     // `try_init` fails only when a subscriber is already installed, which is the harmless case.
     let _ = match cfg.format {
         LogFormat::Text => builder.try_init(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,7 +41,7 @@ impl Server {
     /// Binds the miner and admin ports. The config must already be validated.
     pub async fn bind(config: Config) -> io::Result<Server> {
         let prometheus = m::install();
-        let listener = TcpListener::bind(config.server.listen).await?;
+        let listener = listen(config.server.listen)?;
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
         let shared = Arc::new(Shared {
@@ -102,6 +102,17 @@ impl Server {
         let _ = admin_task.await;
         tracing::info!("stopped");
     }
+}
+
+/// Connections the kernel may hold before the accept loop takes them (capped by
+/// `net.core.somaxconn`): a farm's miners reconnect all at once after a power cut or a restart.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn accept_loop(

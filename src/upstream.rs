@@ -122,6 +122,12 @@ impl Pool {
         self.failed.notify_one();
     }
 
+    /// A session's connection to the pool ended: the monitor checks the pool at once, so that
+    /// readiness and `loka_pool_up` follow a pool that died.
+    pub fn connection_lost(&self) {
+        self.failed.notify_one();
+    }
+
     /// The pool sent a job: it behaves.
     pub fn behaved(&self) {
         self.faults.store(0, Ordering::Release);
@@ -264,29 +270,35 @@ impl PoolSet {
         let pool = self.pools[index].clone();
         let mut delay = self.retry_initial;
         loop {
-            if pool.health() != Health::Down {
-                // Probe once at start; afterwards sleep until a session's connect fails.
-                if pool.health() == Health::Unknown {
+            match pool.health() {
+                Health::Unknown => {
                     self.probe(&pool).await;
-                    continue;
                 }
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = pool.failed.notified() => {}
+                Health::Up => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = pool.failed.notified() => {}
+                    }
+                    // A session lost its pool: is the pool still there?
+                    if pool.health() == Health::Up {
+                        let up = self.probe(&pool).await;
+                        tracing::debug!(pool = %pool.label, up, "pool checked after a lost session");
+                    }
+                    // A pool that misbehaves again and again waits longer each time.
+                    let faults = pool.faults.load(Ordering::Acquire).min(16);
+                    delay = self.retry_initial.saturating_mul(1 << faults).min(self.retry_max);
                 }
-                // A pool that misbehaves again and again waits longer each time.
-                let faults = pool.faults.load(Ordering::Acquire).min(16);
-                delay = self.retry_initial.saturating_mul(1 << faults).min(self.retry_max);
-                continue;
-            }
-            let wait = jitter(delay);
-            tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            if !self.probe(&pool).await {
-                delay = (delay * 2).min(self.retry_max);
+                Health::Down => {
+                    let wait = jitter(delay);
+                    tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    if !self.probe(&pool).await {
+                        delay = (delay * 2).min(self.retry_max);
+                    }
+                }
             }
         }
     }

@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use support::*;
 
@@ -136,5 +138,24 @@ async fn pool_line_over_the_cap_drops_the_session() {
     let (messages, closed) = miner.drain_until_closed(WAIT).await;
     assert!(closed, "a pool line over the cap ends the miner's session");
     assert_eq!(messages, vec![json!({"id": id, "result": null, "error": [20, "upstream unavailable", null]})]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_a_pool_that_dies() {
+    let mut pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.upstream.retry_initial_ms = 50;
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    assert_eq!(proxy.http_get("/ready").await.0, 200);
+    pool.kill().await;
+    assert!(miner.expect_closed(Duration::from_secs(5)).await);
+    // No miner connects meanwhile: the session's loss alone makes the proxy look again.
+    let not_ready = eventually(Duration::from_secs(5), || async { proxy.http_get("/ready").await.0 == 503 }).await;
+    assert!(not_ready, "/ready still 200 after the pool died");
+    let (_, text) = proxy.http_get("/metrics").await;
+    assert_eq!(metric(&text, "loka_pool_up", &[("pool", &pool.label())]), Some(0.0));
     proxy.shutdown().await;
 }
