@@ -69,18 +69,22 @@ async fn run(
     set_keepalive(&stream, shared.config.upstream.keepalive());
     let (reader, writer) = stream.into_split();
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
-    let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
 
-    let reason = match open(shared, handle, &mut reader, &mut control).await {
-        Err(reason) => reason,
-        Ok((first, Err(_))) => refuse(&first, &outbox),
-        Ok((first, Ok(link))) => {
+    // Until the first line, a connection holds only this small future and its read half.
+    let (first, link) = match open(shared, handle, &mut reader, &mut control).await {
+        Ok(opened) => opened,
+        Err(reason) => return reason,
+    };
+    let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
+    let reason = match link {
+        Err(NoUpstream) => refuse(&first, &outbox),
+        Ok(link) => {
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
             let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
-            Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() }
-                .run(first, control)
-                .await
+            let driver = Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() };
+            // Boxed, so the session's state is allocated only for connections that get one.
+            Box::pin(driver.run(first, control)).await
         }
     };
     outbox.close().await;
@@ -114,7 +118,7 @@ async fn open(
         biased;
         Some(Control::Close(reason)) = control.recv() => return Err(reason),
         _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
-        link = shared.pools.connect() => link,
+        link = Box::pin(shared.pools.connect()) => link,
     };
     Ok((first, link))
 }

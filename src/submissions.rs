@@ -186,8 +186,9 @@ pub struct WorkerStats {
     pub accepted_difficulty: f64,
     pub best_share_difficulty: f64,
     pub last_share: Option<SystemTime>,
-    /// Validated work per 10-second bucket: (bucket number since the session began, difficulty sum).
-    window: [(u64, f64); BUCKETS],
+    /// Validated work per 10-second bucket: (bucket number since the session began, difficulty
+    /// sum). Allocated with the first share, so that connections that never mine stay small.
+    window: Option<Box<[(u64, f64); BUCKETS]>>,
 }
 
 impl WorkerStats {
@@ -208,7 +209,8 @@ impl WorkerStats {
     pub fn record_work(&mut self, elapsed: Duration, job_difficulty: f64, share_difficulty: f64) {
         self.best_share_difficulty = self.best_share_difficulty.max(share_difficulty);
         let bucket = elapsed.as_secs() / BUCKET_SECS;
-        let slot = &mut self.window[(bucket % BUCKETS as u64) as usize];
+        let window = self.window.get_or_insert_with(|| Box::new([(0, 0.0); BUCKETS]));
+        let slot = &mut window[(bucket % BUCKETS as u64) as usize];
         if slot.0 != bucket {
             *slot = (bucket, 0.0);
         }
@@ -220,8 +222,8 @@ impl WorkerStats {
     pub fn hashrate(&self, elapsed: Duration) -> f64 {
         let current = elapsed.as_secs() / BUCKET_SECS;
         let oldest = (current + 1).saturating_sub(BUCKETS as u64);
-        let work: f64 =
-            self.window.iter().filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current).map(|(_, d)| d).sum();
+        let Some(window) = &self.window else { return 0.0 };
+        let work: f64 = window.iter().filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current).map(|(_, d)| d).sum();
         let secs = elapsed.min(HASHRATE_WINDOW).as_secs_f64().max(1.0);
         work * 4_294_967_296.0 / secs
     }
