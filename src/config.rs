@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::RunArgs;
+use crate::proxy_protocol::Trusted;
 
 /// The commented default configuration. `loka-stratum default-config` prints it, and a test checks
 /// that it parses to exactly `Config::default()`.
@@ -57,6 +58,12 @@ pub struct ServerConfig {
     pub auth_backoff_initial: u64,
     /// Cap on the wait after failed authorizes, in seconds.
     pub auth_backoff_max: u64,
+    /// Expect a PROXY protocol (v1 or v2) header on every miner connection, from a load balancer
+    /// in `proxy_protocol_trusted`; its source address then stands for the miner.
+    pub proxy_protocol: bool,
+    /// Address blocks (`10.0.0.0/8`, `::1/128`) allowed to send PROXY headers; connections from
+    /// anywhere else are closed while `proxy_protocol` is on.
+    pub proxy_protocol_trusted: Vec<String>,
 }
 
 /// How the proxy talks to pools.
@@ -141,6 +148,8 @@ impl Default for ServerConfig {
             rate_limit_burst: 500,
             auth_backoff_initial: 3,
             auth_backoff_max: 600,
+            proxy_protocol: false,
+            proxy_protocol_trusted: Vec::new(),
         }
     }
 }
@@ -187,6 +196,10 @@ impl ServerConfig {
     }
     pub fn authorize_timeout(&self) -> Duration {
         Duration::from_secs(self.authorize_timeout)
+    }
+    /// The parsed `proxy_protocol_trusted`; `validate` has checked every entry.
+    pub fn proxy_protocol_trusted(&self) -> Trusted {
+        Trusted::parse(&self.proxy_protocol_trusted).unwrap_or_default()
     }
 }
 
@@ -351,9 +364,10 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     span.map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1)).unwrap_or_default()
 }
 
-/// The shape every layer must fit: the default config with one example pool.
+/// The shape every layer must fit: the default config with one example of each list's item.
 fn schema() -> toml::Table {
     let sample = Config {
+        server: ServerConfig { proxy_protocol_trusted: vec![String::new()], ..ServerConfig::default() },
         pools: vec![PoolConfig { url: String::new(), user: String::new(), password: String::new() }],
         ..Config::default()
     };
@@ -425,6 +439,13 @@ fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigE
         Some(toml::Value::Boolean(_)) => value.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
             ConfigError::invalid(&key, format!("{value:?}"), format!("expected true or false; set in {origin}"))
         })?,
+        Some(toml::Value::Array(_)) => {
+            return Err(ConfigError::invalid(
+                &key,
+                format!("{value:?}"),
+                format!("lists cannot be set from the environment; set {key} in the config file"),
+            ))
+        }
         _ => return Err(ConfigError::UnknownKey { key, origin }),
     };
     check_value(&typed, expected.expect("matched above"), &key, &origin)
@@ -528,6 +549,20 @@ impl Config {
                 "upstream.retry_max_ms",
                 u.retry_max_ms,
                 format!("must be at least upstream.retry_initial_ms = {}", u.retry_initial_ms),
+            ));
+        }
+        if let Err((i, reason)) = Trusted::parse(&s.proxy_protocol_trusted) {
+            return Err(ConfigError::invalid(
+                format!("server.proxy_protocol_trusted[{i}]"),
+                format!("{:?}", s.proxy_protocol_trusted[i]),
+                reason,
+            ));
+        }
+        if s.proxy_protocol && s.proxy_protocol_trusted.is_empty() {
+            return Err(ConfigError::invalid(
+                "server.proxy_protocol_trusted",
+                "[]",
+                "server.proxy_protocol = true needs the load balancers' addresses, e.g. [\"10.0.0.0/8\"]",
             ));
         }
         check_template(&u.user_template).map_err(|reason| {
@@ -636,7 +671,7 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 16] = [
+        let cases: [(Breaker, &str); 19] = [
             (|c| c.pools.clear(), "use --pool URL or a [[pools]] section"),
             (|c| c.pools.push(pool("http://x")), "pools[1].url: \"http://x\" (unsupported scheme"),
             (
@@ -662,6 +697,18 @@ mod tests {
             ),
             (|c| c.upstream.user_template = "{user".into(), "upstream.user_template: \"{user\" (unclosed '{')"),
             (|c| c.log.level = "loka=shouty".into(), "log.level: \"loka=shouty\""),
+            (
+                |c| c.server.proxy_protocol = true,
+                "invalid value for server.proxy_protocol_trusted: [] (server.proxy_protocol = true needs",
+            ),
+            (
+                |c| c.server.proxy_protocol_trusted = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()],
+                "server.proxy_protocol_trusted[1]: \"10.0.0.0/33\" (prefix length \"33\"",
+            ),
+            (
+                |c| c.server.proxy_protocol_trusted = vec!["lb.internal".into()],
+                "server.proxy_protocol_trusted[0]: \"lb.internal\" (\"lb.internal\" is not an IP address",
+            ),
         ];
         for (break_it, expected) in cases {
             let mut config = valid();
@@ -672,6 +719,10 @@ mod tests {
         let mut config = valid();
         config.upstream.user_template = "{pool_user}.{worker}-{user}".into();
         config.validate().unwrap();
+        config.server.proxy_protocol = true;
+        config.server.proxy_protocol_trusted = vec!["10.0.0.0/8".into(), "127.0.0.1".into(), "::1/128".into()];
+        config.validate().unwrap();
+        assert!(config.server.proxy_protocol_trusted().contains("10.9.8.7".parse().unwrap()));
     }
 
     #[test]
@@ -684,6 +735,12 @@ mod tests {
             ("[server]\nidle_timeout = \"soon\"\n", "server.idle_timeout: \"soon\" (expected a whole number"),
             ("[server]\nlisten = \"notanaddr\"\n", "server.listen: \"notanaddr\""),
             ("[log]\nformat = \"xml\"\n", "log.format: \"xml\""),
+            ("[server]\nproxy_protocol = \"yes\"\n", "server.proxy_protocol: \"yes\" (expected true or false"),
+            (
+                "[server]\nproxy_protocol_trusted = \"10.0.0.0/8\"\n",
+                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (expected an array",
+            ),
+            ("[server]\nproxy_protocol_trusted = [8]\n", "server.proxy_protocol_trusted[0]: 8 (expected a string"),
             ("[server\n", "cannot parse test.toml"),
         ];
         for (text, expected) in cases {
@@ -715,6 +772,11 @@ mod tests {
             (("LOKA_SERVER", "x"), "unknown key server in environment variable LOKA_SERVER"),
             (("LOKA_POOLS__0__URL", "x"), "pools cannot be set from the environment"),
             (("LOKA_HTTP__LISTEN", "nowhere"), "http.listen: \"nowhere\""),
+            (("LOKA_SERVER__PROXY_PROTOCOL", "maybe"), "server.proxy_protocol: \"maybe\" (expected true or false"),
+            (
+                ("LOKA_SERVER__PROXY_PROTOCOL_TRUSTED", "10.0.0.0/8"),
+                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (lists cannot be set from the environment",
+            ),
         ];
         for ((var, value), expected) in cases {
             let message = layered(None, env(&[(var, value)])).expect_err(var).to_string();

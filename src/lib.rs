@@ -3,6 +3,8 @@
 //! # Layout
 //! Modules in data-flow order, miner to pool:
 //! - [`server`]: binds the listeners, runs the accept loop, the cleanup task and the drain on shutdown.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers from a trusted load balancer, which carry the
+//!   miner's real address.
 //! - [`registry`]: the `ConnectionManager`, a DashMap of live sessions that the managers share.
 //! - [`connection`]: one task per miner; moves lines between the sockets and the session.
 //! - [`codec`]: bounded, cancel-safe line framing.
@@ -15,6 +17,7 @@
 //! - [`metrics`]: every metric name, described in one place.
 //! - [`admin`]: the HTTP port (`/metrics`, `/api/v1/workers`, `/health`, `/ready`).
 //! - [`config`], [`cli`], [`logging`]: settings and process set-up.
+//! - [`systemd`]: `Type=notify` readiness, the stop notice and watchdog pings.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -27,9 +30,11 @@ pub mod jobs;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod server;
 pub mod session;
 pub mod share;
 pub mod submissions;
+pub mod systemd;
 pub mod upstream;

@@ -8,11 +8,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use loka_stratum::cli::{Cli, Command, RunArgs};
 use loka_stratum::config::{self, DEFAULT_TOML};
 use loka_stratum::server::Server;
+use loka_stratum::systemd;
 
 /// sysexits.h: the command was used incorrectly (a bad configuration).
 const EX_USAGE: u8 = 64;
@@ -81,7 +83,20 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };
-        server.run(shutdown).await;
+        systemd::ready(&format!("miners on {}, admin on {}", server.local_addr(), server.http_addr()));
+        let watchdog_stop = CancellationToken::new();
+        let watchdog = systemd::spawn_watchdog(watchdog_stop.clone());
+        server
+            .run(async move {
+                shutdown.await;
+                // Once stopping, systemd no longer expects pings.
+                systemd::stopping();
+                watchdog_stop.cancel();
+            })
+            .await;
+        if let Some(watchdog) = watchdog {
+            let _ = watchdog.await;
+        }
         ExitCode::SUCCESS
     })
 }

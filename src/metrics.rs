@@ -5,12 +5,18 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::protocol::{miner, pool};
+use crate::registry::{CloseReason, Refusal};
+use crate::submissions::RejectReason;
 
 pub const CONNECTIONS_ACCEPTED: &str = "loka_connections_accepted_total";
 pub const CONNECTIONS_ACTIVE: &str = "loka_connections_active";
-/// Label `reason` (`max_connections`, `max_connections_per_ip`).
+/// `server.max_connections`, so that dashboards and alerts can compare the active count with it.
+pub const CONNECTIONS_MAX: &str = "loka_connections_max";
+/// Label `reason`: one of [`Refusal::as_str`](crate::registry::Refusal::as_str).
 pub const CONNECTIONS_REJECTED: &str = "loka_connections_rejected_total";
 /// Label `reason`: one of [`CloseReason::as_str`](crate::registry::CloseReason::as_str).
 pub const CONNECTIONS_CLOSED: &str = "loka_connections_closed_total";
@@ -70,7 +76,11 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED, "Miner connections accepted by the listener.");
     describe_gauge!(CONNECTIONS_ACTIVE, "Miner connections currently open.");
-    describe_counter!(CONNECTIONS_REJECTED, "Miner connections closed at once at a connection limit, by limit.");
+    describe_gauge!(CONNECTIONS_MAX, "The configured limit on open miner connections (server.max_connections).");
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "Miner connections closed at the door: a connection limit, an untrusted or a bad PROXY header."
+    );
     describe_counter!(CONNECTIONS_CLOSED, "Miner connections closed, by reason.");
     describe_counter!(MESSAGES, "Stratum messages received, by method and direction.");
     describe_counter!(MALFORMED, "Lines that were not valid Stratum messages, by source.");
@@ -90,23 +100,85 @@ fn describe() {
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
 }
 
+/// Stratum methods a miner sends; with [`POOL_METHODS`], the known values of the `method` label.
+const MINER_METHODS: [&str; 6] = [
+    miner::SUBSCRIBE,
+    miner::AUTHORIZE,
+    miner::CONFIGURE,
+    miner::EXTRANONCE_SUBSCRIBE,
+    miner::SUGGEST_DIFFICULTY,
+    miner::SUBMIT,
+];
+/// Stratum methods a pool sends.
+const POOL_METHODS: [&str; 7] = [
+    pool::NOTIFY,
+    pool::SET_DIFFICULTY,
+    pool::SET_EXTRANONCE,
+    pool::SET_VERSION_MASK,
+    pool::RECONNECT,
+    pool::SHOW_MESSAGE,
+    pool::GET_VERSION,
+];
+/// The `source` label of [`MALFORMED`] and [`LINES_TOO_LONG`].
+const LINE_SOURCES: [&str; 2] = ["miner", "pool"];
+/// The `source` label of [`SHARES_REJECTED`].
+const REJECT_SOURCES: [&str; 2] = ["local", "pool"];
+/// The `result` label of [`POOL_REDIRECTS`], as `upstream::Pool::reconnect_requested` sets it.
+const REDIRECT_RESULTS: [&str; 3] = ["honoured", "refused", "same_address"];
+
 /// The `method` label for a Stratum method: known names as themselves, anything else `other`.
 pub fn method_label(method: &str) -> &'static str {
-    use crate::protocol::{miner, pool};
-    const KNOWN: &[&str] = &[
-        miner::SUBSCRIBE,
-        miner::AUTHORIZE,
-        miner::CONFIGURE,
-        miner::EXTRANONCE_SUBSCRIBE,
-        miner::SUGGEST_DIFFICULTY,
-        miner::SUBMIT,
-        pool::NOTIFY,
-        pool::SET_DIFFICULTY,
-        pool::SET_EXTRANONCE,
-        pool::SET_VERSION_MASK,
-        pool::RECONNECT,
-        pool::SHOW_MESSAGE,
-        pool::GET_VERSION,
-    ];
-    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
+    MINER_METHODS.iter().chain(&POOL_METHODS).find(|m| **m == method).copied().unwrap_or("other")
+}
+
+/// Creates every series with its closed label sets, so that a fresh proxy exports all of them at
+/// zero: the exporter renders only what has been touched, and a rule on an absent series sees nothing.
+///
+/// Counters and the gauges that other code moves by increments are touched with a zero increment,
+/// which leaves any value already there alone (several proxies in one process, as in tests, share
+/// the recorder). `loka_pool_up` and `loka_ready` start at 0 too: not yet known to be reachable.
+/// A histogram only needs registering: the exporter renders it with empty buckets. Upstream fault
+/// reasons are not a set this module knows, so `loka_upstream_faults_total` appears with the first
+/// fault.
+pub fn register(pools: &[String], max_connections: usize) {
+    counter!(CONNECTIONS_ACCEPTED).increment(0);
+    gauge!(CONNECTIONS_ACTIVE).increment(0.0);
+    gauge!(CONNECTIONS_MAX).set(max_connections as f64);
+    gauge!(READY).increment(0.0);
+    counter!(MINERS_REFUSED, "reason" => "no_upstream").increment(0);
+    for refusal in Refusal::ALL {
+        counter!(CONNECTIONS_REJECTED, "reason" => refusal.as_str()).increment(0);
+    }
+    for reason in CloseReason::ALL {
+        counter!(CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(0);
+    }
+    // Each direction with the methods that side sends, and `other` for the rest.
+    for (methods, direction) in [(&MINER_METHODS[..], "from_miner"), (&POOL_METHODS[..], "from_pool")] {
+        for method in methods.iter().copied().chain(["other"]) {
+            counter!(MESSAGES, "method" => method, "direction" => direction).increment(0);
+        }
+    }
+    for source in LINE_SOURCES {
+        counter!(MALFORMED, "source" => source).increment(0);
+        counter!(LINES_TOO_LONG, "source" => source).increment(0);
+    }
+    for pool in pools {
+        counter!(SHARES_SUBMITTED, "pool" => pool.clone()).increment(0);
+        counter!(SHARES_ACCEPTED, "pool" => pool.clone()).increment(0);
+        gauge!(SHARES_ACCEPTED_DIFFICULTY, "pool" => pool.clone()).increment(0.0);
+        counter!(BLOCKS_FOUND, "pool" => pool.clone()).increment(0);
+        gauge!(UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.clone()).increment(0.0);
+        counter!(UPSTREAM_CONNECT_FAILURES, "pool" => pool.clone()).increment(0);
+        gauge!(POOL_UP, "pool" => pool.clone()).increment(0.0);
+        let _ = histogram!(SUBMIT_RTT, "pool" => pool.clone());
+        for result in REDIRECT_RESULTS {
+            counter!(POOL_REDIRECTS, "pool" => pool.clone(), "result" => result).increment(0);
+        }
+        for reason in RejectReason::ALL {
+            for source in REJECT_SOURCES {
+                counter!(SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str(), "source" => source)
+                    .increment(0);
+            }
+        }
+    }
 }

@@ -32,6 +32,24 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, so that each `reason` series exists from start-up. Keep in sync with the enum.
+    pub const ALL: [CloseReason; 14] = [
+        CloseReason::MinerClosed,
+        CloseReason::Idle,
+        CloseReason::Handshake,
+        CloseReason::AuthorizeTimeout,
+        CloseReason::LineTooLong,
+        CloseReason::Malformed,
+        CloseReason::RateLimited,
+        CloseReason::SlowReader,
+        CloseReason::UpstreamLost,
+        CloseReason::PoolFault,
+        CloseReason::NoUpstream,
+        CloseReason::PoolReconnect,
+        CloseReason::WriteFailed,
+        CloseReason::Shutdown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::MinerClosed => "miner_closed",
@@ -141,13 +159,23 @@ pub enum Refusal {
     Limit,
     /// `max_connections_per_ip` are live from this address.
     PerIp,
+    /// `server.proxy_protocol` is on and the connection came from outside
+    /// `server.proxy_protocol_trusted`.
+    UntrustedProxy,
+    /// A trusted source sent no valid PROXY header in time.
+    BadProxyHeader,
 }
 
 impl Refusal {
+    /// Every refusal, so that each `reason` series exists from start-up. Keep in sync with the enum.
+    pub const ALL: [Refusal; 4] = [Refusal::Limit, Refusal::PerIp, Refusal::UntrustedProxy, Refusal::BadProxyHeader];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Limit => "max_connections",
             Refusal::PerIp => "max_connections_per_ip",
+            Refusal::UntrustedProxy => "untrusted_proxy",
+            Refusal::BadProxyHeader => "bad_proxy_header",
         }
     }
 }

@@ -7,12 +7,12 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +22,8 @@ use crate::auth::AuthManager;
 use crate::config::Config;
 use crate::connection::{self, Shared};
 use crate::metrics as m;
-use crate::registry::ConnectionManager;
+use crate::proxy_protocol::{self, Header, HeaderError};
+use crate::registry::{ConnectionManager, Refusal, Registration};
 use crate::submissions::SubmissionManager;
 use crate::upstream::PoolSet;
 
@@ -41,6 +42,16 @@ impl Server {
     /// Binds the miner and admin ports. The config must already be validated.
     pub async fn bind(config: Config) -> io::Result<Server> {
         let prometheus = m::install();
+        m::register(
+            &config
+                .pools
+                .iter()
+                .map(|p| {
+                    crate::config::PoolUrl::parse(&p.url).expect("pool URLs are validated with the config").to_string()
+                })
+                .collect::<Vec<_>>(),
+            config.server.max_connections,
+        );
         let listener = listen(config.server.listen)?;
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
@@ -122,7 +133,8 @@ async fn accept_loop(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut limit_log = RateLimitedLog::new(Duration::from_secs(10));
+    let trusted = shared.config.server.proxy_protocol.then(|| shared.config.server.proxy_protocol_trusted());
+    let door = Arc::new(DoorLogs::default());
     let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
     loop {
         let (stream, peer) = tokio::select! {
@@ -141,20 +153,118 @@ async fn accept_loop(
             },
         };
         counter!(m::CONNECTIONS_ACCEPTED).increment(1);
-        let registration = match shared.registry.register(peer) {
-            Ok(registration) => registration,
-            Err(refusal) => {
-                counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.as_str()).increment(1);
-                if let Some(suppressed) = limit_log.allow() {
-                    tracing::warn!(%peer, limit = refusal.as_str(), suppressed, "connection limit reached; closing new connections");
+        match &trusted {
+            None => {
+                if let Some(registration) = register(shared, peer, &door) {
+                    tracker.spawn(connection::serve(shared.clone(), stream, registration));
                 }
-                drop(stream);
-                continue;
             }
-        };
-        gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
-        tracker.spawn(connection::serve(shared.clone(), stream, registration));
+            Some(trusted) if trusted.contains(peer.ip()) => {
+                // The header is read in the connection's own task: the accept loop never waits
+                // on a peer.
+                tracker.spawn(serve_proxied(shared.clone(), stream, peer, door.clone()));
+            }
+            Some(_) => {
+                door.refuse(Refusal::UntrustedProxy, peer, &"not in server.proxy_protocol_trusted");
+                drop(stream);
+            }
+        }
     }
+}
+
+/// Registers a connection under `peer`, the address its limits and logs go by; `None` (counted
+/// and logged) when a connection limit refuses it.
+fn register(shared: &Shared, peer: SocketAddr, door: &DoorLogs) -> Option<Registration> {
+    match shared.registry.register(peer) {
+        Ok(registration) => {
+            gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
+            Some(registration)
+        }
+        Err(refusal) => {
+            door.refuse(refusal, peer, &"limit reached");
+            None
+        }
+    }
+}
+
+/// A connection from a trusted load balancer `lb`: reads its PROXY header within
+/// `handshake_timeout`, then registers and serves it as the client the header names, so the
+/// registry, the per-IP limit, the auth backoff and the logs all see the miner, not the balancer.
+/// The registry's own handshake deadline starts at registration, after the header.
+async fn serve_proxied(shared: Arc<Shared>, mut stream: TcpStream, lb: SocketAddr, door: Arc<DoorLogs>) {
+    let deadline = shared.config.server.handshake_timeout();
+    let read = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return,
+        read = tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)) => read,
+    };
+    let client = match read {
+        Ok(Ok(Header { source: Some(client), .. })) => client,
+        Ok(Ok(Header { source: None, .. })) => {
+            tracing::debug!(%lb, "PROXY header without a client (a health check); closing");
+            return;
+        }
+        Ok(Err(HeaderError::Empty)) => {
+            tracing::debug!(%lb, "closed before a PROXY header");
+            return;
+        }
+        Ok(Err(e @ (HeaderError::Io(_) | HeaderError::Truncated))) => {
+            counter!(m::CONNECTIONS_REJECTED, "reason" => Refusal::BadProxyHeader.as_str()).increment(1);
+            tracing::debug!(%lb, error = %e, "connection lost inside the PROXY header");
+            return;
+        }
+        Ok(Err(e)) => {
+            door.refuse(Refusal::BadProxyHeader, lb, &e);
+            return;
+        }
+        Err(_) => {
+            door.refuse(Refusal::BadProxyHeader, lb, &format_args!("no PROXY header within {deadline:?}"));
+            return;
+        }
+    };
+    tracing::debug!(%lb, %client, "PROXY header read");
+    if let Some(registration) = register(&shared, client, &door) {
+        connection::serve(shared, stream, registration).await;
+    }
+}
+
+/// Rate-limited warnings for connections closed at the door, shared with the tasks that read
+/// PROXY headers. A flood of refusals must not become a flood of log lines.
+struct DoorLogs {
+    limits: Mutex<RateLimitedLog>,
+    proxy: Mutex<RateLimitedLog>,
+}
+
+impl Default for DoorLogs {
+    fn default() -> Self {
+        let period = Duration::from_secs(10);
+        Self { limits: Mutex::new(RateLimitedLog::new(period)), proxy: Mutex::new(RateLimitedLog::new(period)) }
+    }
+}
+
+impl DoorLogs {
+    /// Counts a refusal and logs it unless one was logged within the period.
+    fn refuse(&self, refusal: Refusal, peer: SocketAddr, why: &dyn std::fmt::Display) {
+        counter!(m::CONNECTIONS_REJECTED, "reason" => refusal.as_str()).increment(1);
+        let reason = refusal.as_str();
+        match refusal {
+            Refusal::Limit | Refusal::PerIp => {
+                if let Some(suppressed) = lock(&self.limits).allow() {
+                    tracing::warn!(%peer, limit = reason, suppressed, "connection limit reached; closing new connections");
+                }
+            }
+            Refusal::UntrustedProxy | Refusal::BadProxyHeader => {
+                if let Some(suppressed) = lock(&self.proxy).allow() {
+                    tracing::warn!(%peer, reason, error = %why, suppressed, "PROXY protocol: closing connection");
+                }
+            }
+        }
+    }
+}
+
+/// The logs' state stays valid even if a holder panicked: it is two plain numbers.
+fn lock(log: &Mutex<RateLimitedLog>) -> std::sync::MutexGuard<'_, RateLimitedLog> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Evicts idle and handshake-expired sessions, and keeps the readiness gauge current.

@@ -33,6 +33,21 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason, so that each `reason` series exists from start-up. Keep in sync with the enum.
+    pub const ALL: [RejectReason; 11] = [
+        RejectReason::Stale,
+        RejectReason::BadJob,
+        RejectReason::Malformed,
+        RejectReason::Duplicate,
+        RejectReason::LowDifficulty,
+        RejectReason::Unauthorized,
+        RejectReason::NotSubscribed,
+        RejectReason::Other,
+        RejectReason::UpstreamUnavailable,
+        RejectReason::Shutdown,
+        RejectReason::Closed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Stale => "stale",

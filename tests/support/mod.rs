@@ -901,6 +901,11 @@ impl SimMiner {
             }
         }
     }
+
+    /// The miner's own end of the connection, as the proxy sees it without a PROXY header.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.writer.local_addr().expect("a connected socket has a local address")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
