@@ -3,6 +3,7 @@
 //! after failed authorizes (3 s doubling, capped, as ckpool does).
 
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -14,13 +15,26 @@ use crate::config::PoolConfig;
 /// expired entries are pruned.
 const MAX_TRACKED: usize = 65_536;
 
+/// The manager outlives a reload: its settings are replaced, its failure records kept.
 #[derive(Debug, Default)]
 pub struct AuthManager {
-    /// `{pool_user}`, `{worker}` and `{user}` are replaced; empty means miners' own credentials.
-    template: String,
+    settings: RwLock<Settings>,
+    failures: DashMap<IpAddr, Failures>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    rewrite: Arc<Rewrite>,
     backoff_initial: Duration,
     backoff_max: Duration,
-    failures: DashMap<IpAddr, Failures>,
+}
+
+/// How a session rewrites credentials. A session keeps the one it started with, so a reload
+/// never changes the name its shares go upstream under.
+#[derive(Debug, Default)]
+pub struct Rewrite {
+    /// `{pool_user}`, `{worker}` and `{user}` are replaced; empty means miners' own credentials.
+    template: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +53,24 @@ pub struct Credentials {
 
 impl AuthManager {
     pub fn new(template: &str, backoff_initial: Duration, backoff_max: Duration) -> Self {
-        Self { template: template.to_owned(), backoff_initial, backoff_max, failures: DashMap::new() }
+        let manager = Self::default();
+        manager.reconfigure(template, backoff_initial, backoff_max);
+        manager
+    }
+
+    /// New settings, from a reloaded configuration; failures already recorded still count.
+    pub fn reconfigure(&self, template: &str, backoff_initial: Duration, backoff_max: Duration) {
+        let rewrite = Arc::new(Rewrite { template: template.to_owned() });
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = Settings { rewrite, backoff_initial, backoff_max };
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The credential rewrite in force now.
+    pub fn rewrite(&self) -> Arc<Rewrite> {
+        self.settings().rewrite
     }
 
     /// How long `ip` must still wait before its next authorize is forwarded, if at all.
@@ -54,9 +85,10 @@ impl AuthManager {
         if self.failures.len() >= MAX_TRACKED && !self.failures.contains_key(&ip) {
             return;
         }
+        let Settings { backoff_initial, backoff_max, .. } = self.settings();
         let mut f = self.failures.entry(ip).or_insert(Failures { count: 0, until: now });
         f.count = f.count.saturating_add(1);
-        let wait = self.backoff_initial.saturating_mul(1 << (f.count - 1).min(20)).min(self.backoff_max);
+        let wait = backoff_initial.saturating_mul(1 << (f.count - 1).min(20)).min(backoff_max);
         f.until = now + wait;
     }
 
@@ -66,9 +98,12 @@ impl AuthManager {
 
     /// Forgets addresses that have not failed for `backoff_max` past their last wait.
     pub fn prune(&self, now: Instant) {
-        self.failures.retain(|_, f| now < f.until + self.backoff_max);
+        let max = self.settings().backoff_max;
+        self.failures.retain(|_, f| now < f.until + max);
     }
+}
 
+impl Rewrite {
     pub fn rewrites(&self) -> bool {
         !self.template.is_empty()
     }
@@ -133,7 +168,7 @@ mod tests {
     fn off_by_default() {
         let a = manager("");
         assert_eq!(
-            a.credentials("farm.rig1", "x", &pool()),
+            a.rewrite().credentials("farm.rig1", "x", &pool()),
             Credentials { user: "farm.rig1".into(), password: "x".into() }
         );
     }
@@ -142,11 +177,11 @@ mod tests {
     fn template_rewrites_worker() {
         let a = manager("{pool_user}.{worker}");
         assert_eq!(
-            a.credentials("farm.rig1", "x", &pool()),
+            a.rewrite().credentials("farm.rig1", "x", &pool()),
             Credentials { user: "acct.rig1".into(), password: "pw".into() }
         );
-        assert_eq!(a.upstream_user("rig2", &pool()), "acct.rig2");
-        assert_eq!(a.upstream_user("farm.rack.7", &pool()), "acct.rack.7");
-        assert_eq!(manager("{pool_user}_{user}").upstream_user("a.b", &pool()), "acct_a.b");
+        assert_eq!(a.rewrite().upstream_user("rig2", &pool()), "acct.rig2");
+        assert_eq!(a.rewrite().upstream_user("farm.rack.7", &pool()), "acct.rack.7");
+        assert_eq!(manager("{pool_user}_{user}").rewrite().upstream_user("a.b", &pool()), "acct_a.b");
     }
 }

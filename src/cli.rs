@@ -33,7 +33,7 @@ pub enum Command {
 
 /// Flags of `run`. Each one overrides the config file and the environment; unset flags leave
 /// the configured value alone, which is why none of them carries a clap default.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct RunArgs {
     /// TOML config file.
     #[arg(long, value_name = "FILE")]

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use metrics::{counter, gauge};
@@ -31,13 +32,44 @@ use crate::upstream::{set_keepalive, NoUpstream, PoolLink, PoolSet, Upstream};
 /// What every connection task shares.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// Replaced whole by a reload; a session reads it once, when it starts.
+    config: ArcSwap<Config>,
     pub registry: Arc<ConnectionManager>,
     pub pools: Arc<PoolSet>,
     pub auth: Arc<AuthManager>,
     pub submissions: SubmissionManager,
     /// Cancelled on SIGINT/SIGTERM: sessions stop reading and drain their in-flight requests.
     pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Everything the connections share, from a validated config.
+    pub fn new(config: Config) -> Self {
+        let shutdown = CancellationToken::new();
+        let server = &config.server;
+        Shared {
+            registry: Arc::new(ConnectionManager::new(server.max_connections, server.max_connections_per_ip)),
+            pools: Arc::new(PoolSet::new(&config, shutdown.clone())),
+            auth: Arc::new(AuthManager::new(
+                &config.upstream.user_template,
+                Duration::from_secs(server.auth_backoff_initial),
+                Duration::from_secs(server.auth_backoff_max),
+            )),
+            submissions: SubmissionManager,
+            shutdown,
+            config: ArcSwap::from_pointee(config),
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Puts a reloaded configuration in force for what starts after it.
+    pub fn set_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
 }
 
 /// Read buffer a miner connection starts with; it grows to the line cap only when a line needs it.
@@ -64,9 +96,10 @@ async fn run(
     handle: &SessionHandle,
     mut control: mpsc::Receiver<Control>,
 ) -> CloseReason {
-    let server = &shared.config.server;
+    let config = shared.config();
+    let server = &config.server;
     let _ = stream.set_nodelay(true);
-    set_keepalive(&stream, shared.config.upstream.keepalive());
+    set_keepalive(&stream, config.upstream.keepalive());
     let (reader, writer) = stream.into_split();
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
 
@@ -82,7 +115,16 @@ async fn run(
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
             let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
-            let driver = Driver { shared, handle, reader, outbox: &outbox, link, limiter, out: Output::default() };
+            let driver = Driver {
+                shared,
+                config: config.clone(),
+                handle,
+                reader,
+                outbox: &outbox,
+                link,
+                limiter,
+                out: Output::default(),
+            };
             // Boxed, so the session's state is allocated only for connections that get one.
             Box::pin(driver.run(first, control)).await
         }
@@ -239,6 +281,8 @@ type MinerReader = FramedRead<OwnedReadHalf, LineCodec>;
 
 struct Driver<'a, U: Upstream> {
     shared: &'a Shared,
+    /// The configuration the session started under.
+    config: Arc<Config>,
     handle: &'a SessionHandle,
     reader: MinerReader,
     outbox: &'a Outbox,
@@ -252,7 +296,7 @@ impl<U: Upstream> Driver<'_, U> {
         let pool = self.link.pool().config.clone();
         let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
         let started = Instant::now();
-        let job_timeout = self.shared.config.upstream.job_timeout();
+        let job_timeout = self.config.upstream.job_timeout();
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
         let mut behaved = false;
@@ -271,7 +315,7 @@ impl<U: Upstream> Driver<'_, U> {
                         close = Some(reason);
                     }
                     _ = self.shared.shutdown.cancelled(), if drain_deadline.is_none() => {
-                        drain_deadline = Some(Instant::now() + self.shared.config.server.shutdown_grace());
+                        drain_deadline = Some(Instant::now() + self.config.server.shutdown_grace());
                     }
                     _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                         session.on_shutdown_deadline(&mut self.out);
@@ -370,7 +414,7 @@ impl<U: Upstream> Driver<'_, U> {
                     pool.report_fault();
                 }
                 Event::PoolReconnect { host, port } => {
-                    pool.reconnect_requested(host.as_deref(), port, self.shared.config.upstream.allow_pool_redirect)
+                    pool.reconnect_requested(host.as_deref(), port, self.config.upstream.allow_pool_redirect)
                 }
                 Event::ShareValid(share) => self.shared.submissions.validated(self.handle, label, &share),
                 Event::ShareForwarded => self.shared.submissions.forwarded(label),

@@ -7,13 +7,13 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use loka_stratum::cli::{Cli, Command, RunArgs};
 use loka_stratum::config::{self, DEFAULT_TOML};
-use loka_stratum::server::Server;
+use loka_stratum::server::{Reloader, Server};
 use loka_stratum::systemd;
 
 /// sysexits.h: the command was used incorrectly (a bad configuration).
@@ -69,8 +69,8 @@ fn run(args: RunArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         // Handlers go in before binding, so a signal during start-up is not the default kill.
-        let shutdown = match shutdown_signal() {
-            Ok(shutdown) => shutdown,
+        let (shutdown, hangup) = match shutdown_signal().and_then(|s| Ok((s, signal(SignalKind::hangup())?))) {
+            Ok(signals) => signals,
             Err(e) => {
                 error!(error = %e, "cannot install signal handlers");
                 return ExitCode::from(EX_OSERR);
@@ -84,6 +84,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         systemd::ready(&format!("miners on {}, admin on {}", server.local_addr(), server.http_addr()));
+        tokio::spawn(reload_on_hangup(hangup, args, server.reloader()));
         let watchdog_stop = CancellationToken::new();
         let watchdog = systemd::spawn_watchdog(watchdog_stop.clone());
         server
@@ -99,6 +100,24 @@ fn run(args: RunArgs) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+/// Re-reads the config file on each SIGHUP, layered with the environment and the same flags as
+/// at start-up, and puts it in force. An invalid file, or one that needs a restart, is refused
+/// and the running configuration stays.
+async fn reload_on_hangup(mut hangup: Signal, args: RunArgs, reloader: Reloader) {
+    while hangup.recv().await.is_some() {
+        let Some(path) = args.config.as_deref() else {
+            warn!("SIGHUP: there is no --config file to reload");
+            continue;
+        };
+        match config::load(Some(path), &args).map_err(|e| e.to_string()).and_then(|new| reloader.reload(new)) {
+            Ok(()) => info!(file = %path.display(), "configuration reloaded"),
+            Err(reason) => {
+                error!(file = %path.display(), %reason, "reload refused; the running configuration stays in force")
+            }
+        }
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM. A second signal during the drain exits at once, for

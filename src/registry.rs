@@ -184,13 +184,15 @@ impl Refusal {
 #[derive(Debug)]
 pub struct ConnectionManager {
     sessions: DashMap<u64, Arc<SessionHandle>>,
-    /// Live connections per address; kept only when the per-IP limit is on.
+    /// Live connections per address, kept also while the per-IP limit is off, so that a reload
+    /// that turns it on counts the connections already open.
     per_ip: DashMap<IpAddr, usize>,
     next_id: AtomicU64,
     count: AtomicUsize,
-    max: usize,
+    /// Limits; a reload changes them for connections that come after it.
+    max: AtomicUsize,
     /// 0: no per-IP limit.
-    max_per_ip: usize,
+    max_per_ip: AtomicUsize,
     epoch: Instant,
 }
 
@@ -201,27 +203,33 @@ impl ConnectionManager {
             per_ip: DashMap::new(),
             next_id: AtomicU64::new(1),
             count: AtomicUsize::new(0),
-            max: max_connections,
-            max_per_ip: max_connections_per_ip,
+            max: AtomicUsize::new(max_connections),
+            max_per_ip: AtomicUsize::new(max_connections_per_ip),
             epoch: Instant::now(),
         }
     }
 
+    /// New limits, from a reloaded configuration. Connections already open stay.
+    pub fn set_limits(&self, max_connections: usize, max_connections_per_ip: usize) {
+        self.max.store(max_connections, Ordering::Release);
+        self.max_per_ip.store(max_connections_per_ip, Ordering::Release);
+    }
+
     /// Registers a new session, unless a connection limit is reached.
     pub fn register(self: &Arc<Self>, peer: SocketAddr) -> Result<Registration, Refusal> {
-        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max.load(Ordering::Acquire) {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::Limit);
         }
-        if self.max_per_ip > 0 {
-            let mut n = self.per_ip.entry(peer.ip()).or_insert(0);
-            if *n >= self.max_per_ip {
-                drop(n);
-                self.count.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::PerIp);
-            }
-            *n += 1;
+        let max_per_ip = self.max_per_ip.load(Ordering::Acquire);
+        let mut n = self.per_ip.entry(peer.ip()).or_insert(0);
+        if max_per_ip > 0 && *n >= max_per_ip {
+            drop(n);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::PerIp);
         }
+        *n += 1;
+        drop(n);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (control, control_rx) = mpsc::channel(1);
         let handle = Arc::new(SessionHandle {
@@ -305,12 +313,10 @@ impl ConnectionManager {
     fn remove(&self, id: u64) {
         let Some((_, handle)) = self.sessions.remove(&id) else { return };
         self.count.fetch_sub(1, Ordering::AcqRel);
-        if self.max_per_ip > 0 {
-            self.per_ip.remove_if_mut(&handle.peer.ip(), |_, n| {
-                *n -= 1;
-                *n == 0
-            });
-        }
+        self.per_ip.remove_if_mut(&handle.peer.ip(), |_, n| {
+            *n -= 1;
+            *n == 0
+        });
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use metrics::counter;
 use tokio::time::Instant;
 
-use crate::auth::AuthManager;
+use crate::auth::{AuthManager, Rewrite};
 use crate::config::PoolConfig;
 use crate::jobs::{JobBook, Lookup};
 use crate::metrics as m;
@@ -101,6 +101,8 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Session {
     auth: Arc<AuthManager>,
+    /// The credential rewrite in force when the session began.
+    rewrite: Arc<Rewrite>,
     pool: Arc<PoolConfig>,
     /// The miner's address, for the auth backoff.
     peer: IpAddr,
@@ -121,6 +123,7 @@ pub struct Session {
 impl Session {
     pub fn new(auth: Arc<AuthManager>, pool: Arc<PoolConfig>, peer: IpAddr) -> Self {
         Self {
+            rewrite: auth.rewrite(),
             auth,
             pool,
             peer,
@@ -216,7 +219,7 @@ impl Session {
                     }
                     return;
                 }
-                let creds = self.auth.credentials(&user, &password, &self.pool);
+                let creds = self.rewrite.credentials(&user, &password, &self.pool);
                 write::request(&mut out.to_pool, upstream_id, miner::AUTHORIZE, &[&creds.user, &creds.password]);
                 self.track(upstream_id, miner_id, Pending::Authorize { miner_user: user }, now);
                 return;
@@ -227,8 +230,8 @@ impl Session {
                     Some(Event::ShareValid(v)) => v.job_difficulty,
                     _ => unreachable!("a forwarded submit was judged valid just above"),
                 };
-                if self.auth.rewrites() {
-                    let worker = self.auth.upstream_user(&s.worker, &self.pool);
+                if self.rewrite.rewrites() {
+                    let worker = self.rewrite.upstream_user(&s.worker, &self.pool);
                     let mut params = vec![&worker, &s.job_id, &s.extranonce2, &s.ntime, &s.nonce];
                     params.extend(s.version_bits.as_ref());
                     write::request(&mut out.to_pool, upstream_id, miner::SUBMIT, &params);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, gauge};
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, PoolConfig, PoolUrl};
@@ -193,20 +195,30 @@ pub fn set_keepalive(stream: &TcpStream, idle: Duration) {
 #[error("no pool reachable")]
 pub struct NoUpstream;
 
-/// The configured pools in priority order.
+/// The configured pools in priority order. A reload replaces them as one generation: sessions
+/// already open keep the pool they have, new sessions get the new list.
 #[derive(Debug)]
 pub struct PoolSet {
+    current: ArcSwap<Generation>,
+    /// Parent of each generation's monitors' token.
+    shutdown: CancellationToken,
+}
+
+/// One configuration's pools and how to reach them.
+#[derive(Debug)]
+struct Generation {
     pools: Vec<Arc<Pool>>,
     connect_timeout: Duration,
     keepalive: Duration,
     max_line_bytes: usize,
     retry_initial: Duration,
     retry_max: Duration,
+    /// Stops this generation's monitors when a reload replaces it.
+    retired: CancellationToken,
 }
 
-impl PoolSet {
-    /// Builds the set from a validated config.
-    pub fn new(config: &Config) -> Self {
+impl Generation {
+    fn new(config: &Config, retired: CancellationToken) -> Self {
         let pools = config
             .pools
             .iter()
@@ -230,27 +242,53 @@ impl PoolSet {
             max_line_bytes: config.upstream.max_line_bytes,
             retry_initial: Duration::from_millis(config.upstream.retry_initial_ms),
             retry_max: Duration::from_millis(config.upstream.retry_max_ms),
+            retired,
+        }
+    }
+}
+
+impl PoolSet {
+    /// Builds the set from a validated config. Its monitors stop with `shutdown`.
+    pub fn new(config: &Config, shutdown: CancellationToken) -> Self {
+        let current = ArcSwap::from_pointee(Generation::new(config, shutdown.child_token()));
+        Self { current, shutdown }
+    }
+
+    /// Replaces the pools with a reloaded configuration's and starts their monitors.
+    pub fn replace(&self, config: &Config, tracker: &TaskTracker) {
+        let old = self.current.swap(Arc::new(Generation::new(config, self.shutdown.child_token())));
+        old.retired.cancel();
+        self.spawn_monitors(tracker);
+    }
+
+    /// Starts one monitor per pool of the current generation.
+    pub fn spawn_monitors(&self, tracker: &TaskTracker) {
+        let generation = self.current.load_full();
+        for index in 0..generation.pools.len() {
+            tracker.spawn(monitor(generation.clone(), index));
         }
     }
 
-    pub fn pools(&self) -> &[Arc<Pool>] {
-        &self.pools
+    /// The pools in force now, in priority order.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.current.load().pools.clone()
     }
 
     /// True when some pool answered its last connection attempt.
     pub fn any_up(&self) -> bool {
-        self.pools.iter().any(|p| p.is_up())
+        self.current.load().pools.iter().any(|p| p.is_up())
     }
 
     /// Opens a session to the first pool, in priority order, that is not known to be down.
     pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
-        for pool in self.pools.iter().filter(|p| p.health() != Health::Down) {
-            match pool.connect_tcp(self.connect_timeout, self.keepalive).await {
+        let generation = self.current.load_full();
+        for pool in generation.pools.iter().filter(|p| p.health() != Health::Down) {
+            match pool.connect_tcp(generation.connect_timeout, generation.keepalive).await {
                 Ok(stream) => {
                     pool.set_health(Health::Up);
                     gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
                     let (r, w) = stream.into_split();
-                    let reader = FramedRead::with_capacity(r, LineCodec::new(self.max_line_bytes), READ_BUFFER);
+                    let reader = FramedRead::with_capacity(r, LineCodec::new(generation.max_line_bytes), READ_BUFFER);
                     return Ok(PoolLink { pool: pool.clone(), reader, writer: w });
                 }
                 Err(e) => {
@@ -263,58 +301,59 @@ impl PoolSet {
         }
         Err(NoUpstream)
     }
+}
 
-    /// Watches one pool: probes it at start, and while it is down retries with jittered
-    /// exponential backoff until a connect succeeds. Returns when `cancel` fires.
-    pub async fn monitor(self: Arc<Self>, index: usize, cancel: CancellationToken) {
-        let pool = self.pools[index].clone();
-        let mut delay = self.retry_initial;
-        loop {
-            match pool.health() {
-                Health::Unknown => {
-                    self.probe(&pool).await;
+/// Watches one pool: probes it at start, again when a session loses it, and while it is down
+/// retries with jittered exponential backoff until a connect succeeds. Returns when the
+/// generation is retired or the proxy shuts down.
+async fn monitor(generation: Arc<Generation>, index: usize) {
+    let pool = generation.pools[index].clone();
+    let cancel = generation.retired.clone();
+    let mut delay = generation.retry_initial;
+    loop {
+        match pool.health() {
+            Health::Unknown => {
+                probe(&generation, &pool).await;
+            }
+            Health::Up => {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = pool.failed.notified() => {}
                 }
-                Health::Up => {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = pool.failed.notified() => {}
-                    }
-                    // A session lost its pool: is the pool still there?
-                    if pool.health() == Health::Up {
-                        let up = self.probe(&pool).await;
-                        tracing::debug!(pool = %pool.label, up, "pool checked after a lost session");
-                    }
-                    // A pool that misbehaves again and again waits longer each time.
-                    let faults = pool.faults.load(Ordering::Acquire).min(16);
-                    delay = self.retry_initial.saturating_mul(1 << faults).min(self.retry_max);
+                // A session lost its pool: is the pool still there?
+                if pool.health() == Health::Up {
+                    probe(&generation, &pool).await;
                 }
-                Health::Down => {
-                    let wait = jitter(delay);
-                    tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    if !self.probe(&pool).await {
-                        delay = (delay * 2).min(self.retry_max);
-                    }
+                // A pool that misbehaves again and again waits longer each time.
+                let faults = pool.faults.load(Ordering::Acquire).min(16);
+                delay = generation.retry_initial.saturating_mul(1 << faults).min(generation.retry_max);
+            }
+            Health::Down => {
+                let wait = jitter(delay);
+                tracing::debug!(pool = %pool.label, ?wait, "next pool connect attempt");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if !probe(&generation, &pool).await {
+                    delay = (delay * 2).min(generation.retry_max);
                 }
             }
         }
     }
+}
 
-    async fn probe(&self, pool: &Pool) -> bool {
-        match pool.connect_tcp(self.connect_timeout, self.keepalive).await {
-            Ok(_stream) => {
-                pool.set_health(Health::Up);
-                true
-            }
-            Err(e) => {
-                counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
-                tracing::debug!(pool = %pool.label, error = %e, "pool probe failed");
-                pool.set_health(Health::Down);
-                false
-            }
+async fn probe(generation: &Generation, pool: &Pool) -> bool {
+    match pool.connect_tcp(generation.connect_timeout, generation.keepalive).await {
+        Ok(_stream) => {
+            pool.set_health(Health::Up);
+            true
+        }
+        Err(e) => {
+            counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
+            tracing::debug!(pool = %pool.label, error = %e, "pool probe failed");
+            pool.set_health(Health::Down);
+            false
         }
     }
 }
@@ -352,10 +391,13 @@ mod tests {
         let dead_addr = dead.local_addr().unwrap();
         drop(dead);
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let set = PoolSet::new(&config(&[
-            format!("stratum+tcp://{dead_addr}"),
-            format!("stratum+tcp://localhost:{}", live.local_addr().unwrap().port()),
-        ]));
+        let set = PoolSet::new(
+            &config(&[
+                format!("stratum+tcp://{dead_addr}"),
+                format!("stratum+tcp://localhost:{}", live.local_addr().unwrap().port()),
+            ]),
+            CancellationToken::new(),
+        );
         let link = set.connect().await.unwrap();
         assert_eq!(link.pool().label, format!("localhost:{}", live.local_addr().unwrap().port()));
         assert!(!set.pools()[0].is_up() && set.pools()[1].is_up());
@@ -368,9 +410,10 @@ mod tests {
         let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = probe.local_addr().unwrap();
         drop(probe);
-        let set = Arc::new(PoolSet::new(&config(&[format!("stratum+tcp://{addr}")])));
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(set.clone().monitor(0, cancel.clone()));
+        let set = PoolSet::new(&config(&[format!("stratum+tcp://{addr}")]), cancel.clone());
+        let tracker = TaskTracker::new();
+        set.spawn_monitors(&tracker);
         for _ in 0..200 {
             if set.pools()[0].health() == Health::Down {
                 break;
@@ -389,6 +432,26 @@ mod tests {
         }
         assert!(up, "the monitor reconnects once the pool listens");
         cancel.cancel();
-        task.await.unwrap();
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn a_reload_replaces_the_pools_and_retires_their_monitors() {
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let set = PoolSet::new(&config(&[format!("stratum+tcp://{a}")]), shutdown.clone());
+        let tracker = TaskTracker::new();
+        set.spawn_monitors(&tracker);
+        let old = set.pools();
+        set.replace(&config(&[format!("stratum+tcp://{b}")]), &tracker);
+        assert_eq!(set.pools()[0].label, b.to_string());
+        assert_eq!(old[0].label, a.to_string(), "sessions holding the old pool keep it");
+        assert_eq!(set.connect().await.unwrap().pool().label, b.to_string());
+        shutdown.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");
     }
 }
