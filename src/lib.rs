@@ -15,7 +15,9 @@
 //! - [`share`]: the share hash and targets, byte for byte as cpuminer and ckpool build them.
 //! - [`upstream`]: pool URLs, health and backoff, and the link a session talks to its pool through.
 //! - [`metrics`]: every metric name, described in one place.
-//! - [`admin`]: the HTTP port (`/metrics`, `/api/v1/workers`, `/health`, `/ready`).
+//! - [`hashrate`]: the total hashrate sampled every 10 s over the last hour, for the status page.
+//! - [`admin`]: the HTTP port (the status page at `/`, `/metrics`, `/api/v1/*`, `/health`,
+//!   `/ready`).
 //! - [`config`], [`cli`], [`logging`]: settings and process set-up.
 //! - [`systemd`]: `Type=notify` readiness, the stop notice and watchdog pings.
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod hashrate;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;

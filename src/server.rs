@@ -18,14 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::auth::AuthManager;
-use crate::config::Config;
+use crate::config::{Config, PoolUrl};
 use crate::connection::{self, Shared};
 use crate::metrics as m;
 use crate::proxy_protocol::{self, Header, HeaderError};
 use crate::registry::{ConnectionManager, Refusal, Registration};
-use crate::submissions::SubmissionManager;
-use crate::upstream::PoolSet;
 
 /// How often the cleanup task looks for idle and handshake-expired sessions.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
@@ -36,6 +33,8 @@ pub struct Server {
     http: TcpListener,
     shared: Arc<Shared>,
     prometheus: PrometheusHandle,
+    /// Every connection and background task, waited for on shutdown.
+    tracker: TaskTracker,
 }
 
 impl Server {
@@ -55,22 +54,13 @@ impl Server {
         let listener = listen(config.server.listen)?;
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
-        let shared = Arc::new(Shared {
-            registry: Arc::new(ConnectionManager::new(
-                config.server.max_connections,
-                config.server.max_connections_per_ip,
-            )),
-            pools: Arc::new(PoolSet::new(&config)),
-            auth: Arc::new(AuthManager::new(
-                &config.upstream.user_template,
-                Duration::from_secs(config.server.auth_backoff_initial),
-                Duration::from_secs(config.server.auth_backoff_max),
-            )),
-            submissions: SubmissionManager,
-            shutdown: CancellationToken::new(),
-            config: Arc::new(config),
-        });
-        Ok(Server { listener, http, shared, prometheus })
+        let shared = Arc::new(Shared::new(config));
+        Ok(Server { listener, http, shared, prometheus, tracker: TaskTracker::new() })
+    }
+
+    /// A handle that applies a reloaded configuration to this server while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader { shared: self.shared.clone(), tracker: self.tracker.clone() }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -87,31 +77,80 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let Server { listener, http, shared, prometheus } = self;
-        let tracker = TaskTracker::new();
+        let Server { listener, http, shared, prometheus, tracker } = self;
         let admin_stop = CancellationToken::new();
+        let history = Arc::new(crate::hashrate::History::default());
         let admin_task = tokio::spawn(admin::serve(
             http,
-            admin::State { prometheus, registry: shared.registry.clone(), pools: shared.pools.clone() },
+            admin::State {
+                prometheus,
+                registry: shared.registry.clone(),
+                pools: shared.pools.clone(),
+                history: history.clone(),
+                started: Instant::now(),
+            },
             admin_stop.clone(),
         ));
-        for index in 0..shared.pools.pools().len() {
-            tracker.spawn(shared.pools.clone().monitor(index, shared.shutdown.clone()));
-        }
+        shared.pools.spawn_monitors(&tracker);
         tracker.spawn(cleanup(shared.clone()));
+        tracker.spawn(crate::hashrate::sample(shared.registry.clone(), history, shared.shutdown.clone()));
 
         accept_loop(&listener, &shared, &tracker, shutdown).await;
         drop(listener);
         tracing::info!(sessions = shared.registry.len(), "shutting down: draining sessions");
         shared.shutdown.cancel();
         tracker.close();
-        let grace = shared.config.server.shutdown_grace() + Duration::from_secs(1);
+        let grace = shared.config().server.shutdown_grace() + Duration::from_secs(1);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(sessions = shared.registry.len(), "drain did not finish within the grace period");
         }
         admin_stop.cancel();
         let _ = admin_task.await;
         tracing::info!("stopped");
+    }
+}
+
+/// Applies a reloaded configuration to a running server, without dropping a miner: pools,
+/// credentials, limits and the log level change for what starts after the reload; sessions
+/// already open keep their pool and settings. A change that needs new sockets is refused.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+}
+
+impl Reloader {
+    /// Puts `new` (already validated) in force, or refuses it and leaves the running one.
+    pub fn reload(&self, new: Config) -> Result<(), String> {
+        let old = self.shared.config();
+        let needs_restart = [
+            ("server.listen", old.server.listen != new.server.listen),
+            ("http.listen", old.http.listen != new.http.listen),
+            ("log.format", old.log.format != new.log.format),
+        ];
+        if let Some((key, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
+            return Err(format!("{key} changed, which needs a restart"));
+        }
+        let server = &new.server;
+        self.shared.registry.set_limits(server.max_connections, server.max_connections_per_ip);
+        self.shared.auth.reconfigure(
+            &new.upstream.user_template,
+            Duration::from_secs(server.auth_backoff_initial),
+            Duration::from_secs(server.auth_backoff_max),
+        );
+        if old.pools != new.pools || old.upstream != new.upstream {
+            let labels = new
+                .pools
+                .iter()
+                .map(|p| PoolUrl::parse(&p.url).expect("pool URLs are validated with the config").to_string())
+                .collect::<Vec<_>>();
+            m::register(&labels, server.max_connections);
+            self.shared.pools.replace(&new, &self.tracker);
+        }
+        gauge!(m::CONNECTIONS_MAX).set(server.max_connections as f64);
+        crate::logging::set_level(&new.log.level);
+        self.shared.set_config(new);
+        Ok(())
     }
 }
 
@@ -133,7 +172,9 @@ async fn accept_loop(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let trusted = shared.config.server.proxy_protocol.then(|| shared.config.server.proxy_protocol_trusted());
+    // The trusted networks as of the config in force; parsed again only after a reload.
+    let mut config = shared.config();
+    let mut trusted = config.server.proxy_protocol.then(|| config.server.proxy_protocol_trusted());
     let door = Arc::new(DoorLogs::default());
     let mut error_log = RateLimitedLog::new(Duration::from_secs(10));
     loop {
@@ -153,6 +194,11 @@ async fn accept_loop(
             },
         };
         counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+        let current = shared.config();
+        if !Arc::ptr_eq(&current, &config) {
+            config = current;
+            trusted = config.server.proxy_protocol.then(|| config.server.proxy_protocol_trusted());
+        }
         match &trusted {
             None => {
                 if let Some(registration) = register(shared, peer, &door) {
@@ -192,7 +238,7 @@ fn register(shared: &Shared, peer: SocketAddr, door: &DoorLogs) -> Option<Regist
 /// registry, the per-IP limit, the auth backoff and the logs all see the miner, not the balancer.
 /// The registry's own handshake deadline starts at registration, after the header.
 async fn serve_proxied(shared: Arc<Shared>, mut stream: TcpStream, lb: SocketAddr, door: Arc<DoorLogs>) {
-    let deadline = shared.config.server.handshake_timeout();
+    let deadline = shared.config().server.handshake_timeout();
     let read = tokio::select! {
         biased;
         _ = shared.shutdown.cancelled() => return,
@@ -271,12 +317,13 @@ fn lock(log: &Mutex<RateLimitedLog>) -> std::sync::MutexGuard<'_, RateLimitedLog
 async fn cleanup(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let server = &shared.config.server;
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let config = shared.config();
+        let server = &config.server;
         let evicted = shared.registry.evict_expired(
             server.idle_timeout(),
             server.handshake_timeout(),

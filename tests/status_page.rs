@@ -1,0 +1,227 @@
+//! The status page on the admin port: its JSON endpoints over plain HTTP, and the page itself in
+//! a real headless browser (Debian's `chromium`; `.ci/run` installs it).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long one chromium run may take before it is killed and the test fails.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A worker name that would become an element if the page ever used it as markup.
+const HOSTILE_WORKER: &str = "farm.<img src=x id=injected>";
+
+/// A proxy in front of a mock pool, with three miners (plus one with a hostile name) that have
+/// each had two shares accepted.
+struct Farm {
+    pool: MockPool,
+    proxy: Proxy,
+    miners: Vec<(String, SimMiner)>,
+}
+
+async fn farm() -> Farm {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let mut miners = Vec::new();
+    let workers = (1..=3).map(|n| format!("farm.rig{n}")).chain([HOSTILE_WORKER.to_owned()]);
+    for worker in workers {
+        let mut miner = proxy.miner().await;
+        miner.handshake(&worker).await;
+        for _ in 0..2 {
+            let share = miner.any_share();
+            let id = miner.submit(&worker, &share).await;
+            let reply = miner.wait_reply(&id).await.expect("submit reply");
+            assert_eq!(reply["result"], json!(true), "{reply}");
+        }
+        miners.push((worker, miner));
+    }
+    // The proxy records an outcome right after writing the reply, so poll briefly.
+    let settled = eventually(WAIT, || async {
+        let summary = get_json(&proxy, "/api/v1/summary").await;
+        summary["accepted"] == json!(8) && summary["hashrate_5m"].as_f64().is_some_and(|h| h > 0.0)
+    })
+    .await;
+    assert!(settled, "{}", get_json(&proxy, "/api/v1/summary").await);
+    Farm { pool, proxy, miners }
+}
+
+async fn get_json(proxy: &Proxy, path: &str) -> Value {
+    let (status, body) = proxy.http_get(path).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// GET `path` and return the response head (status line and headers) and body.
+async fn get_raw(addr: SocketAddr, path: &str) -> (String, String) {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(WAIT, exchange).await.expect("GET timed out").expect("GET");
+    let text = String::from_utf8(buf).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete HTTP response");
+    (head.to_ascii_lowercase(), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoints_and_page_over_http() {
+    let Farm { pool, proxy, miners } = farm().await;
+
+    let (head, body) = get_raw(proxy.http, "/").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/html; charset=utf-8"), "{head}");
+    assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");
+    assert!(body.contains("<title>loka-stratum status</title>"), "{body}");
+    // Self-contained: no external script, style sheet or image.
+    for external in ["src=\"http", "href=\"http", "src=\"//", "href=\"//", "@import"] {
+        assert!(!body.contains(external), "the page loads {external}…");
+    }
+    assert!(!body.contains("innerHTML"), "data goes into the page through textContent only");
+
+    let pools = get_json(&proxy, "/api/v1/pools").await;
+    assert_eq!(
+        pools,
+        json!([{
+            "pool": pool.label(),
+            "url": pool.url(),
+            "up": true,
+            "upstream_sessions": miners.len(),
+        }])
+    );
+
+    let summary = get_json(&proxy, "/api/v1/summary").await;
+    let object = summary.as_object().expect("an object");
+    let mut keys: Vec<_> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["accepted", "connections", "hashrate_5m", "rejected", "uptime_s", "version", "workers"]);
+    assert_eq!(summary["connections"], json!(miners.len()));
+    assert_eq!(summary["workers"], json!(miners.len()));
+    assert_eq!(summary["accepted"], json!(2 * miners.len()));
+    assert_eq!(summary["rejected"], json!(0));
+    assert_eq!(summary["version"], json!(env!("CARGO_PKG_VERSION")));
+    assert!(summary["uptime_s"].is_u64(), "{summary}");
+    let workers = get_json(&proxy, "/api/v1/workers").await;
+    let sum: f64 = workers.as_array().unwrap().iter().map(|w| w["hashrate_5m"].as_f64().unwrap()).sum();
+    let total = summary["hashrate_5m"].as_f64().unwrap();
+    // The same figures, read moments later: a rate's divisor, the seconds the session has been
+    // open, may have grown, never shrunk.
+    assert!(sum > 0.0 && sum <= total * (1.0 + 1e-9) && sum >= total * 0.25, "summary {total}, workers {sum}");
+
+    // The sampler takes its first sample as the server starts, the next 10 s later.
+    let samples = get_json(&proxy, "/api/v1/hashrate").await;
+    let samples = samples.as_array().expect("an array");
+    assert!(!samples.is_empty() && samples.len() <= 360, "{samples:?}");
+    for sample in samples {
+        let object = sample.as_object().unwrap();
+        assert_eq!(object.len(), 2, "{sample}");
+        assert!(sample["t"].is_u64() && sample["hashrate"].is_f64(), "{sample}");
+    }
+    assert!(samples.windows(2).all(|w| w[0]["t"].as_u64() <= w[1]["t"].as_u64()), "oldest first");
+
+    proxy.shutdown().await;
+}
+
+/// Runs chromium headless on `url` with `extra` arguments; returns its stdout. Fails the test
+/// when chromium is missing, fails or runs past [`BROWSER_TIMEOUT`].
+async fn chromium(url: &str, extra: &[String]) -> String {
+    let profile = tempfile::tempdir().expect("a temporary profile directory");
+    let mut command = tokio::process::Command::new("chromium");
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`chromium` is not on PATH: this test needs a headless browser. Run `.ci/run`, or \
+             `apt-get install chromium`"
+        ),
+        Err(e) => panic!("starting chromium: {e}"),
+    };
+    // Dropping the future on timeout drops the child, which kills it.
+    let output = tokio::time::timeout(BROWSER_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("chromium did not finish within {BROWSER_TIMEOUT:?}"))
+        .expect("chromium's output");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "chromium failed ({}):\n{}\n{stdout}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The markup of `<section id="…">`, from the dumped DOM.
+fn section<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom.find(&format!("<section id=\"{id}\"")).unwrap_or_else(|| panic!("no section {id} in\n{dom}"));
+    let len = dom[start..].find("</section>").expect("the section ends");
+    &dom[start..start + len]
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_in_a_browser() {
+    let Farm { pool, proxy, miners } = farm().await;
+    let url = format!("http://{}/", proxy.http);
+
+    let dom = chromium(&url, &["--dump-dom".to_owned()]).await;
+    let workers = section(&dom, "workers");
+    for (worker, miner) in miners.iter().filter(|(w, _)| w != HOSTILE_WORKER) {
+        assert!(workers.contains(&format!("<td>{worker}</td>")), "{worker} missing from\n{workers}");
+        let peer = miner.local_addr().to_string();
+        assert!(workers.contains(&format!("<td>{peer}</td>")), "{peer} missing from\n{workers}");
+    }
+    // The hostile name is shown as text: escaped in the DOM, and no element was made from it.
+    assert!(workers.contains("<td>farm.&lt;img src=x id=injected&gt;</td>"), "{workers}");
+    assert!(!dom.contains("id=\"injected\""), "a worker name became markup:\n{dom}");
+    let pools = section(&dom, "pools");
+    assert!(pools.contains(&format!("<td>{}</td>", pool.label())), "{pools}");
+    assert!(pools.contains("data-state=\"up\""), "the pool is not shown as up:\n{pools}");
+    let totals = section(&dom, "totals");
+    assert!(totals.contains("id=\"t-workers\">4<"), "{totals}");
+    assert!(totals.contains("id=\"t-accepted\">8<"), "{totals}");
+    // The chart was drawn: axes and the first sample at least.
+    let chart = section(&dom, "hashrate");
+    assert!(chart.contains("<line") && chart.contains("H/s</text>"), "{chart}");
+
+    let png = target_dir().join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(&url, &[format!("--screenshot={}", png.display()), "--window-size=1280,1000".to_owned()]).await;
+    let size = std::fs::metadata(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display())).len();
+    assert!(size > 10_000, "the screenshot {} is only {size} bytes", png.display());
+
+    proxy.shutdown().await;
+}
