@@ -133,7 +133,12 @@ mod tests {
     use super::*;
 
     fn pool() -> PoolConfig {
-        PoolConfig { url: "stratum+tcp://p:1".into(), user: "acct".into(), password: "pw".into() }
+        PoolConfig {
+            url: "stratum+tcp://p:1".into(),
+            user: "acct".into(),
+            password: "pw".into(),
+            ..PoolConfig::default()
+        }
     }
 
     fn manager(template: &str) -> AuthManager {

@@ -64,6 +64,12 @@ pub struct ServerConfig {
     /// Address blocks (`10.0.0.0/8`, `::1/128`) allowed to send PROXY headers; connections from
     /// anywhere else are closed while `proxy_protocol` is on.
     pub proxy_protocol_trusted: Vec<String>,
+    /// A second miner listener that speaks TLS (`host:port`); empty: none.
+    pub tls_listen: String,
+    /// The TLS listener's certificate chain, a PEM file.
+    pub tls_cert: String,
+    /// The TLS listener's private key, a PEM file.
+    pub tls_key: String,
 }
 
 /// How the proxy talks to pools.
@@ -109,15 +115,23 @@ pub struct LogConfig {
     pub level: String,
 }
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// `stratum+tcp://host:port`; host may be a DNS name, an IPv4 address or a bracketed IPv6 address.
+    /// `stratum+tcp://host:port`, or `stratum+ssl://host:port` for TLS; host may be a DNS name,
+    /// an IPv4 address or a bracketed IPv6 address.
     pub url: String,
     #[serde(default)]
     pub user: String,
     #[serde(default)]
     pub password: String,
+    /// TLS only: a PEM file of CA certificates to trust instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: String,
+    /// TLS only: the hex SHA-256 of the pool's certificate; when set, that certificate is
+    /// accepted, and only it, whoever signed it.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 impl fmt::Debug for PoolConfig {
@@ -150,6 +164,9 @@ impl Default for ServerConfig {
             auth_backoff_max: 600,
             proxy_protocol: false,
             proxy_protocol_trusted: Vec::new(),
+            tls_listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -182,6 +199,20 @@ impl Default for LogConfig {
 }
 
 impl ServerConfig {
+    /// The TLS listener's address, if one is configured.
+    pub fn tls_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.tls_listen.is_empty() {
+            return Ok(None);
+        }
+        self.tls_listen.parse().map(Some).map_err(|_| {
+            ConfigError::invalid(
+                "server.tls_listen",
+                format!("{:?}", self.tls_listen),
+                "expected an address like 0.0.0.0:3334",
+            )
+        })
+    }
+
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout)
     }
@@ -221,6 +252,8 @@ pub struct PoolUrl {
     /// Host as written, without IPv6 brackets; resolved at connect time.
     pub host: String,
     pub port: u16,
+    /// `stratum+ssl://`: the session runs over TLS.
+    pub tls: bool,
 }
 
 impl PoolUrl {
@@ -228,11 +261,11 @@ impl PoolUrl {
     /// user info) is rejected rather than ignored, so a pasted URL never means something else.
     pub fn parse(url: &str) -> Result<PoolUrl, String> {
         let (scheme, rest) = url.split_once("://").ok_or("missing scheme, expected stratum+tcp://host:port")?;
-        match scheme.to_ascii_lowercase().as_str() {
-            "stratum+tcp" => {}
-            "stratum+ssl" | "stratum+tls" => return Err(format!("{scheme}: TLS upstreams are not supported yet")),
-            _ => return Err(format!("unsupported scheme {scheme:?}, expected stratum+tcp")),
-        }
+        let tls = match scheme.to_ascii_lowercase().as_str() {
+            "stratum+tcp" => false,
+            "stratum+ssl" | "stratum+tls" => true,
+            _ => return Err(format!("unsupported scheme {scheme:?}, expected stratum+tcp or stratum+ssl")),
+        };
         if rest.contains(['/', '?', '#']) {
             return Err("a pool URL has no path, expected stratum+tcp://host:port".into());
         }
@@ -267,7 +300,7 @@ impl PoolUrl {
         if port == 0 {
             return Err("port 0 is not a valid pool port".into());
         }
-        Ok(PoolUrl { host: host.to_owned(), port })
+        Ok(PoolUrl { host: host.to_owned(), port, tls })
     }
 }
 
@@ -368,7 +401,12 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
 fn schema() -> toml::Table {
     let sample = Config {
         server: ServerConfig { proxy_protocol_trusted: vec![String::new()], ..ServerConfig::default() },
-        pools: vec![PoolConfig { url: String::new(), user: String::new(), password: String::new() }],
+        pools: vec![PoolConfig {
+            url: String::new(),
+            user: String::new(),
+            password: String::new(),
+            ..PoolConfig::default()
+        }],
         ..Config::default()
     };
     toml::Table::try_from(sample).expect("Config serializes to a TOML table")
@@ -487,7 +525,12 @@ fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
         config.pools = args
             .pool
             .iter()
-            .map(|url| PoolConfig { url: url.clone(), user: String::new(), password: String::new() })
+            .map(|url| PoolConfig {
+                url: url.clone(),
+                user: String::new(),
+                password: String::new(),
+                ..PoolConfig::default()
+            })
             .collect();
     }
     for pool in &mut config.pools {
@@ -509,8 +552,31 @@ impl Config {
             return Err(ConfigError::NoPools);
         }
         for (i, pool) in self.pools.iter().enumerate() {
-            PoolUrl::parse(&pool.url)
+            let url = PoolUrl::parse(&pool.url)
                 .map_err(|reason| ConfigError::invalid(format!("pools[{i}].url"), format!("{:?}", pool.url), reason))?;
+            let key = if pool.fingerprint.is_empty() { "ca_file" } else { "fingerprint" };
+            let value = if pool.fingerprint.is_empty() { &pool.ca_file } else { &pool.fingerprint };
+            if !url.tls && !value.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("pools[{i}].{key}"),
+                    format!("{value:?}"),
+                    "needs a stratum+ssl URL",
+                ));
+            }
+            if url.tls {
+                crate::tls::client_config(pool).map_err(|reason| {
+                    ConfigError::invalid(format!("pools[{i}].{key}"), format!("{value:?}"), reason)
+                })?;
+                crate::tls::server_name(&url.host).map_err(|reason| {
+                    ConfigError::invalid(format!("pools[{i}].url"), format!("{:?}", pool.url), reason)
+                })?;
+            }
+        }
+        if let Some(addr) = self.server.tls_addr()? {
+            let s = &self.server;
+            crate::tls::server_config(Path::new(&s.tls_cert), Path::new(&s.tls_key)).map_err(|reason| {
+                ConfigError::invalid("server.tls_cert", format!("{:?}", s.tls_cert), format!("{reason} (for {addr})"))
+            })?;
         }
         let (s, u) = (&self.server, &self.upstream);
         let limits: [(&str, u64); 19] = [
@@ -616,7 +682,7 @@ mod tests {
     }
 
     fn pool(url: &str) -> PoolConfig {
-        PoolConfig { url: url.into(), user: "acct".into(), password: "secret".into() }
+        PoolConfig { url: url.into(), user: "acct".into(), password: "secret".into(), ..PoolConfig::default() }
     }
 
     fn valid() -> Config {
@@ -637,7 +703,7 @@ mod tests {
     fn pool_urls() {
         let ok = |url: &str, host: &str, port: u16, shown: &str| {
             let parsed = PoolUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!(parsed, PoolUrl { host: host.into(), port }, "{url}");
+            assert_eq!(parsed, PoolUrl { host: host.into(), port, tls: url.contains("ssl") }, "{url}");
             assert_eq!(parsed.to_string(), shown);
         };
         ok("stratum+tcp://10.0.0.1:3333", "10.0.0.1", 3333, "10.0.0.1:3333");
@@ -650,7 +716,7 @@ mod tests {
             let e = PoolUrl::parse(url).expect_err(url);
             assert!(e.contains(needle), "{url}: {e}");
         };
-        bad("stratum+ssl://pool:443", "TLS upstreams are not supported yet");
+        ok("stratum+ssl://pool.example:443", "pool.example", 443, "pool.example:443");
         bad("http://pool:80", "unsupported scheme \"http\"");
         bad("pool:3333", "missing scheme");
         bad("stratum+tcp://pool", "missing port");
@@ -816,7 +882,12 @@ mod tests {
         apply_flags(&mut config, &args).unwrap();
         assert_eq!(
             config.pools,
-            [PoolConfig { url: "stratum+tcp://flag:9".into(), user: "fu".into(), password: String::new() }]
+            [PoolConfig {
+                url: "stratum+tcp://flag:9".into(),
+                user: "fu".into(),
+                password: String::new(),
+                ..PoolConfig::default()
+            }]
         );
         assert_eq!(config.http.listen, "127.0.0.1:9999".parse().unwrap());
 
@@ -828,7 +899,12 @@ mod tests {
     #[test]
     fn masked_toml_hides_passwords() {
         let mut config = valid();
-        config.pools.push(PoolConfig { url: "stratum+tcp://b:1".into(), user: "b".into(), password: String::new() });
+        config.pools.push(PoolConfig {
+            url: "stratum+tcp://b:1".into(),
+            user: "b".into(),
+            password: String::new(),
+            ..PoolConfig::default()
+        });
         let text = config.masked_toml();
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("password = \"***\""), "{text}");

@@ -10,8 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -27,7 +26,7 @@ use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Control, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{set_keepalive, NoUpstream, PoolLink, PoolSet, Upstream};
+use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet, Upstream};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -76,7 +75,8 @@ impl Shared {
 const READ_BUFFER: usize = 512;
 
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut registration: Registration) {
+pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, mut registration: Registration) {
+    let stream: MinerStream = Box::new(stream);
     let handle = registration.handle.clone();
     let control = registration.take_control();
     let span = tracing::info_span!("miner", peer = %handle.peer, session = handle.id, worker = field::Empty);
@@ -92,15 +92,13 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, mut registration: Reg
 
 async fn run(
     shared: &Shared,
-    stream: TcpStream,
+    stream: MinerStream,
     handle: &SessionHandle,
     mut control: mpsc::Receiver<Control>,
 ) -> CloseReason {
     let config = shared.config();
     let server = &config.server;
-    let _ = stream.set_nodelay(true);
-    set_keepalive(&stream, config.upstream.keepalive());
-    let (reader, writer) = stream.into_split();
+    let (reader, writer) = tokio::io::split(stream);
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
 
     // Until the first line, a connection holds only this small future and its read half.
@@ -180,7 +178,12 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn spawn(mut writer: OwnedWriteHalf, max_messages: usize, max_bytes: usize, write_timeout: Duration) -> Self {
+    fn spawn(
+        mut writer: WriteHalf<MinerStream>,
+        max_messages: usize,
+        max_bytes: usize,
+        write_timeout: Duration,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
         let queued = Arc::new(AtomicUsize::new(0));
         let failed = CancellationToken::new();
@@ -277,7 +280,9 @@ fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
     CloseReason::NoUpstream
 }
 
-type MinerReader = FramedRead<OwnedReadHalf, LineCodec>;
+/// A miner's connection, plain TCP or TLS: boxed once, so the rest of the task is one type.
+type MinerStream = Box<dyn AsyncStream>;
+type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
 
 struct Driver<'a, U: Upstream> {
     shared: &'a Shared,

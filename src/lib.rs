@@ -20,6 +20,7 @@
 //!   `/ready`).
 //! - [`config`], [`cli`], [`logging`]: settings and process set-up.
 //! - [`systemd`]: `Type=notify` readiness, the stop notice and watchdog pings.
+//! - [`tls`]: rustls for `stratum+ssl://` pools and the miners' TLS listener.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -40,4 +41,5 @@ pub mod session;
 pub mod share;
 pub mod submissions;
 pub mod systemd;
+pub mod tls;
 pub mod upstream;

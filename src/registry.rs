@@ -164,11 +164,14 @@ pub enum Refusal {
     UntrustedProxy,
     /// A trusted source sent no valid PROXY header in time.
     BadProxyHeader,
+    /// The TLS handshake failed or did not finish within the handshake deadline.
+    TlsHandshake,
 }
 
 impl Refusal {
     /// Every refusal, so that each `reason` series exists from start-up. Keep in sync with the enum.
-    pub const ALL: [Refusal; 4] = [Refusal::Limit, Refusal::PerIp, Refusal::UntrustedProxy, Refusal::BadProxyHeader];
+    pub const ALL: [Refusal; 5] =
+        [Refusal::Limit, Refusal::PerIp, Refusal::UntrustedProxy, Refusal::BadProxyHeader, Refusal::TlsHandshake];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -176,6 +179,7 @@ impl Refusal {
             Refusal::PerIp => "max_connections_per_ip",
             Refusal::UntrustedProxy => "untrusted_proxy",
             Refusal::BadProxyHeader => "bad_proxy_header",
+            Refusal::TlsHandshake => "tls_handshake",
         }
     }
 }

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +25,8 @@ use crate::connection::{self, Shared};
 use crate::metrics as m;
 use crate::proxy_protocol::{self, Header, HeaderError};
 use crate::registry::{ConnectionManager, Refusal, Registration};
+use crate::tls;
+use crate::upstream::set_keepalive;
 
 /// How often the cleanup task looks for idle and handshake-expired sessions.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,6 +39,8 @@ pub struct Server {
     prometheus: PrometheusHandle,
     /// Every connection and background task, waited for on shutdown.
     tracker: TaskTracker,
+    /// The miners' TLS listener, when `server.tls_listen` is set.
+    tls: Option<(TcpListener, TlsAcceptor)>,
 }
 
 impl Server {
@@ -52,10 +58,20 @@ impl Server {
             config.server.max_connections,
         );
         let listener = listen(config.server.listen)?;
+        let tls = match config.server.tls_addr() {
+            Ok(None) => None,
+            Ok(Some(addr)) => {
+                let s = &config.server;
+                let tls =
+                    tls::server_config(Path::new(&s.tls_cert), Path::new(&s.tls_key)).map_err(io::Error::other)?;
+                Some((listen(addr)?, TlsAcceptor::from(tls)))
+            }
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
         let shared = Arc::new(Shared::new(config));
-        Ok(Server { listener, http, shared, prometheus, tracker: TaskTracker::new() })
+        Ok(Server { listener, http, shared, prometheus, tracker: TaskTracker::new(), tls })
     }
 
     /// A handle that applies a reloaded configuration to this server while it runs.
@@ -65,6 +81,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The miners' TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -77,7 +98,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let Server { listener, http, shared, prometheus, tracker } = self;
+        let Server { listener, http, shared, prometheus, tracker, tls } = self;
         let admin_stop = CancellationToken::new();
         let history = Arc::new(crate::hashrate::History::default());
         let admin_task = tokio::spawn(admin::serve(
@@ -95,7 +116,19 @@ impl Server {
         tracker.spawn(cleanup(shared.clone()));
         tracker.spawn(crate::hashrate::sample(shared.registry.clone(), history, shared.shutdown.clone()));
 
-        accept_loop(&listener, &shared, &tracker, shutdown).await;
+        // Both listeners stop together when `shutdown` resolves.
+        let stop_accepting = CancellationToken::new();
+        let tls_loop = tls.map(|(listener, acceptor)| {
+            let (shared, tracker, stop) = (shared.clone(), tracker.clone(), stop_accepting.clone());
+            tokio::spawn(async move {
+                accept_loop(&listener, &shared, &tracker, stop.cancelled(), Some(acceptor)).await;
+            })
+        });
+        accept_loop(&listener, &shared, &tracker, shutdown, None).await;
+        stop_accepting.cancel();
+        if let Some(tls_loop) = tls_loop {
+            let _ = tls_loop.await;
+        }
         drop(listener);
         tracing::info!(sessions = shared.registry.len(), "shutting down: draining sessions");
         shared.shutdown.cancel();
@@ -126,6 +159,11 @@ impl Reloader {
         let needs_restart = [
             ("server.listen", old.server.listen != new.server.listen),
             ("http.listen", old.http.listen != new.http.listen),
+            (
+                "server.tls_listen",
+                (&old.server.tls_listen, &old.server.tls_cert, &old.server.tls_key)
+                    != (&new.server.tls_listen, &new.server.tls_cert, &new.server.tls_key),
+            ),
             ("log.format", old.log.format != new.log.format),
         ];
         if let Some((key, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
@@ -165,11 +203,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Accepts miners on one listener until `shutdown` resolves; with `tls`, each connection's TLS
+/// handshake runs in its own task.
 async fn accept_loop(
     listener: &TcpListener,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
     shutdown: impl Future<Output = ()>,
+    tls: Option<TlsAcceptor>,
 ) {
     tokio::pin!(shutdown);
     // The trusted networks as of the config in force; parsed again only after a reload.
@@ -194,7 +235,9 @@ async fn accept_loop(
             },
         };
         counter!(m::CONNECTIONS_ACCEPTED).increment(1);
+        let _ = stream.set_nodelay(true);
         let current = shared.config();
+        set_keepalive(&stream, current.upstream.keepalive());
         if !Arc::ptr_eq(&current, &config) {
             config = current;
             trusted = config.server.proxy_protocol.then(|| config.server.proxy_protocol_trusted());
@@ -202,13 +245,13 @@ async fn accept_loop(
         match &trusted {
             None => {
                 if let Some(registration) = register(shared, peer, &door) {
-                    tracker.spawn(connection::serve(shared.clone(), stream, registration));
+                    tracker.spawn(serve(shared.clone(), stream, registration, tls.clone()));
                 }
             }
             Some(trusted) if trusted.contains(peer.ip()) => {
                 // The header is read in the connection's own task: the accept loop never waits
                 // on a peer.
-                tracker.spawn(serve_proxied(shared.clone(), stream, peer, door.clone()));
+                tracker.spawn(serve_proxied(shared.clone(), stream, peer, door.clone(), tls.clone()));
             }
             Some(_) => {
                 door.refuse(Refusal::UntrustedProxy, peer, &"not in server.proxy_protocol_trusted");
@@ -237,7 +280,13 @@ fn register(shared: &Shared, peer: SocketAddr, door: &DoorLogs) -> Option<Regist
 /// `handshake_timeout`, then registers and serves it as the client the header names, so the
 /// registry, the per-IP limit, the auth backoff and the logs all see the miner, not the balancer.
 /// The registry's own handshake deadline starts at registration, after the header.
-async fn serve_proxied(shared: Arc<Shared>, mut stream: TcpStream, lb: SocketAddr, door: Arc<DoorLogs>) {
+async fn serve_proxied(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    lb: SocketAddr,
+    door: Arc<DoorLogs>,
+    tls: Option<TlsAcceptor>,
+) {
     let deadline = shared.config().server.handshake_timeout();
     let read = tokio::select! {
         biased;
@@ -270,7 +319,32 @@ async fn serve_proxied(shared: Arc<Shared>, mut stream: TcpStream, lb: SocketAdd
     };
     tracing::debug!(%lb, %client, "PROXY header read");
     if let Some(registration) = register(&shared, client, &door) {
-        connection::serve(shared, stream, registration).await;
+        serve(shared, stream, registration, tls).await;
+    }
+}
+
+/// Serves a registered connection, after its TLS handshake on the TLS listener. A handshake
+/// that fails or outlasts `handshake_timeout` closes the connection and is counted.
+async fn serve(shared: Arc<Shared>, stream: TcpStream, registration: Registration, tls: Option<TlsAcceptor>) {
+    let Some(acceptor) = tls else {
+        return connection::serve(shared, stream, registration).await;
+    };
+    let deadline = shared.config().server.handshake_timeout();
+    let handshake = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return,
+        handshake = tokio::time::timeout(deadline, acceptor.accept(stream)) => handshake,
+    };
+    match handshake {
+        Ok(Ok(stream)) => connection::serve(shared, stream, registration).await,
+        Ok(Err(e)) => {
+            counter!(m::CONNECTIONS_REJECTED, "reason" => Refusal::TlsHandshake.as_str()).increment(1);
+            tracing::debug!(peer = %registration.handle.peer, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            counter!(m::CONNECTIONS_REJECTED, "reason" => Refusal::TlsHandshake.as_str()).increment(1);
+            tracing::debug!(peer = %registration.handle.peer, "no TLS handshake within handshake_timeout");
+        }
     }
 }
 
@@ -304,6 +378,8 @@ impl DoorLogs {
                     tracing::warn!(%peer, reason, error = %why, suppressed, "PROXY protocol: closing connection");
                 }
             }
+            // Counted where the handshake runs; a failed handshake is the client's affair.
+            Refusal::TlsHandshake => tracing::debug!(%peer, error = %why, "TLS handshake failed"),
         }
     }
 }

@@ -487,7 +487,12 @@ mod tests {
     ];
 
     fn session(template: &str) -> Session {
-        let pool = PoolConfig { url: "stratum+tcp://127.0.0.1:1".into(), user: "acct".into(), password: "pw".into() };
+        let pool = PoolConfig {
+            url: "stratum+tcp://127.0.0.1:1".into(),
+            user: "acct".into(),
+            password: "pw".into(),
+            ..PoolConfig::default()
+        };
         let auth = AuthManager::new(template, Duration::from_secs(3), Duration::from_secs(600));
         Session::new(Arc::new(auth), Arc::new(pool), "10.0.0.1".parse().unwrap())
     }

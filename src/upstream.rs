@@ -15,10 +15,11 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, gauge};
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::TlsConnector;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,8 +43,27 @@ const READ_BUFFER: usize = 1024;
 /// One miner's own TCP connection to a pool.
 pub struct PoolLink {
     pool: Arc<Pool>,
-    reader: FramedRead<OwnedReadHalf, LineCodec>,
-    writer: OwnedWriteHalf,
+    reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
+    writer: WriteHalf<PoolStream>,
+}
+
+/// A byte stream to a pool: TCP, or TLS over TCP.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncStream for T {}
+type PoolStream = Box<dyn AsyncStream>;
+
+/// How a `stratum+ssl://` pool is reached: its client configuration and the name its
+/// certificate must carry. An error left by a CA file that went away is a connect failure.
+#[derive(Clone)]
+struct TlsTarget {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsTarget").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 impl Upstream for PoolLink {
@@ -89,6 +109,8 @@ pub struct Pool {
     faults: AtomicU32,
     /// A port the pool redirected the proxy to with `client.reconnect`; 0 for none.
     redirect_port: AtomicU16,
+    /// `Some` for a `stratum+ssl://` pool.
+    tls: Option<Result<TlsTarget, String>>,
 }
 
 impl Pool {
@@ -161,23 +183,32 @@ impl Pool {
         }
     }
 
-    async fn connect_tcp(&self, timeout: Duration, keepalive: Duration) -> io::Result<TcpStream> {
+    /// Connects, and for a TLS pool completes the handshake, within `timeout`.
+    async fn connect(&self, timeout: Duration, keepalive: Duration) -> io::Result<PoolStream> {
         let attempt = async {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            let mut stream = None;
             for addr in tokio::net::lookup_host((self.url.host.as_str(), self.port())).await? {
                 match TcpStream::connect(addr).await {
-                    Ok(s) => return Ok(s),
+                    Ok(s) => {
+                        stream = Some(s);
+                        break;
+                    }
                     Err(e) => last = e,
                 }
             }
-            Err(last)
+            let stream = stream.ok_or(last)?;
+            stream.set_nodelay(true)?;
+            set_keepalive(&stream, keepalive);
+            match &self.tls {
+                None => Ok(Box::new(stream) as PoolStream),
+                Some(Ok(tls)) => Ok(Box::new(tls.connector.connect(tls.name.clone(), stream).await?) as PoolStream),
+                Some(Err(e)) => Err(io::Error::other(e.clone())),
+            }
         };
-        let stream = tokio::time::timeout(timeout, attempt)
+        tokio::time::timeout(timeout, attempt)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        stream.set_nodelay(true)?;
-        set_keepalive(&stream, keepalive);
-        Ok(stream)
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
     }
 }
 
@@ -224,8 +255,13 @@ impl Generation {
             .iter()
             .map(|p| {
                 let url = PoolUrl::parse(&p.url).expect("pool URLs are validated with the config");
+                let tls = url.tls.then(|| {
+                    let config = crate::tls::client_config(p)?;
+                    Ok(TlsTarget { connector: TlsConnector::from(config), name: crate::tls::server_name(&url.host)? })
+                });
                 Arc::new(Pool {
                     label: url.to_string(),
+                    tls,
                     url,
                     config: Arc::new(p.clone()),
                     health: AtomicU8::new(Health::Unknown as u8),
@@ -283,11 +319,11 @@ impl PoolSet {
     pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
         let generation = self.current.load_full();
         for pool in generation.pools.iter().filter(|p| p.health() != Health::Down) {
-            match pool.connect_tcp(generation.connect_timeout, generation.keepalive).await {
+            match pool.connect(generation.connect_timeout, generation.keepalive).await {
                 Ok(stream) => {
                     pool.set_health(Health::Up);
                     gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
-                    let (r, w) = stream.into_split();
+                    let (r, w) = tokio::io::split(stream);
                     let reader = FramedRead::with_capacity(r, LineCodec::new(generation.max_line_bytes), READ_BUFFER);
                     return Ok(PoolLink { pool: pool.clone(), reader, writer: w });
                 }
@@ -344,7 +380,7 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
 }
 
 async fn probe(generation: &Generation, pool: &Pool) -> bool {
-    match pool.connect_tcp(generation.connect_timeout, generation.keepalive).await {
+    match pool.connect(generation.connect_timeout, generation.keepalive).await {
         Ok(_stream) => {
             pool.set_health(Health::Up);
             true
@@ -377,8 +413,15 @@ mod tests {
     }
 
     fn config(urls: &[String]) -> Config {
-        let pools =
-            urls.iter().map(|u| PoolConfig { url: u.clone(), user: String::new(), password: String::new() }).collect();
+        let pools = urls
+            .iter()
+            .map(|u| PoolConfig {
+                url: u.clone(),
+                user: String::new(),
+                password: String::new(),
+                ..PoolConfig::default()
+            })
+            .collect();
         let mut c = Config { pools, ..Config::default() };
         c.upstream.retry_initial_ms = 10;
         c.upstream.retry_max_ms = 40;

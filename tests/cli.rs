@@ -121,11 +121,6 @@ fn bad_configs_exit_64_before_binding() {
             vec![],
             vec!["pools[0].url: \"http://x:1\"", "unsupported scheme"],
         ),
-        (
-            [&net[..], &["--pool", "stratum+ssl://x:1"]].concat(),
-            vec![],
-            vec!["pools[0].url", "TLS upstreams are not supported yet"],
-        ),
         (net.to_vec(), vec![], vec!["no pools configured", "--pool"]),
         (
             [&with_pool[..], &["--config", "/nonexistent/loka.toml"]].concat(),

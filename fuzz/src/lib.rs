@@ -433,8 +433,12 @@ pub fn session(data: &[u8]) {
 pub fn session_stats(data: &[u8]) -> SessionStats {
     let mut input = Input { data, pos: 0 };
     let template = if input.u8() % 4 == 3 { "{pool_user}.{worker}" } else { "" };
-    let pool_config =
-        PoolConfig { url: "stratum+tcp://127.0.0.1:1".into(), user: "acct".into(), password: "pw".into() };
+    let pool_config = PoolConfig {
+        url: "stratum+tcp://127.0.0.1:1".into(),
+        user: "acct".into(),
+        password: "pw".into(),
+        ..PoolConfig::default()
+    };
     // A failed authorize makes the next ones wait, or (backoff zero) not.
     let backoff = Duration::from_secs(u64::from(input.u8() % 2));
     let auth = AuthManager::new(template, backoff, backoff * 4);

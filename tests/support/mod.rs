@@ -917,7 +917,12 @@ pub fn proxy_config(pool: SocketAddr) -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
-    c.pools = vec![PoolConfig { url: format!("stratum+tcp://{pool}"), user: "acct".into(), password: "pw".into() }];
+    c.pools = vec![PoolConfig {
+        url: format!("stratum+tcp://{pool}"),
+        user: "acct".into(),
+        password: "pw".into(),
+        ..PoolConfig::default()
+    }];
     c.upstream.connect_timeout = 2;
     c.upstream.retry_initial_ms = 20;
     c.upstream.retry_max_ms = 200;
@@ -933,6 +938,8 @@ pub fn reserve_port() -> SocketAddr {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub http: SocketAddr,
+    /// The TLS miner listener, when `server.tls_listen` is set.
+    pub tls: Option<SocketAddr>,
     pub registry: Arc<ConnectionManager>,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
@@ -955,11 +962,12 @@ pub async fn spawn_proxy(config: Config) -> Proxy {
     let (stop, rx) = oneshot::channel::<()>();
     let addr = server.local_addr();
     let http = server.http_addr();
+    let tls = server.tls_addr();
     let registry = server.registry();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Proxy { addr, http, registry, stop: Some(stop), task }
+    Proxy { addr, http, tls, registry, stop: Some(stop), task }
 }
 
 impl Proxy {
