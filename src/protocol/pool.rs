@@ -176,21 +176,36 @@ fn hash32(p: &Params<'_>, bytes: Vec<u8>, name: &'static str) -> Result<[u8; 32]
 }
 
 impl Notify {
-    /// Appends this job as a `mining.notify` line, in the hex shapes pools send.
+    /// Appends this job as a `mining.notify` line, in the hex shapes pools send. Hex is written
+    /// straight into `buf`: a job goes to every miner of a session, so this stays allocation-free.
     pub fn write(&self, buf: &mut Vec<u8>) {
-        let branch: Vec<String> = self.merkle_branch.iter().map(hex::encode).collect();
-        let params = (
-            &self.job_id,
-            hex::encode(self.prevhash),
-            hex::encode(&self.coinb1),
-            hex::encode(&self.coinb2),
-            branch,
-            format!("{:08x}", self.version),
-            format!("{:08x}", self.nbits),
-            format!("{:08x}", self.ntime),
-            self.clean_jobs,
-        );
-        super::write::notification(buf, NOTIFY, &params);
+        fn hex_field(buf: &mut Vec<u8>, bytes: &[u8]) {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            buf.push(b'"');
+            for b in bytes {
+                buf.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]);
+            }
+            buf.extend_from_slice(b"\",");
+        }
+        buf.extend_from_slice(b"{\"id\":null,\"method\":\"mining.notify\",\"params\":[");
+        serde_json::to_writer(&mut *buf, &self.job_id).expect("serialise to Vec");
+        buf.push(b',');
+        hex_field(buf, &self.prevhash);
+        hex_field(buf, &self.coinb1);
+        hex_field(buf, &self.coinb2);
+        buf.push(b'[');
+        for (i, entry) in self.merkle_branch.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            hex_field(buf, entry);
+            buf.pop();
+        }
+        buf.extend_from_slice(b"],");
+        for word in [self.version, self.nbits, self.ntime] {
+            hex_field(buf, &word.to_be_bytes());
+        }
+        buf.extend_from_slice(if self.clean_jobs { b"true]}\n" } else { b"false]}\n" });
     }
 }
 
@@ -252,6 +267,12 @@ mod tests {
         let original: serde_json::Value = serde_json::from_str(NOTIFY_LINE).unwrap();
         let written: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(original, written);
+        // A job id that needs escaping, no branch, and clean_jobs false.
+        let odd = Notify { job_id: "a\"b".into(), merkle_branch: vec![], clean_jobs: false, ..n };
+        buf.clear();
+        odd.write(&mut buf);
+        let PoolMessage::Notify(again) = parse(&buf[..buf.len() - 1]).unwrap() else { panic!() };
+        assert_eq!(again, odd);
     }
 
     #[test]
