@@ -209,8 +209,9 @@ impl Outbox {
         Outbox { tx, queued, max_bytes, failed, writer, write_timeout }
     }
 
-    /// Queues `bytes` for the miner. A miner whose queue is full is too slow to keep.
-    fn push(&self, bytes: &[u8]) -> Result<(), CloseReason> {
+    /// Queues `bytes` for the miner, taking the buffer itself: it is freed once written, so an
+    /// idle session holds no output buffer. A miner whose queue is full is too slow to keep.
+    fn push(&self, bytes: Vec<u8>) -> Result<(), CloseReason> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -221,7 +222,7 @@ impl Outbox {
             return Err(CloseReason::SlowReader);
         }
         self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        self.tx.try_send(Bytes::copy_from_slice(bytes)).map_err(|e| match e {
+        self.tx.try_send(Bytes::from(bytes)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => CloseReason::SlowReader,
             mpsc::error::TrySendError::Closed(_) => CloseReason::WriteFailed,
         })
@@ -276,7 +277,7 @@ fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
     };
     let mut buf = Vec::new();
     write::error(&mut buf, &id, code::OTHER, "no upstream pool available, retry later");
-    let _ = outbox.push(&buf);
+    let _ = outbox.push(buf);
     CloseReason::NoUpstream
 }
 
@@ -379,10 +380,9 @@ impl<U: Upstream> Driver<'_, U> {
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
             self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
             close = close.or(self.report());
-            if let Err(reason) = self.outbox.push(&self.out.to_miner) {
+            if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner)) {
                 close = close.or(Some(reason));
             }
-            self.out.to_miner.clear();
             if let Some(reason) = close {
                 return reason;
             }
