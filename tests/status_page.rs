@@ -3,15 +3,12 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long one chromium run may take before it is killed and the test fails.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,26 +56,11 @@ async fn get_json(proxy: &Proxy, path: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
 }
 
-/// GET `path` and return the response head (status line and headers) and body.
-async fn get_raw(addr: SocketAddr, path: &str) -> (String, String) {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        stream.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    let buf = tokio::time::timeout(WAIT, exchange).await.expect("GET timed out").expect("GET");
-    let text = String::from_utf8(buf).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete HTTP response");
-    (head.to_ascii_lowercase(), body.to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_endpoints_and_page_over_http() {
     let Farm { pool, proxy, miners } = farm().await;
 
-    let (head, body) = get_raw(proxy.http, "/").await;
+    let (head, body) = http_get_with_head(proxy.http, "/").await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-type: text/html; charset=utf-8"), "{head}");
     assert!(head.contains("content-security-policy: default-src 'none'"), "{head}");

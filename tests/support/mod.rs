@@ -1006,6 +1006,17 @@ impl Proxy {
 
 /// A minimal HTTP/1.1 GET: `(status, body)`.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (head, body) = http_get_with_head(addr, path).await;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (status, body)
+}
+
+/// A minimal HTTP/1.1 GET: the response head (status line and headers, lower-cased) and the body.
+pub async fn http_get_with_head(addr: SocketAddr, path: &str) -> (String, String) {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
@@ -1019,16 +1030,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"));
     let text = String::from_utf8(buf).expect("HTTP response is UTF-8");
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP header end in {text:?}"));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
-    });
+    let head = head.to_ascii_lowercase();
+    let chunked = head.lines().any(|l| l.starts_with("transfer-encoding:") && l.contains("chunked"));
     let body = if chunked { dechunk(body) } else { body.to_owned() };
-    (status, body)
+    (head, body)
 }
 
 fn dechunk(mut body: &str) -> String {
