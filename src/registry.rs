@@ -259,10 +259,6 @@ impl ConnectionManager {
         self.len() == 0
     }
 
-    pub fn get(&self, id: u64) -> Option<Arc<SessionHandle>> {
-        self.sessions.get(&id).map(|h| h.clone())
-    }
-
     /// A copy of the live handles, for the API.
     pub fn snapshot(&self) -> Vec<Arc<SessionHandle>> {
         let mut v: Vec<_> = self.sessions.iter().map(|e| e.value().clone()).collect();
@@ -300,13 +296,6 @@ impl ConnectionManager {
             }
         }
         evicted
-    }
-
-    /// Asks every session to close.
-    pub fn close_all(&self, reason: CloseReason) {
-        for entry in self.sessions.iter() {
-            entry.value().close(reason);
-        }
     }
 
     /// Milliseconds since the registry was made, on tokio's clock.

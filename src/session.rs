@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::counter;
 use tokio::time::Instant;
@@ -147,10 +146,6 @@ impl Session {
             (true, true) => Phase::Subscribed,
             (true, false) => Phase::Authorized,
         }
-    }
-
-    pub fn workers(&self) -> &[String] {
-        &self.workers
     }
 
     pub fn extranonce(&self) -> (&[u8], usize) {
@@ -461,15 +456,12 @@ impl Session {
             }
         }
     }
-
-    /// How long the oldest request has been waiting, for diagnostics.
-    pub fn oldest_pending(&self, now: Instant) -> Option<Duration> {
-        self.pending.values().map(|f| now.saturating_duration_since(f.sent_at)).max()
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::share;
 

@@ -473,7 +473,6 @@ fn is_notification(line: &str) -> bool {
 }
 
 async fn run(proxy: std::net::SocketAddr, case: &Case) -> Outcome {
-    let wait = WAIT;
     let mut miner = SimMiner::connect(proxy).await;
     let mut bytes = case.bytes.clone();
     if case.handshake {
@@ -491,7 +490,7 @@ async fn run(proxy: std::net::SocketAddr, case: &Case) -> Outcome {
     if case.eof {
         miner.shutdown_write().await;
     }
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match miner.recv_line(left).await {
