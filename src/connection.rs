@@ -421,9 +421,9 @@ impl<U: Upstream> Driver<'_, U> {
                 Event::PoolReconnect { host, port } => {
                     pool.reconnect_requested(host.as_deref(), port, self.config.upstream.allow_pool_redirect)
                 }
-                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, label, &share),
-                Event::ShareForwarded => self.shared.submissions.forwarded(label),
-                Event::Share(outcome) => self.shared.submissions.record(self.handle, label, &outcome),
+                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, &pool.metric_label, &share),
+                Event::ShareForwarded => self.shared.submissions.forwarded(&pool.metric_label),
+                Event::Share(outcome) => self.shared.submissions.record(self.handle, &pool.metric_label, &outcome),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, SharedString};
 use serde::Serialize;
 
 use crate::jobs::{Job, ShareKey};
@@ -249,23 +249,24 @@ impl WorkerStats {
 pub struct SubmissionManager;
 
 impl SubmissionManager {
-    pub fn forwarded(&self, pool: &str) {
-        counter!(m::SHARES_SUBMITTED, "pool" => pool.to_owned()).increment(1);
+    // `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
+    // share allocates nothing.
+    pub fn forwarded(&self, pool: &SharedString) {
+        counter!(m::SHARES_SUBMITTED, "pool" => pool.clone()).increment(1);
     }
 
     /// A share passed local validation: it counts as work, and a block candidate is announced.
-    pub fn validated(&self, session: &SessionHandle, pool: &str, share: &ValidShare) {
+    pub fn validated(&self, session: &SessionHandle, pool: &SharedString, share: &ValidShare) {
         if share.block {
-            counter!(m::BLOCKS_FOUND, "pool" => pool.to_owned()).increment(1);
-            tracing::info!(block_hash = %share::display_hash(&share.hash), pool, "block candidate found");
+            counter!(m::BLOCKS_FOUND, "pool" => pool.clone()).increment(1);
+            tracing::info!(block_hash = %share::display_hash(&share.hash), pool = &**pool, "block candidate found");
         }
         let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
         session.info().stats.record_work(elapsed, share.job_difficulty, share.share_difficulty);
     }
 
     /// A share's final verdict, the proxy's or the pool's.
-    pub fn record(&self, session: &SessionHandle, pool: &str, outcome: &ShareOutcome) {
-        let pool = pool.to_owned();
+    pub fn record(&self, session: &SessionHandle, pool: &SharedString, outcome: &ShareOutcome) {
         match outcome.result {
             Ok(()) => {
                 counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()).increment(1);
@@ -278,7 +279,7 @@ impl SubmissionManager {
             }
         }
         if let Some(rtt) = outcome.rtt {
-            histogram!(m::SUBMIT_RTT, "pool" => pool).record(rtt.as_secs_f64());
+            histogram!(m::SUBMIT_RTT, "pool" => pool.clone()).record(rtt.as_secs_f64());
         }
         session.info().stats.record(outcome);
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use futures::StreamExt;
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, SharedString};
 use rand::Rng;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -102,6 +102,8 @@ pub struct Pool {
     pub url: PoolUrl,
     /// `host:port`, the `pool` label of the metrics.
     pub label: String,
+    /// The same label, shared, for per-share metrics that should not allocate.
+    pub metric_label: SharedString,
     health: AtomicU8,
     /// Wakes the pool's monitor when a connect fails or the pool misbehaves.
     failed: Notify,
@@ -260,6 +262,7 @@ impl Generation {
                     Ok(TlsTarget { connector: TlsConnector::from(config), name: crate::tls::server_name(&url.host)? })
                 });
                 Arc::new(Pool {
+                    metric_label: SharedString::from_shared(Arc::from(url.to_string())),
                     label: url.to_string(),
                     tls,
                     url,
