@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
         version_bits: Some("00a6e000".into()),
     };
     c.bench_function("validate share (12-entry branch)", |b| {
-        b.iter(|| check(black_box(job), black_box(miner), black_box(&submit)).expect("valid"))
+        b.iter(|| check(black_box(job.as_target()), black_box(miner), black_box(&submit), |_| false).expect("valid"))
     });
 }
 

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::aggregate::{Aggregator, SessionView};
 use crate::hashrate::{History, Sample};
 use crate::registry::{ConnectionManager, Phase};
 use crate::submissions::WorkerView;
@@ -25,6 +26,8 @@ pub struct State {
     pub prometheus: PrometheusHandle,
     pub registry: Arc<ConnectionManager>,
     pub pools: Arc<PoolSet>,
+    /// Aggregate mode's pool sessions; `None` in passthrough mode.
+    pub aggregator: Option<Arc<Aggregator>>,
     /// The total hashrate over the last hour, filled by [`crate::hashrate::sample`].
     pub history: Arc<History>,
     /// When the server started running, for `uptime_s`.
@@ -45,6 +48,7 @@ pub fn router(state: State) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pools", get(pools))
+        .route("/api/v1/sessions", get(sessions))
         .route("/api/v1/summary", get(summary))
         .route("/api/v1/hashrate", get(hashrate))
         .route("/health", get(health))
@@ -72,6 +76,10 @@ async fn status_page() -> impl IntoResponse {
 }
 
 async fn metrics(Extract(state): Extract<State>) -> impl IntoResponse {
+    // Gauges that are cheaper to read at scrape time than to keep moving.
+    if let Some(aggregator) = &state.aggregator {
+        crate::aggregate::set_gauges(aggregator);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render())
 }
 
@@ -93,31 +101,69 @@ struct PoolView {
     /// `host:port`, as in the metrics' `pool` label and the workers' `upstream`.
     pool: String,
     url: String,
+    /// `active` (aggregate sessions are on it), `up`, `down` or `unknown` (not tried yet).
+    state: &'static str,
     up: bool,
-    /// Live miner sessions relayed to this pool.
+    /// Miner sessions on this pool: each passthrough miner's own, or the aggregate sessions.
     upstream_sessions: usize,
+    /// Miners served through this pool.
+    miners: usize,
+    /// The smoothed round trip of forwarded shares, in milliseconds, once one was answered.
+    latency_ms: Option<f64>,
+    /// The pool's verdicts on forwarded shares since start-up.
+    accepted: u64,
+    rejected: u64,
+    /// Seconds since the pool's last `mining.notify`, if it sent one.
+    last_notify_age_s: Option<f64>,
 }
 
+/// `/api/v1/sessions`: aggregate mode's pool sessions (none in passthrough mode).
+async fn sessions(Extract(state): Extract<State>) -> Json<Vec<SessionView>> {
+    Json(state.aggregator.as_ref().map(|a| a.sessions()).unwrap_or_default())
+}
+
+/// `/api/v1/pools`: the pools in priority order.
 async fn pools(Extract(state): Extract<State>) -> Json<Vec<PoolView>> {
-    let mut sessions: HashMap<Arc<str>, usize> = HashMap::new();
-    for handle in state.registry.snapshot() {
-        if let Some(upstream) = handle.info().upstream.clone() {
-            *sessions.entry(upstream).or_default() += 1;
+    let sessions = state.aggregator.as_ref().map(|a| a.sessions()).unwrap_or_default();
+    let mut miners: HashMap<String, usize> = HashMap::new();
+    let mut upstreams: HashMap<String, usize> = HashMap::new();
+    if state.aggregator.is_some() {
+        for s in &sessions {
+            if let Some(pool) = &s.pool {
+                *miners.entry(pool.clone()).or_default() += s.miners;
+                *upstreams.entry(pool.clone()).or_default() += 1;
+            }
+        }
+    } else {
+        for handle in state.registry.snapshot() {
+            if let Some(upstream) = handle.info().upstream.clone() {
+                *miners.entry(upstream.to_string()).or_default() += 1;
+                *upstreams.entry(upstream.to_string()).or_default() += 1;
+            }
         }
     }
-    Json(
-        state
-            .pools
-            .pools()
-            .iter()
-            .map(|p| PoolView {
+    let pools = state
+        .pools
+        .pools()
+        .iter()
+        .map(|p| {
+            let upstream_sessions = upstreams.get(&p.label).copied().unwrap_or(0);
+            let active = state.aggregator.is_some() && upstream_sessions > 0;
+            PoolView {
                 pool: p.label.clone(),
-                url: format!("stratum+tcp://{}", p.url),
+                url: format!("{}://{}", if p.url.tls { "stratum+ssl" } else { "stratum+tcp" }, p.url),
+                state: if active { "active" } else { p.state() },
                 up: p.is_up(),
-                upstream_sessions: sessions.get(p.label.as_str()).copied().unwrap_or(0),
-            })
-            .collect(),
-    )
+                upstream_sessions,
+                miners: miners.get(&p.label).copied().unwrap_or(0),
+                latency_ms: p.verdicts.rtt().map(|d| d.as_secs_f64() * 1000.0),
+                accepted: p.verdicts.accepted(),
+                rejected: p.verdicts.rejected(),
+                last_notify_age_s: p.verdicts.last_notify_age().map(|d| d.as_secs_f64()),
+            }
+        })
+        .collect();
+    Json(pools)
 }
 
 /// The proxy's totals, as `/api/v1/summary` shows them.
@@ -181,7 +227,10 @@ struct PoolReadiness {
 async fn ready(Extract(state): Extract<State>) -> impl IntoResponse {
     let pools: Vec<_> =
         state.pools.pools().iter().map(|p| PoolReadiness { pool: p.label.clone(), up: p.is_up() }).collect();
-    let ready = pools.iter().any(|p| p.up);
+    let ready = match &state.aggregator {
+        Some(aggregator) => aggregator.ready(),
+        None => pools.iter().any(|p| p.up),
+    };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, pools }))
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, Mode};
 
 #[derive(Debug, Parser)]
 #[command(name = "loka-stratum", version, about = "Stratum V1 mining proxy")]
@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// Address of the HTTP port (metrics, health, workers) [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<String>,
+    /// Upstream mode: one pool session per miner, or miners sharing pool sessions
+    /// [default: passthrough].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<Mode>,
     /// Log output format [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,

@@ -22,6 +22,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub aggregate: AggregateConfig,
+    pub vardiff: VardiffSettings,
     /// Ordered by priority: the first reachable pool wins.
     pub pools: Vec<PoolConfig>,
 }
@@ -92,6 +94,80 @@ pub struct UpstreamConfig {
     pub keepalive: u64,
     /// Honour a pool's `client.reconnect` to another port of the same host.
     pub allow_pool_redirect: bool,
+    /// One pool session per miner, or many miners sharing pool sessions.
+    pub mode: Mode,
+    /// Seconds the first pool must stay healthy before aggregate sessions fail back to it.
+    pub failback_after: u64,
+    /// Share of an aggregate session's recent forwarded shares the pool may reject before it is
+    /// judged unhealthy (0 to 1).
+    pub max_reject_rate: f64,
+}
+
+/// How miners reach their pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One pool session per miner, relayed line by line.
+    Passthrough,
+    /// Many miners share one pool session; the proxy owns their extranonce1 and difficulty.
+    Aggregate,
+}
+
+/// Aggregate mode: how miners share pool sessions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    /// Bytes of the pool's extranonce2 the proxy keeps for each miner's own prefix.
+    pub prefix_bytes: usize,
+    /// Miners one pool session serves; past it another session is opened.
+    pub miners_per_upstream: usize,
+    /// Pool sessions open at once; past them miners are refused.
+    pub max_upstreams: usize,
+    /// Authorize each miner's worker upstream (through upstream.user_template) and submit its
+    /// shares under its own name.
+    pub worker_passthrough: bool,
+}
+
+/// Aggregate mode: the difficulty the proxy sets for each miner.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VardiffSettings {
+    pub start_difficulty: f64,
+    pub min_difficulty: f64,
+    pub max_difficulty: f64,
+    pub target_shares_per_minute: f64,
+    /// Seconds between retargets.
+    pub retarget_secs: f64,
+}
+
+impl VardiffSettings {
+    pub fn vardiff(&self) -> crate::vardiff::VardiffConfig {
+        crate::vardiff::VardiffConfig {
+            start_difficulty: self.start_difficulty,
+            min_difficulty: self.min_difficulty,
+            max_difficulty: self.max_difficulty,
+            target_shares_per_minute: self.target_shares_per_minute,
+            retarget_secs: self.retarget_secs,
+        }
+    }
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        Self { prefix_bytes: 2, miners_per_upstream: 4096, max_upstreams: 16, worker_passthrough: false }
+    }
+}
+
+impl Default for VardiffSettings {
+    fn default() -> Self {
+        Self {
+            start_difficulty: 1024.0,
+            min_difficulty: 0.001,
+            max_difficulty: 4_294_967_296.0,
+            target_shares_per_minute: 20.0,
+            retarget_secs: 30.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +258,9 @@ impl Default for UpstreamConfig {
             job_timeout: 120,
             keepalive: 60,
             allow_pool_redirect: false,
+            mode: Mode::Passthrough,
+            failback_after: 60,
+            max_reject_rate: 0.5,
         }
     }
 }
@@ -241,6 +320,10 @@ impl UpstreamConfig {
     pub fn job_timeout(&self) -> Duration {
         Duration::from_secs(self.job_timeout)
     }
+    pub fn failback_after(&self) -> Duration {
+        Duration::from_secs(self.failback_after)
+    }
+
     pub fn keepalive(&self) -> Duration {
         Duration::from_secs(self.keepalive)
     }
@@ -434,7 +517,16 @@ fn check_value(value: &toml::Value, expected: &toml::Value, key: &str, origin: &
         (V::Integer(_), V::Integer(n)) if *n < 0 => {
             Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
         }
-        (V::Integer(_), V::Integer(_)) | (V::String(_), V::String(_)) | (V::Boolean(_), V::Boolean(_)) => Ok(()),
+        (V::Float(_), V::Float(f)) if !f.is_finite() || *f < 0.0 => {
+            Err(ConfigError::invalid(key, f, format!("must be a finite number, not negative; set in {origin}")))
+        }
+        (V::Float(_), V::Integer(n)) if *n < 0 => {
+            Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
+        }
+        (V::Integer(_), V::Integer(_))
+        | (V::Float(_), V::Float(_) | V::Integer(_))
+        | (V::String(_), V::String(_))
+        | (V::Boolean(_), V::Boolean(_)) => Ok(()),
         _ => Err(ConfigError::invalid(key, value, format!("expected {}; set in {origin}", kind_name(expected)))),
     }
 }
@@ -442,6 +534,7 @@ fn check_value(value: &toml::Value, expected: &toml::Value, key: &str, origin: &
 fn kind_name(value: &toml::Value) -> &'static str {
     match value {
         toml::Value::Integer(_) => "a whole number",
+        toml::Value::Float(_) => "a number",
         toml::Value::String(_) => "a string",
         toml::Value::Boolean(_) => "true or false",
         toml::Value::Array(_) => "an array",
@@ -472,6 +565,9 @@ fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigE
     let typed = match expected {
         Some(toml::Value::Integer(_)) => value.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
             ConfigError::invalid(&key, format!("{value:?}"), format!("expected a whole number; set in {origin}"))
+        })?,
+        Some(toml::Value::Float(_)) => value.trim().parse::<f64>().map(toml::Value::Float).map_err(|_| {
+            ConfigError::invalid(&key, format!("{value:?}"), format!("expected a number; set in {origin}"))
         })?,
         Some(toml::Value::String(_)) => toml::Value::String(value.into()),
         Some(toml::Value::Boolean(_)) => value.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
@@ -520,6 +616,9 @@ fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
     }
     if let Some(format) = args.log_format {
         config.log.format = format;
+    }
+    if let Some(mode) = args.mode {
+        config.upstream.mode = mode;
     }
     if !args.pool.is_empty() {
         config.pools = args
@@ -579,7 +678,8 @@ impl Config {
             })?;
         }
         let (s, u) = (&self.server, &self.upstream);
-        let limits: [(&str, u64); 19] = [
+        let a = &self.aggregate;
+        let limits: [(&str, u64); 22] = [
             ("server.max_connections", s.max_connections as u64),
             ("server.idle_timeout", s.idle_timeout),
             ("server.handshake_timeout", s.handshake_timeout),
@@ -599,6 +699,9 @@ impl Config {
             ("upstream.max_line_bytes", u.max_line_bytes as u64),
             ("upstream.retry_initial_ms", u.retry_initial_ms),
             ("upstream.retry_max_ms", u.retry_max_ms),
+            ("upstream.failback_after", u.failback_after),
+            ("aggregate.miners_per_upstream", a.miners_per_upstream as u64),
+            ("aggregate.max_upstreams", a.max_upstreams as u64),
         ];
         if let Some((key, value)) = limits.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::invalid(*key, value, "must be greater than zero"));
@@ -631,11 +734,51 @@ impl Config {
                 "server.proxy_protocol = true needs the load balancers' addresses, e.g. [\"10.0.0.0/8\"]",
             ));
         }
+        self.validate_aggregate()?;
         check_template(&u.user_template).map_err(|reason| {
             ConfigError::invalid("upstream.user_template", format!("{:?}", u.user_template), reason)
         })?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", format!("{:?}", self.log.level), e.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_aggregate(&self) -> Result<(), ConfigError> {
+        let a = &self.aggregate;
+        if !(1..=4).contains(&a.prefix_bytes) {
+            return Err(ConfigError::invalid("aggregate.prefix_bytes", a.prefix_bytes, "must be 1 to 4"));
+        }
+        let space = 1u64 << (8 * a.prefix_bytes);
+        if a.miners_per_upstream as u64 > space {
+            return Err(ConfigError::invalid(
+                "aggregate.miners_per_upstream",
+                a.miners_per_upstream,
+                format!("must be at most {space}, the prefixes that aggregate.prefix_bytes = {} gives", a.prefix_bytes),
+            ));
+        }
+        let rate = self.upstream.max_reject_rate;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(ConfigError::invalid("upstream.max_reject_rate", rate, "must be above 0 and at most 1"));
+        }
+        let v = &self.vardiff;
+        for (key, value) in [
+            ("vardiff.start_difficulty", v.start_difficulty),
+            ("vardiff.min_difficulty", v.min_difficulty),
+            ("vardiff.max_difficulty", v.max_difficulty),
+            ("vardiff.target_shares_per_minute", v.target_shares_per_minute),
+            ("vardiff.retarget_secs", v.retarget_secs),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError::invalid(key, value, "must be a number greater than zero"));
+            }
+        }
+        if v.max_difficulty < v.min_difficulty {
+            return Err(ConfigError::invalid(
+                "vardiff.max_difficulty",
+                v.max_difficulty,
+                format!("must be at least vardiff.min_difficulty = {}", v.min_difficulty),
+            ));
+        }
         Ok(())
     }
 

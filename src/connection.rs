@@ -16,17 +16,19 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
+use crate::aggregate::Aggregator;
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Control, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet, Upstream};
+use crate::upstream::{AsyncStream, NoUpstream, PoolSet, Upstream};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -37,24 +39,32 @@ pub struct Shared {
     pub pools: Arc<PoolSet>,
     pub auth: Arc<AuthManager>,
     pub submissions: SubmissionManager,
+    /// Aggregate mode's pool sessions; `None` in passthrough mode.
+    pub aggregator: Option<Arc<Aggregator>>,
     /// Cancelled on SIGINT/SIGTERM: sessions stop reading and drain their in-flight requests.
     pub shutdown: CancellationToken,
 }
 
 impl Shared {
-    /// Everything the connections share, from a validated config.
-    pub fn new(config: Config) -> Self {
+    /// Everything the connections share, from a validated config. In aggregate mode the first
+    /// pool session opens at once, as a task of `tracker`.
+    pub fn new(config: Config, tracker: &TaskTracker) -> Self {
         let shutdown = CancellationToken::new();
         let server = &config.server;
+        let pools = Arc::new(PoolSet::new(&config, shutdown.clone()));
+        let auth = Arc::new(AuthManager::new(
+            &config.upstream.user_template,
+            Duration::from_secs(server.auth_backoff_initial),
+            Duration::from_secs(server.auth_backoff_max),
+        ));
+        let aggregator = (config.upstream.mode == Mode::Aggregate)
+            .then(|| Aggregator::start(&config, pools.clone(), auth.clone(), shutdown.clone(), tracker.clone()));
         Shared {
             registry: Arc::new(ConnectionManager::new(server.max_connections, server.max_connections_per_ip)),
-            pools: Arc::new(PoolSet::new(&config, shutdown.clone())),
-            auth: Arc::new(AuthManager::new(
-                &config.upstream.user_template,
-                Duration::from_secs(server.auth_backoff_initial),
-                Duration::from_secs(server.auth_backoff_max),
-            )),
+            pools,
+            auth,
             submissions: SubmissionManager,
+            aggregator,
             shutdown,
             config: ArcSwap::from_pointee(config),
         }
@@ -102,9 +112,19 @@ async fn run(
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
 
     // Until the first line, a connection holds only this small future and its read half.
-    let (first, link) = match open(shared, handle, &mut reader, &mut control).await {
-        Ok(opened) => opened,
+    let first = match first_line(shared, handle, &mut reader, &mut control).await {
+        Ok(first) => first,
         Err(reason) => return reason,
+    };
+    if let Some(aggregator) = &shared.aggregator {
+        let serve = crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer, first, control);
+        return Box::pin(serve).await;
+    }
+    let link = tokio::select! {
+        biased;
+        Some(Control::Close(reason)) = control.recv() => return reason,
+        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
+        link = Box::pin(shared.pools.connect()) => link,
     };
     let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
     let reason = match link {
@@ -131,14 +151,14 @@ async fn run(
     reason
 }
 
-/// Waits for the miner's first line, then opens its pool session. A socket that never speaks
-/// costs the pool nothing, and the accept loop never waits on a pool: this task does.
-async fn open(
+/// Waits for the miner's first line; only then does the session get a pool. A socket that never
+/// speaks costs the pool nothing, and the accept loop never waits on a pool: this task does.
+async fn first_line(
     shared: &Shared,
     handle: &SessionHandle,
     reader: &mut MinerReader,
     control: &mut mpsc::Receiver<Control>,
-) -> Result<(BytesMut, Result<PoolLink, NoUpstream>), CloseReason> {
+) -> Result<BytesMut, CloseReason> {
     let first = tokio::select! {
         biased;
         Some(Control::Close(reason)) = control.recv() => return Err(reason),
@@ -154,13 +174,7 @@ async fn open(
         Some(Err(FrameError::Io(_))) | None => return Err(CloseReason::MinerClosed),
     };
     shared.registry.touch(handle);
-    let link = tokio::select! {
-        biased;
-        Some(Control::Close(reason)) = control.recv() => return Err(reason),
-        _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
-        link = Box::pin(shared.pools.connect()) => link,
-    };
-    Ok((first, link))
+    Ok(first)
 }
 
 /// The miner's outbound queue, bounded in messages and bytes and drained by a writer task, so
@@ -242,7 +256,7 @@ impl Outbox {
 }
 
 /// A token bucket over the lines a miner sends.
-struct RateLimiter {
+pub(crate) struct RateLimiter {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -250,12 +264,12 @@ struct RateLimiter {
 }
 
 impl RateLimiter {
-    fn new(rate: u32, burst: u32) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
         Self { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
     }
 
     /// Takes a token for one line; false when the miner is past its rate and burst.
-    fn allow(&mut self, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens < 1.0 {
@@ -282,8 +296,8 @@ fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
 }
 
 /// A miner's connection, plain TCP or TLS: boxed once, so the rest of the task is one type.
-type MinerStream = Box<dyn AsyncStream>;
-type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
+pub(crate) type MinerStream = Box<dyn AsyncStream>;
+pub(crate) type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
 
 struct Driver<'a, U: Upstream> {
     shared: &'a Shared,
@@ -306,6 +320,7 @@ impl<U: Upstream> Driver<'_, U> {
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
         let mut behaved = false;
+        let mut last_notify = None;
         let mut first = Some(first);
         loop {
             let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
@@ -373,9 +388,13 @@ impl<U: Upstream> Driver<'_, U> {
                     session.on_pool_lost(&mut self.out);
                 }
             }
-            if !behaved && session.last_notify().is_some() {
-                self.link.pool().behaved();
-                behaved = true;
+            if session.last_notify() != last_notify {
+                last_notify = session.last_notify();
+                self.link.pool().verdicts.notified();
+                if !behaved {
+                    self.link.pool().behaved();
+                    behaved = true;
+                }
             }
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
             self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
@@ -423,7 +442,12 @@ impl<U: Upstream> Driver<'_, U> {
                 }
                 Event::ShareValid(share) => self.shared.submissions.validated(self.handle, &pool.metric_label, &share),
                 Event::ShareForwarded => self.shared.submissions.forwarded(&pool.metric_label),
-                Event::Share(outcome) => self.shared.submissions.record(self.handle, &pool.metric_label, &outcome),
+                Event::Share(outcome) => {
+                    if let (false, Some(rtt)) = (outcome.local, outcome.rtt) {
+                        pool.verdicts.answered(outcome.result.is_ok(), rtt);
+                    }
+                    self.shared.submissions.record(self.handle, &pool.metric_label, &outcome)
+                }
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");

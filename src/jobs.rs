@@ -28,6 +28,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// The job and the difficulty it was sent at, as share checks take them.
+    pub fn as_target(&self) -> crate::submissions::JobTarget<'_> {
+        crate::submissions::JobTarget { notify: &self.notify, difficulty: self.difficulty, target: &self.target }
+    }
+
     pub fn is_duplicate(&self, key: &ShareKey) -> bool {
         self.seen.contains(key)
     }
@@ -64,6 +69,12 @@ impl ShareKey {
             nonce,
             version,
         }
+    }
+
+    /// The share's extranonce2 bytes.
+    pub fn extranonce2(&self) -> &[u8] {
+        let start = usize::from(self.extranonce1_len);
+        &self.extranonce[start..start + usize::from(self.extranonce2_len)]
     }
 }
 

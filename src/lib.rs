@@ -13,6 +13,8 @@
 //! - [`auth`], [`jobs`], [`submissions`]: the managers (credential rewriting, the job book, share
 //!   checks and accounting).
 //! - [`share`]: the share hash and targets, byte for byte as cpuminer and ckpool build them.
+//! - [`aggregate`]: aggregate mode: many miners on one pool session, with their own extranonce1
+//!   [`prefix`]es and [`vardiff`], and failover between pools without disconnecting them.
 //! - [`upstream`]: pool URLs, health and backoff, and the link a session talks to its pool through.
 //! - [`metrics`]: every metric name, described in one place.
 //! - [`hashrate`]: the total hashrate sampled every 10 s over the last hour, for the status page.
@@ -24,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod aggregate;
 pub mod auth;
 pub mod cli;
 pub mod codec;
@@ -33,6 +36,7 @@ pub mod hashrate;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
+pub mod prefix;
 pub mod protocol;
 pub mod proxy_protocol;
 pub mod registry;
@@ -43,3 +47,4 @@ pub mod submissions;
 pub mod systemd;
 pub mod tls;
 pub mod upstream;
+pub mod vardiff;

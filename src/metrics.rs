@@ -50,8 +50,27 @@ pub const POOL_REDIRECTS: &str = "loka_pool_redirects_total";
 /// Label `pool`. 1 when the last connect attempt to the pool succeeded.
 pub const POOL_UP: &str = "loka_pool_up";
 pub const READY: &str = "loka_ready";
-/// Label `reason` (`no_upstream`).
+/// Label `reason` (`no_upstream`, `full`).
 pub const MINERS_REFUSED: &str = "loka_miners_refused_total";
+/// Label `pool`. Aggregate mode: shares valid at the miner's difficulty but below the pool's,
+/// accepted and counted as work, never forwarded.
+pub const SHARES_LOCAL_ONLY: &str = "loka_shares_local_only_total";
+/// Labels `pool` and `result` (`accepted`, `rejected`, `unanswered`, `dropped`). Aggregate mode:
+/// what became of the shares forwarded to pools.
+pub const UPSTREAM_SHARES: &str = "loka_upstream_shares_total";
+/// Label `kind` (`failover`, `failback`). Aggregate sessions moved from one pool to another.
+pub const FAILOVERS: &str = "loka_failovers_total";
+/// Label `pool`. Aggregate mode: 1 while some pool session is on the pool.
+pub const POOL_ACTIVE: &str = "loka_pool_active";
+/// Label `pool`. Aggregate mode: miners served through the pool now.
+pub const POOL_MINERS: &str = "loka_pool_miners";
+/// Aggregate mode: pool sessions that have a pool now.
+pub const AGGREGATE_SESSIONS: &str = "loka_aggregate_sessions";
+/// Label `session` (its index). Aggregate mode: miners in each pool session.
+pub const AGGREGATE_SESSION_MINERS: &str = "loka_aggregate_session_miners";
+/// Label `state` (`live`, `quarantined`). Aggregate mode: extranonce1 prefixes held by miners, and
+/// freed ones waiting until no live job can have used them.
+pub const AGGREGATE_PREFIXES: &str = "loka_aggregate_prefixes";
 
 /// Installs the Prometheus recorder once per process and returns the handle that renders it.
 /// Several proxies in one process (as in tests) share it.
@@ -98,7 +117,18 @@ fn describe() {
     describe_gauge!(POOL_UP, "1 when the pool's last connection attempt succeeded, else 0.");
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
+    describe_counter!(SHARES_LOCAL_ONLY, "Valid shares below the pool's difficulty: counted as work, not forwarded.");
+    describe_counter!(UPSTREAM_SHARES, "Forwarded shares by the pool's verdict (aggregate mode).");
+    describe_counter!(FAILOVERS, "Aggregate pool sessions moved to another pool, by kind.");
+    describe_gauge!(POOL_ACTIVE, "1 while an aggregate pool session is on the pool.");
+    describe_gauge!(POOL_MINERS, "Miners served through the pool (aggregate mode).");
+    describe_gauge!(AGGREGATE_SESSIONS, "Aggregate pool sessions that are on a pool.");
+    describe_gauge!(AGGREGATE_SESSION_MINERS, "Miners in each aggregate pool session.");
+    describe_gauge!(AGGREGATE_PREFIXES, "Extranonce1 prefixes held by miners, or quarantined after they left.");
 }
+
+/// The `result` label of [`UPSTREAM_SHARES`].
+const UPSTREAM_RESULTS: [&str; 4] = ["accepted", "rejected", "unanswered", "dropped"];
 
 /// Stratum methods a miner sends; with [`POOL_METHODS`], the known values of the `method` label.
 const MINER_METHODS: [&str; 6] = [
@@ -146,6 +176,14 @@ pub fn register(pools: &[String], max_connections: usize) {
     gauge!(CONNECTIONS_MAX).set(max_connections as f64);
     gauge!(READY).increment(0.0);
     counter!(MINERS_REFUSED, "reason" => "no_upstream").increment(0);
+    counter!(MINERS_REFUSED, "reason" => "full").increment(0);
+    for kind in ["failover", "failback"] {
+        counter!(FAILOVERS, "kind" => kind).increment(0);
+    }
+    gauge!(AGGREGATE_SESSIONS).increment(0.0);
+    for state in ["live", "quarantined"] {
+        gauge!(AGGREGATE_PREFIXES, "state" => state).increment(0.0);
+    }
     for refusal in Refusal::ALL {
         counter!(CONNECTIONS_REJECTED, "reason" => refusal.as_str()).increment(0);
     }
@@ -170,6 +208,12 @@ pub fn register(pools: &[String], max_connections: usize) {
         gauge!(UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.clone()).increment(0.0);
         counter!(UPSTREAM_CONNECT_FAILURES, "pool" => pool.clone()).increment(0);
         gauge!(POOL_UP, "pool" => pool.clone()).increment(0.0);
+        counter!(SHARES_LOCAL_ONLY, "pool" => pool.clone()).increment(0);
+        gauge!(POOL_ACTIVE, "pool" => pool.clone()).increment(0.0);
+        gauge!(POOL_MINERS, "pool" => pool.clone()).increment(0.0);
+        for result in UPSTREAM_RESULTS {
+            counter!(UPSTREAM_SHARES, "pool" => pool.clone(), "result" => result).increment(0);
+        }
         let _ = histogram!(SUBMIT_RTT, "pool" => pool.clone());
         for result in REDIRECT_RESULTS {
             counter!(POOL_REDIRECTS, "pool" => pool.clone(), "result" => result).increment(0);

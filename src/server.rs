@@ -70,8 +70,9 @@ impl Server {
         };
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
-        let shared = Arc::new(Shared::new(config));
-        Ok(Server { listener, http, shared, prometheus, tracker: TaskTracker::new(), tls })
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared::new(config, &tracker));
+        Ok(Server { listener, http, shared, prometheus, tracker, tls })
     }
 
     /// A handle that applies a reloaded configuration to this server while it runs.
@@ -107,6 +108,7 @@ impl Server {
                 prometheus,
                 registry: shared.registry.clone(),
                 pools: shared.pools.clone(),
+                aggregator: shared.aggregator.clone(),
                 history: history.clone(),
                 started: Instant::now(),
             },
@@ -165,9 +167,13 @@ impl Reloader {
                     != (&new.server.tls_listen, &new.server.tls_cert, &new.server.tls_key),
             ),
             ("log.format", old.log.format != new.log.format),
+            ("upstream.mode", old.upstream.mode != new.upstream.mode),
         ];
         if let Some((key, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
             return Err(format!("{key} changed, which needs a restart"));
+        }
+        if let Some(aggregator) = &self.shared.aggregator {
+            aggregator.reconfigure(&new)?;
         }
         let server = &new.server;
         self.shared.registry.set_limits(server.max_connections, server.max_connections_per_ip);
@@ -409,7 +415,11 @@ async fn cleanup(shared: Arc<Shared>) {
         if evicted > 0 {
             tracing::debug!(evicted, "evicting expired sessions");
         }
-        gauge!(m::READY).set(if shared.pools.any_up() { 1.0 } else { 0.0 });
+        let ready = match &shared.aggregator {
+            Some(aggregator) => aggregator.ready(),
+            None => shared.pools.any_up(),
+        };
+        gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     }
 }
 

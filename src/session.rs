@@ -264,7 +264,8 @@ impl Session {
         };
         match self.jobs.lookup(&submit.job_id) {
             Lookup::Live(job) => {
-                let valid = submissions::check(job, miner, submit).map_err(|r| (r, job.difficulty))?;
+                let valid = submissions::check(job.as_target(), miner, submit, |k| job.is_duplicate(k))
+                    .map_err(|r| (r, job.difficulty))?;
                 job.remember(valid.key);
                 Ok(valid)
             }

@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime};
 use metrics::{counter, gauge, histogram, SharedString};
 use serde::Serialize;
 
-use crate::jobs::{Job, ShareKey};
+use crate::jobs::ShareKey;
 use crate::metrics as m;
 use crate::protocol::miner::Submit;
-use crate::protocol::pool::MAX_EXTRANONCE2_SIZE;
+use crate::protocol::pool::{Notify, MAX_EXTRANONCE2_SIZE};
 use crate::protocol::{code, parse_hex_u32};
 use crate::registry::SessionHandle;
 use crate::share;
@@ -132,9 +132,23 @@ impl LocalReject {
     }
 }
 
+/// A live job as one miner was given it: the job and the difficulty it was sent at.
+#[derive(Debug, Clone, Copy)]
+pub struct JobTarget<'a> {
+    pub notify: &'a Notify,
+    pub difficulty: f64,
+    pub target: &'a share::U256Le,
+}
+
 /// Judges a share on a known job: field widths, the ntime window, the version mask, duplicates
-/// and the hash against the job's target, in that order. Allocates nothing on success.
-pub fn check(job: &Job, miner: ShareContext<'_>, submit: &Submit) -> Result<ValidShare, LocalReject> {
+/// (`seen` answers whether a share was already taken) and the hash against the job's target, in
+/// that order. Allocates nothing on success.
+pub fn check(
+    job: JobTarget<'_>,
+    miner: ShareContext<'_>,
+    submit: &Submit,
+    seen: impl FnOnce(&ShareKey) -> bool,
+) -> Result<ValidShare, LocalReject> {
     let size = miner.extranonce2_size;
     let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
     if size == 0 || size > MAX_EXTRANONCE2_SIZE || submit.extranonce2.len() != size * 2 {
@@ -152,7 +166,7 @@ pub fn check(job: &Job, miner: ShareContext<'_>, submit: &Submit) -> Result<Vali
         }
     };
 
-    let n = &job.notify;
+    let n = job.notify;
     if ntime < n.ntime || ntime - n.ntime > NTIME_WINDOW {
         return Err(LocalReject::new(code::OTHER, "ntime out of range", RejectReason::Malformed));
     }
@@ -169,14 +183,14 @@ pub fn check(job: &Job, miner: ShareContext<'_>, submit: &Submit) -> Result<Vali
     };
 
     let key = ShareKey::new(miner.extranonce1, extranonce2, ntime, nonce, version);
-    if job.is_duplicate(&key) {
+    if seen(&key) {
         return Err(LocalReject::new(code::DUPLICATE, "Duplicate share", RejectReason::Duplicate));
     }
 
     let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
     let root = share::merkle_root(coinbase, &n.merkle_branch);
     let hash = share::sha256d(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
-    if !share::meets(&hash, &job.target) {
+    if !share::meets(&hash, job.target) {
         return Err(LocalReject::new(code::LOW_DIFFICULTY, "Low difficulty share", RejectReason::LowDifficulty));
     }
     Ok(ValidShare {
@@ -368,7 +382,8 @@ mod tests {
 
     fn judge(book: &mut JobBook, s: &Submit) -> Result<ValidShare, LocalReject> {
         let Lookup::Live(job) = book.lookup("j") else { unreachable!() };
-        check(job, ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: MASK }, s)
+        let miner = ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: MASK };
+        check(job.as_target(), miner, s, |k| job.is_duplicate(k))
     }
 
     proptest! {

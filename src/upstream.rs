@@ -6,7 +6,7 @@
 //! share one pool session is another implementation behind the same trait.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -113,7 +114,61 @@ pub struct Pool {
     redirect_port: AtomicU16,
     /// `Some` for a `stratum+ssl://` pool.
     tls: Option<Result<TlsTarget, String>>,
+    /// Since when the pool has been reachable without a break; `None` while it is not.
+    up_since: std::sync::Mutex<Option<Instant>>,
+    /// What the pool made of the shares forwarded to it, and when it last sent a job.
+    pub verdicts: Verdicts,
 }
+
+/// A pool's answers to forwarded shares, its latest round trip and its latest job, for the API.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    /// Microseconds: the last submit's round trip, smoothed (1/8 weight per reply).
+    rtt_us: AtomicU64,
+    /// Milliseconds since `EPOCH` at the last `mining.notify`; 0 for never.
+    last_notify_ms: AtomicU64,
+}
+
+impl Verdicts {
+    /// The pool answered a forwarded share.
+    pub fn answered(&self, accepted: bool, rtt: Duration) {
+        let counter = if accepted { &self.accepted } else { &self.rejected };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+        let old = self.rtt_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.rtt_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The pool sent a job.
+    pub fn notified(&self) {
+        let ms = u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX).max(1);
+        self.last_notify_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+
+    /// The smoothed submit round trip, once a share was answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        Some(self.rtt_us.load(Ordering::Relaxed)).filter(|us| *us > 0).map(Duration::from_micros)
+    }
+
+    /// Time since the pool's last job, if it sent one.
+    pub fn last_notify_age(&self) -> Option<Duration> {
+        let ms = self.last_notify_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| EPOCH.elapsed().saturating_sub(Duration::from_millis(ms)))
+    }
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 impl Pool {
     fn health(&self) -> Health {
@@ -128,8 +183,34 @@ impl Pool {
         self.health() == Health::Up
     }
 
+    /// How long the pool has been reachable without a break.
+    pub fn up_for(&self) -> Option<Duration> {
+        self.up_since.lock().unwrap_or_else(|e| e.into_inner()).map(|t| t.elapsed())
+    }
+
+    /// `up`, `down` or `unknown` (not tried yet).
+    pub fn state(&self) -> &'static str {
+        match self.health() {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+
+    /// Worth a connect attempt: not known to be down.
+    pub fn usable(&self) -> bool {
+        self.health() != Health::Down
+    }
+
     fn set_health(&self, health: Health) {
         let old = self.health.swap(health as u8, Ordering::AcqRel);
+        if old != health as u8 || health != Health::Up {
+            let mut since = self.up_since.lock().unwrap_or_else(|e| e.into_inner());
+            match health {
+                Health::Up => *since = since.or(Some(Instant::now())),
+                _ => *since = None,
+            }
+        }
         gauge!(m::POOL_UP, "pool" => self.label.clone()).set(if health == Health::Up { 1.0 } else { 0.0 });
         if old != health as u8 {
             match health {
@@ -271,6 +352,8 @@ impl Generation {
                     failed: Notify::new(),
                     faults: AtomicU32::new(0),
                     redirect_port: AtomicU16::new(0),
+                    up_since: std::sync::Mutex::new(None),
+                    verdicts: Verdicts::default(),
                 })
             })
             .collect();
@@ -321,24 +404,38 @@ impl PoolSet {
     /// Opens a session to the first pool, in priority order, that is not known to be down.
     pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
         let generation = self.current.load_full();
-        for pool in generation.pools.iter().filter(|p| p.health() != Health::Down) {
-            match pool.connect(generation.connect_timeout, generation.keepalive).await {
-                Ok(stream) => {
-                    pool.set_health(Health::Up);
-                    gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
-                    let (r, w) = tokio::io::split(stream);
-                    let reader = FramedRead::with_capacity(r, LineCodec::new(generation.max_line_bytes), READ_BUFFER);
-                    return Ok(PoolLink { pool: pool.clone(), reader, writer: w });
-                }
-                Err(e) => {
-                    counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
-                    tracing::debug!(pool = %pool.label, error = %e, "pool connect failed");
-                    pool.set_health(Health::Down);
-                    pool.failed.notify_one();
-                }
+        for pool in generation.pools.iter().filter(|p| p.usable()) {
+            if let Ok(link) = self.open(pool).await {
+                return Ok(link);
             }
         }
         Err(NoUpstream)
+    }
+
+    /// Opens a connection to one pool. A failure marks the pool down, and its monitor retries it.
+    pub async fn open(&self, pool: &Arc<Pool>) -> io::Result<PoolLink> {
+        let generation = self.current.load_full();
+        match pool.connect(generation.connect_timeout, generation.keepalive).await {
+            Ok(stream) => {
+                pool.set_health(Health::Up);
+                gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
+                let (r, w) = tokio::io::split(stream);
+                let reader = FramedRead::with_capacity(r, LineCodec::new(generation.max_line_bytes), READ_BUFFER);
+                Ok(PoolLink { pool: pool.clone(), reader, writer: w })
+            }
+            Err(e) => {
+                counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
+                tracing::debug!(pool = %pool.label, error = %e, "pool connect failed");
+                pool.set_health(Health::Down);
+                pool.failed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    /// True when `pool` belongs to the pools in force (a reload may have replaced it).
+    pub fn is_current(&self, pool: &Arc<Pool>) -> bool {
+        self.current.load().pools.iter().any(|p| Arc::ptr_eq(p, pool))
     }
 }
 

@@ -13,7 +13,8 @@ use serde_json::Value;
 use support::*;
 
 /// Appears only with its first sample: its `reason` label is not a set the proxy declares.
-const APPEARS_LATER: &[&str] = &[m::UPSTREAM_FAULTS];
+/// Series whose labels are known only later: fault reasons, and aggregate sessions' indexes.
+const APPEARS_LATER: &[&str] = &[m::UPSTREAM_FAULTS, m::AGGREGATE_SESSION_MINERS];
 
 const ALERTS: &[&str] = &["LokaNoUpstream", "LokaRejectRateHigh", "LokaConnectionsNearLimit", "LokaNoShares"];
 

@@ -72,13 +72,22 @@ async fn api_endpoints_and_page_over_http() {
     assert!(!body.contains("innerHTML"), "data goes into the page through textContent only");
 
     let pools = get_json(&proxy, "/api/v1/pools").await;
+    let latency = pools[0]["latency_ms"].as_f64().expect("submits were answered");
+    let age = pools[0]["last_notify_age_s"].as_f64().expect("the pool sent jobs");
+    assert!(latency > 0.0 && (0.0..60.0).contains(&age), "{pools}");
     assert_eq!(
         pools,
         json!([{
             "pool": pool.label(),
             "url": pool.url(),
+            "state": "up",
             "up": true,
             "upstream_sessions": miners.len(),
+            "miners": miners.len(),
+            "latency_ms": latency,
+            "accepted": 2 * miners.len(),
+            "rejected": 0,
+            "last_notify_age_s": age,
         }])
     );
 

@@ -179,6 +179,11 @@ impl Notify {
     /// Appends this job as a `mining.notify` line, in the hex shapes pools send. Hex is written
     /// straight into `buf`: a job goes to every miner of a session, so this stays allocation-free.
     pub fn write(&self, buf: &mut Vec<u8>) {
+        self.write_as(buf, &self.job_id, self.clean_jobs);
+    }
+
+    /// Appends this job as a `mining.notify` line under another job id and clean flag.
+    pub fn write_as(&self, buf: &mut Vec<u8>, job_id: &str, clean_jobs: bool) {
         fn hex_field(buf: &mut Vec<u8>, bytes: &[u8]) {
             const DIGITS: &[u8; 16] = b"0123456789abcdef";
             buf.push(b'"');
@@ -188,7 +193,7 @@ impl Notify {
             buf.extend_from_slice(b"\",");
         }
         buf.extend_from_slice(b"{\"id\":null,\"method\":\"mining.notify\",\"params\":[");
-        serde_json::to_writer(&mut *buf, &self.job_id).expect("serialise to Vec");
+        serde_json::to_writer(&mut *buf, job_id).expect("serialise to Vec");
         buf.push(b',');
         hex_field(buf, &self.prevhash);
         hex_field(buf, &self.coinb1);
@@ -205,7 +210,7 @@ impl Notify {
         for word in [self.version, self.nbits, self.ntime] {
             hex_field(buf, &word.to_be_bytes());
         }
-        buf.extend_from_slice(if self.clean_jobs { b"true]}\n" } else { b"false]}\n" });
+        buf.extend_from_slice(if clean_jobs { b"true]}\n" } else { b"false]}\n" });
     }
 }
 

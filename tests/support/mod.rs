@@ -295,6 +295,11 @@ impl MockPool {
         self.state.accepted_conns.load(Ordering::SeqCst)
     }
 
+    /// Sends a fresh job (clean_jobs = true) on every connection, valid for shares from then on.
+    pub fn new_job(&self) -> usize {
+        self.broadcast(NEW_JOB)
+    }
+
     /// Sends `line` to every connected proxy session.
     pub fn broadcast(&self, line: &str) -> usize {
         let conns = self.state.conns.lock().unwrap();
@@ -360,6 +365,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<PoolState>) {
     }
 }
 
+/// Sent through a connection's outgoing queue, it makes the connection issue a new job.
+const NEW_JOB: &str = "\u{0}new-job";
+
 /// One proxy session's state on the pool side.
 struct PoolConn {
     id: u64,
@@ -408,7 +416,12 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
                 }
                 _ => return,
             },
-            Some(out) = rx.recv() => {
+            Some(mut out) = rx.recv() => {
+                if out == NEW_JOB {
+                    let job = new_job(conn.id, conn.jobs.len() as u64);
+                    out = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
+                    conn.jobs.insert(job.id.clone(), (job, state.opts.difficulty));
+                }
                 if writer.write_all(format!("{out}\n").as_bytes()).await.is_err() {
                     return;
                 }

@@ -1,0 +1,842 @@
+//! One pool session shared by many miners: it keeps the session on the best healthy pool,
+//! translates the pool's jobs for the miners, and forwards the shares that meet the pool's
+//! difficulty.
+//!
+//! Miners see the group through a `watch` of its [`Work`]: the live jobs, the extranonce2 size
+//! they work with and the pool's version mask. A switch to another pool is one new `Work` with a
+//! new epoch; each miner's task turns it into a difficulty and a clean job (or, when the new pool
+//! leaves too little extranonce2, a `mining.set_extranonce` or a `client.reconnect`).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use super::{Context, SessionView};
+use crate::codec::FrameError;
+use crate::jobs::MAX_JOBS;
+use crate::metrics as m;
+use crate::protocol::pool::{self, Notify, PoolMessage};
+use crate::protocol::{verdict, write};
+use crate::session::VERSION;
+use crate::share::{target_from_difficulty, U256Le};
+use crate::upstream::{Pool, PoolLink, Upstream};
+
+/// The version-rolling mask miners may use when the pool grants none (BIP310's default).
+pub const DEFAULT_VERSION_MASK: u32 = 0x1fff_ffe0;
+/// Miners never get more extranonce2 than this: Whatsminer and cgminer break above 8 bytes.
+pub const MAX_MINER_EXTRANONCE2: usize = 8;
+/// Miners need at least this much extranonce2 to have work to roll.
+pub const MIN_MINER_EXTRANONCE2: usize = 2;
+/// Shares and authorizes waiting for the group task; a miner past it gets an error.
+const UPWARD_QUEUE: usize = 65_536;
+/// Submits unanswered by the pool before the pool is judged broken.
+const MAX_PENDING: usize = 65_536;
+/// Forwarded shares whose verdicts make up the pool's reject rate, and how many must be in.
+const REJECT_WINDOW: usize = 100;
+const REJECT_WINDOW_MIN: usize = 20;
+/// Distinct workers a group authorizes upstream with `worker_passthrough`.
+const MAX_WORKERS: usize = 65_536;
+/// How often a group looks for a better pool to fail back to, and waits while no pool is usable.
+const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What the miners of a group work on, as of now.
+#[derive(Debug, Default)]
+pub struct Work {
+    /// Changes with every pool session: jobs of an earlier epoch are stale.
+    pub epoch: u64,
+    /// The pool the group is on; `None` between pool sessions.
+    pub pool: Option<Arc<Pool>>,
+    /// The extranonce2 size miners of this group work with.
+    pub en2_size: usize,
+    /// The pool's version-rolling mask, if it granted one.
+    pub version_mask: Option<u32>,
+    /// Live jobs, oldest first.
+    pub jobs: Vec<Arc<AggJob>>,
+}
+
+impl Work {
+    /// Miners can be given work.
+    pub fn is_ready(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    /// The mask miners' requests are cut down to.
+    pub fn pool_mask(&self) -> u32 {
+        self.version_mask.unwrap_or(DEFAULT_VERSION_MASK)
+    }
+
+    pub fn job(&self, seq: u64) -> Option<&Arc<AggJob>> {
+        self.jobs.iter().rev().find(|j| j.seq == seq)
+    }
+
+    pub fn newest(&self) -> Option<&Arc<AggJob>> {
+        self.jobs.last()
+    }
+}
+
+/// A pool's job as miners of the group get it.
+#[derive(Debug)]
+pub struct AggJob {
+    /// The proxy's job number; miners see it in hex.
+    pub seq: u64,
+    pub epoch: u64,
+    pub upstream_id: Box<str>,
+    /// coinb1 ‖ E1_up as coinb1, padding ‖ coinb2 as coinb2.
+    pub notify: Notify,
+    /// The miners' extranonce2 size for this job, and the zero bytes after it.
+    pub en2_size: usize,
+    pub pad: usize,
+    /// The pool's difficulty for this job: shares that meet it are forwarded.
+    pub upstream_difficulty: f64,
+    pub upstream_target: U256Le,
+}
+
+/// What a miner's task hands its group.
+#[derive(Debug)]
+pub enum Upward {
+    Share(Forward),
+    /// Authorize this worker upstream (`worker_passthrough`); the answer goes to `reply`.
+    Authorize {
+        worker: Arc<str>,
+        password: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// A share that met the pool's difficulty, ready to submit.
+#[derive(Debug)]
+pub struct Forward {
+    pub job: Arc<AggJob>,
+    /// The miner's worker with `worker_passthrough`; `None` submits as the pool's user.
+    pub worker: Option<Arc<str>>,
+    /// P ‖ en2 ‖ padding.
+    pub extranonce2: Vec<u8>,
+    pub ntime: u32,
+    pub nonce: u32,
+    pub version_bits: Option<u32>,
+}
+
+/// One pool session and the miners in it.
+#[derive(Debug)]
+pub struct Group {
+    pub index: usize,
+    context: Arc<Context>,
+    members: AtomicUsize,
+    work: watch::Sender<Arc<Work>>,
+    upward: mpsc::Sender<Upward>,
+    /// Sequence numbers of the oldest and newest live jobs; 0 for none.
+    oldest: AtomicU64,
+    newest: AtomicU64,
+}
+
+impl Group {
+    /// A group and the task that runs its pool sessions.
+    pub fn new(index: usize, context: Arc<Context>) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
+        let (upward, rx) = mpsc::channel(UPWARD_QUEUE);
+        let group = Arc::new(Self {
+            index,
+            context,
+            members: AtomicUsize::new(0),
+            work: watch::Sender::new(Arc::new(Work::default())),
+            upward,
+            oldest: AtomicU64::new(0),
+            newest: AtomicU64::new(0),
+        });
+        let task = run(group.clone(), rx);
+        (group, task)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Work>> {
+        self.work.subscribe()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.work.borrow().is_ready()
+    }
+
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        self.work.borrow().pool.clone()
+    }
+
+    pub fn members(&self) -> usize {
+        self.members.load(Ordering::Acquire)
+    }
+
+    /// Takes a place if fewer than `cap` miners hold one.
+    pub fn try_join(&self, cap: usize) -> bool {
+        self.members.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1)).is_ok()
+    }
+
+    pub fn leave(&self) {
+        self.members.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn oldest_job(&self) -> Option<u64> {
+        Some(self.oldest.load(Ordering::Acquire)).filter(|s| *s > 0)
+    }
+
+    pub fn newest_job(&self) -> Option<u64> {
+        Some(self.newest.load(Ordering::Acquire)).filter(|s| *s > 0)
+    }
+
+    /// Queues a share or an authorize for the pool; a full queue hands it back.
+    pub fn send(&self, upward: Upward) -> Result<(), Upward> {
+        self.upward.try_send(upward).map_err(|e| e.into_inner())
+    }
+
+    pub fn view(&self) -> SessionView {
+        let work = self.work.borrow();
+        SessionView {
+            session: self.index,
+            pool: work.pool.as_ref().map(|p| p.label.clone()),
+            miners: self.members(),
+            miner_extranonce2_size: work.en2_size,
+            pool_difficulty: work.newest().map_or(0.0, |j| j.upstream_difficulty),
+            jobs: work.jobs.len(),
+        }
+    }
+
+    fn publish(&self, work: Work) {
+        self.oldest.store(work.jobs.first().map_or(0, |j| j.seq), Ordering::Release);
+        self.newest.store(work.jobs.last().map_or(0, |j| j.seq), Ordering::Release);
+        self.work.send_replace(Arc::new(work));
+    }
+}
+
+/// What a group remembers across pool sessions.
+#[derive(Debug, Default)]
+struct State {
+    epoch: u64,
+    /// The extranonce2 size miners were given; 0 before the first session.
+    en2_size: usize,
+    jobs: Vec<Arc<AggJob>>,
+    /// Workers to authorize on every pool session (`worker_passthrough`), with their passwords.
+    workers: HashMap<Arc<str>, String>,
+    /// The pool of the last session, to tell a failover from a reconnect.
+    last_pool: Option<Arc<Pool>>,
+}
+
+/// Why a pool session ended.
+enum End {
+    /// The connection closed or failed.
+    Lost(&'static str),
+    /// The pool broke the protocol or went unhealthy.
+    Fault(&'static str),
+    /// A better pool is ready: this session is replaced by it.
+    Switch(Box<PoolSession>),
+    Shutdown,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Configure,
+    Subscribe,
+    /// The pool's own user, which the session needs.
+    Login,
+    Authorize {
+        worker: Arc<str>,
+        upstream: Arc<str>,
+        waiters: Vec<oneshot::Sender<bool>>,
+    },
+    Submit {
+        sent_at: Instant,
+    },
+}
+
+/// One connection to a pool, from the handshake on.
+struct PoolSession {
+    pool: Arc<Pool>,
+    link: PoolLink,
+    extranonce1: Vec<u8>,
+    extranonce2_size: usize,
+    version_mask: Option<u32>,
+    difficulty: f64,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    last_notify: Instant,
+    /// Jobs that arrived before the group adopted the session, with their difficulty.
+    early_jobs: Vec<(Notify, f64)>,
+    /// Workers the pool accepted on this session, with the names they were accepted under.
+    authorized: HashMap<Arc<str>, Arc<str>>,
+    /// The pool's latest verdicts on forwarded shares; `true` for a reject.
+    verdicts: VecDeque<bool>,
+    /// Authorizes in flight, by worker, to their pending id.
+    authorizing: HashMap<Arc<str>, u64>,
+    /// Written before anything else once the session is adopted (workers' authorizes).
+    early_write: Vec<u8>,
+    subscribed: bool,
+    logged_in: bool,
+}
+
+/// What a pool line asks of the group.
+enum Step {
+    Nothing,
+    Job(Notify),
+    /// The mask or the extranonce changed: miners need new `Work`.
+    Changed {
+        extranonce: bool,
+    },
+}
+
+impl PoolSession {
+    /// Connects, asks for version rolling, subscribes and logs in, and waits for the first job.
+    async fn open(context: Arc<Context>, pool: Arc<Pool>) -> Result<PoolSession, String> {
+        let link = context.pools.open(&pool).await.map_err(|e| format!("connect failed: {e}"))?;
+        let mut s = PoolSession {
+            pool: pool.clone(),
+            link,
+            extranonce1: Vec::new(),
+            extranonce2_size: 0,
+            version_mask: None,
+            difficulty: 1.0,
+            next_id: 1,
+            pending: HashMap::new(),
+            last_notify: Instant::now(),
+            early_jobs: Vec::new(),
+            authorized: HashMap::new(),
+            verdicts: VecDeque::new(),
+            authorizing: HashMap::new(),
+            early_write: Vec::new(),
+            subscribed: false,
+            logged_in: false,
+        };
+        let mut buf = Vec::new();
+        let rolling = json!({"version-rolling.mask": "ffffffff", "version-rolling.min-bit-count": 2});
+        s.request(&mut buf, "mining.configure", &json!([["version-rolling"], rolling]), Pending::Configure);
+        s.request(&mut buf, "mining.subscribe", &[VERSION], Pending::Subscribe);
+        let login = [pool.config.user.as_str(), pool.config.password.as_str()];
+        s.request(&mut buf, "mining.authorize", &login, Pending::Login);
+        s.link.send(&buf).await.map_err(|e| format!("write failed: {e}"))?;
+        buf.clear();
+        let deadline = Instant::now() + context.settings().connect_timeout;
+        while !(s.subscribed && s.logged_in && !s.early_jobs.is_empty()) {
+            let line = match timeout_at(deadline, s.link.next_line()).await {
+                Err(_) => return Err("no subscribe, authorize and job within upstream.connect_timeout".into()),
+                Ok(Some(Ok(line))) => line,
+                Ok(Some(Err(FrameError::TooLong(_)))) => return Err("line over upstream.max_line_bytes".into()),
+                Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("read failed: {e}")),
+                Ok(None) => return Err("the pool closed the connection".into()),
+            };
+            match s.on_line(&line, &mut buf, Instant::now()) {
+                Ok(Step::Job(n)) => {
+                    if n.clean_jobs {
+                        s.early_jobs.clear();
+                    }
+                    s.early_jobs.push((n, s.difficulty));
+                }
+                Ok(_) => {}
+                Err(fault) => return Err(fault.to_owned()),
+            }
+        }
+        if !buf.is_empty() {
+            s.link.send(&buf).await.map_err(|e| format!("write failed: {e}"))?;
+        }
+        let prefix = context.settings().prefix_bytes;
+        if s.extranonce2_size < prefix + MIN_MINER_EXTRANONCE2 {
+            return Err(format!(
+                "extranonce2_size {} leaves miners {} bytes beside aggregate.prefix_bytes = {prefix}; \
+                 aggregation needs {MIN_MINER_EXTRANONCE2}",
+                s.extranonce2_size,
+                s.extranonce2_size.saturating_sub(prefix)
+            ));
+        }
+        Ok(s)
+    }
+
+    fn request(&mut self, buf: &mut Vec<u8>, method: &str, params: &impl serde::Serialize, pending: Pending) {
+        let id = self.next_id;
+        self.next_id += 1;
+        write::request(buf, id, method, params);
+        self.pending.insert(id, pending);
+    }
+
+    /// One line from the pool. Replies the pool expects go into `buf`.
+    fn on_line(&mut self, line: &[u8], buf: &mut Vec<u8>, now: Instant) -> Result<Step, &'static str> {
+        let message = pool::parse(line).map_err(|e| {
+            counter!(m::MALFORMED, "source" => "pool").increment(1);
+            tracing::warn!(pool = %self.pool.label, error = %e, "unparseable line from the pool");
+            "unparseable message"
+        })?;
+        Ok(match message {
+            PoolMessage::Response { id, result, error } => {
+                let Some(pending) = id.as_u64().and_then(|id| self.pending.remove(&id)) else {
+                    return Ok(Step::Nothing);
+                };
+                let ok = verdict(result, error);
+                match pending {
+                    Pending::Configure => {
+                        let mask = result.filter(|_| error.is_none()).and_then(pool::parse_configure_result);
+                        let changed = mask != self.version_mask;
+                        self.version_mask = mask;
+                        if changed {
+                            return Ok(Step::Changed { extranonce: false });
+                        }
+                    }
+                    Pending::Subscribe => {
+                        let sub = result.filter(|_| error.is_none()).and_then(pool::parse_subscribe_result);
+                        let sub = sub.ok_or("invalid subscribe reply")?;
+                        self.extranonce1 = sub.extranonce1;
+                        self.extranonce2_size = sub.extranonce2_size;
+                        self.subscribed = true;
+                    }
+                    Pending::Login => {
+                        if ok.is_err() {
+                            tracing::warn!(pool = %self.pool.label, user = %self.pool.config.user, "the pool refused the proxy's user");
+                            return Err("the pool refused the configured user");
+                        }
+                        self.logged_in = true;
+                    }
+                    Pending::Authorize { worker, upstream, waiters } => {
+                        self.authorizing.remove(&worker);
+                        if ok.is_ok() {
+                            self.authorized.insert(worker, upstream);
+                        }
+                        for waiter in waiters {
+                            let _ = waiter.send(ok.is_ok());
+                        }
+                    }
+                    Pending::Submit { sent_at } => {
+                        let rtt = now.saturating_duration_since(sent_at);
+                        let label = &self.pool.metric_label;
+                        histogram!(m::SUBMIT_RTT, "pool" => label.clone()).record(rtt.as_secs_f64());
+                        let result = if ok.is_ok() { "accepted" } else { "rejected" };
+                        counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => result).increment(1);
+                        self.pool.verdicts.answered(ok.is_ok(), rtt);
+                        if let Err((code, message)) = &ok {
+                            tracing::debug!(pool = %self.pool.label, code, message, "the pool rejected a forwarded share");
+                        }
+                        if self.verdicts.len() == REJECT_WINDOW {
+                            self.verdicts.pop_front();
+                        }
+                        self.verdicts.push_back(ok.is_err());
+                    }
+                }
+                Step::Nothing
+            }
+            PoolMessage::Notify(n) => {
+                self.last_notify = now;
+                self.pool.verdicts.notified();
+                self.pool.behaved();
+                Step::Job(n)
+            }
+            PoolMessage::SetDifficulty(d) => {
+                self.difficulty = d;
+                Step::Nothing
+            }
+            PoolMessage::SetVersionMask(mask) => {
+                self.version_mask = Some(mask);
+                Step::Changed { extranonce: false }
+            }
+            PoolMessage::SetExtranonce { extranonce1, extranonce2_size } => {
+                self.extranonce1 = extranonce1;
+                self.extranonce2_size = extranonce2_size;
+                Step::Changed { extranonce: true }
+            }
+            PoolMessage::Reconnect { host, port, .. } => {
+                self.pool.reconnect_requested(host.as_deref(), port, false);
+                return Err("the pool asked for a reconnect");
+            }
+            PoolMessage::GetVersion { id } => {
+                write::result(buf, &id, &VERSION);
+                Step::Nothing
+            }
+            PoolMessage::ShowMessage(text) => {
+                tracing::info!(pool = %self.pool.label, message = %text, "message from the pool");
+                Step::Nothing
+            }
+            PoolMessage::Unknown { method } => {
+                tracing::debug!(pool = %self.pool.label, %method, "unknown pool notification ignored");
+                Step::Nothing
+            }
+        })
+    }
+
+    /// The pool rejects more than `max` of the last forwarded shares.
+    fn rejecting(&self, max: f64) -> bool {
+        let n = self.verdicts.len();
+        n >= REJECT_WINDOW_MIN && self.verdicts.iter().filter(|r| **r).count() as f64 > max * n as f64
+    }
+
+    fn submit(&mut self, buf: &mut Vec<u8>, f: &Forward, now: Instant) {
+        let user = match &f.worker {
+            Some(worker) => self.authorized.get(worker).map_or_else(|| worker.to_string(), |u| u.to_string()),
+            None => self.pool.config.user.clone(),
+        };
+        let en2 = hex::encode(&f.extranonce2);
+        let (ntime, nonce) = (format!("{:08x}", f.ntime), format!("{:08x}", f.nonce));
+        let id = self.next_id;
+        self.next_id += 1;
+        match f.version_bits {
+            Some(bits) => write::request(
+                buf,
+                id,
+                "mining.submit",
+                &[user.as_str(), &f.job.upstream_id, &en2, &ntime, &nonce, &format!("{bits:08x}")],
+            ),
+            None => {
+                write::request(buf, id, "mining.submit", &[user.as_str(), &f.job.upstream_id, &en2, &ntime, &nonce])
+            }
+        }
+        self.pending.insert(id, Pending::Submit { sent_at: now });
+        counter!(m::SHARES_SUBMITTED, "pool" => self.pool.metric_label.clone()).increment(1);
+    }
+
+    /// Asks the pool to accept a miner's worker; `reply`, if any, gets the answer.
+    fn authorize(
+        &mut self,
+        context: &Context,
+        buf: &mut Vec<u8>,
+        worker: Arc<str>,
+        password: &str,
+        reply: Option<oneshot::Sender<bool>>,
+    ) {
+        if let Some(Pending::Authorize { waiters, .. }) =
+            self.authorizing.get(&worker).and_then(|id| self.pending.get_mut(id))
+        {
+            waiters.extend(reply);
+            return;
+        }
+        let creds = context.auth.rewrite().credentials(&worker, password, &self.pool.config);
+        let upstream: Arc<str> = creds.user.as_str().into();
+        self.authorizing.insert(worker.clone(), self.next_id);
+        let waiters = reply.into_iter().collect();
+        let params = [creds.user.as_str(), creds.password.as_str()];
+        self.request(buf, "mining.authorize", &params, Pending::Authorize { worker, upstream, waiters });
+    }
+
+    /// Settles what the pool will never answer now.
+    fn close(self) {
+        let label = &self.pool.metric_label;
+        for pending in self.pending.into_values() {
+            match pending {
+                Pending::Submit { .. } => {
+                    counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "unanswered").increment(1)
+                }
+                Pending::Authorize { waiters, .. } => {
+                    for w in waiters {
+                        let _ = w.send(false);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The group's task: a pool session after another, on the best pool there is, until shutdown.
+async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
+    let context = group.context.clone();
+    let mut state = State::default();
+    let mut next: Option<PoolSession> = None;
+    loop {
+        if context.shutdown.is_cancelled() {
+            return;
+        }
+        let session = match next.take() {
+            Some(session) => Some(session),
+            None => tokio::select! {
+                _ = context.shutdown.cancelled() => return,
+                session = connect(&context) => session,
+            },
+        };
+        let Some(mut session) = session else {
+            // No pool is usable: keep the miners, answer what comes, and look again shortly.
+            let wait = Instant::now() + CHECK_INTERVAL;
+            loop {
+                tokio::select! {
+                    _ = context.shutdown.cancelled() => return,
+                    _ = sleep_until(wait) => break,
+                    Some(up) = rx.recv() => refuse(up),
+                }
+            }
+            continue;
+        };
+        adopt(&group, &mut state, &mut session);
+        let end = serve(&group, &mut state, &mut session, &mut rx).await;
+        let pool = session.pool.clone();
+        session.close();
+        match end {
+            End::Shutdown => return,
+            End::Switch(new) => {
+                tracing::info!(session = group.index, from = %pool.label, to = %new.pool.label, "moving to a better pool");
+                next = Some(*new);
+            }
+            End::Lost(reason) => {
+                tracing::warn!(session = group.index, pool = %pool.label, reason, "pool session lost; failing over");
+                pool.connection_lost();
+                retire(&group, &mut state);
+            }
+            End::Fault(reason) => {
+                counter!(m::UPSTREAM_FAULTS, "pool" => pool.label.clone(), "reason" => reason).increment(1);
+                tracing::warn!(session = group.index, pool = %pool.label, reason, "pool fault; failing over");
+                pool.report_fault();
+                retire(&group, &mut state);
+            }
+        }
+    }
+}
+
+/// The first pool, in priority order, that completes a handshake.
+async fn connect(context: &Arc<Context>) -> Option<PoolSession> {
+    for pool in context.pools.pools().into_iter().filter(|p| p.usable()) {
+        match PoolSession::open(context.clone(), pool.clone()).await {
+            Ok(session) => return Some(session),
+            Err(reason) => {
+                tracing::warn!(pool = %pool.label, %reason, "pool session refused for aggregation");
+                pool.report_fault();
+            }
+        }
+    }
+    None
+}
+
+/// Between pool sessions: every job is gone, so late shares are stale, and nothing is forwarded.
+fn retire(group: &Group, state: &mut State) {
+    state.epoch += 1;
+    state.jobs.clear();
+    group.publish(Work {
+        epoch: state.epoch,
+        pool: None,
+        en2_size: state.en2_size,
+        version_mask: None,
+        jobs: Vec::new(),
+    });
+}
+
+fn refuse(up: Upward) {
+    match up {
+        Upward::Share(_) => counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1),
+        Upward::Authorize { reply, .. } => {
+            let _ = reply.send(false);
+        }
+    }
+}
+
+/// Puts a new pool session in force: a new epoch, the miners' extranonce2 size, its first jobs.
+fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
+    let settings = group.context.settings();
+    let room = session.extranonce2_size - settings.prefix_bytes;
+    if state.en2_size == 0 || group.members() == 0 || room < state.en2_size {
+        if state.en2_size != 0 && room < state.en2_size {
+            tracing::warn!(
+                session = group.index,
+                pool = %session.pool.label,
+                from = state.en2_size,
+                to = room.min(MAX_MINER_EXTRANONCE2),
+                "the pool leaves miners less extranonce2; they get mining.set_extranonce or client.reconnect"
+            );
+        }
+        state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
+    }
+    if let Some(last) = state.last_pool.replace(session.pool.clone()) {
+        if !Arc::ptr_eq(&last, &session.pool) {
+            let kind = if group.context.pools.pools().iter().position(|p| Arc::ptr_eq(p, &session.pool))
+                < group.context.pools.pools().iter().position(|p| Arc::ptr_eq(p, &last))
+            {
+                "failback"
+            } else {
+                "failover"
+            };
+            counter!(m::FAILOVERS, "kind" => kind).increment(1);
+            tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
+        }
+    }
+    state.epoch += 1;
+    state.jobs.clear();
+    let mut buf = Vec::new();
+    let workers: Vec<_> = state.workers.iter().map(|(w, p)| (w.clone(), p.clone())).collect();
+    for (worker, password) in workers {
+        session.authorize(&group.context, &mut buf, worker, &password, None);
+    }
+    if !buf.is_empty() {
+        // Written with the first submit; authorizes go out before any share of their worker.
+        session.early_write = buf;
+    }
+    for (notify, difficulty) in std::mem::take(&mut session.early_jobs) {
+        add_job(group, state, session, notify, difficulty);
+    }
+    publish(group, state, session);
+}
+
+fn add_job(group: &Group, state: &mut State, session: &PoolSession, n: Notify, difficulty: f64) {
+    let settings = group.context.settings();
+    let pad = session.extranonce2_size - settings.prefix_bytes - state.en2_size;
+    let mut coinb1 = n.coinb1;
+    coinb1.extend_from_slice(&session.extranonce1);
+    let mut coinb2 = vec![0; pad];
+    coinb2.extend_from_slice(&n.coinb2);
+    if n.clean_jobs {
+        state.jobs.clear();
+    }
+    let job = AggJob {
+        seq: group.context.next_job.fetch_add(1, Ordering::Relaxed),
+        epoch: state.epoch,
+        upstream_id: n.job_id.into_boxed_str(),
+        notify: Notify { job_id: String::new(), coinb1, coinb2, ..n },
+        en2_size: state.en2_size,
+        pad,
+        upstream_difficulty: difficulty,
+        upstream_target: target_from_difficulty(difficulty),
+    };
+    state.jobs.push(Arc::new(job));
+    if state.jobs.len() > MAX_JOBS {
+        state.jobs.remove(0);
+    }
+}
+
+fn publish(group: &Group, state: &State, session: &PoolSession) {
+    group.publish(Work {
+        epoch: state.epoch,
+        pool: Some(session.pool.clone()),
+        en2_size: state.en2_size,
+        version_mask: session.version_mask,
+        jobs: state.jobs.clone(),
+    });
+}
+
+type Handshake = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<PoolSession, String>)> + Send>>;
+
+/// Runs one adopted pool session until it ends.
+async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: &mut mpsc::Receiver<Upward>) -> End {
+    let context = group.context.clone();
+    let mut buf = std::mem::take(&mut session.early_write);
+    let mut check = tokio::time::interval(CHECK_INTERVAL);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut better: Option<Handshake> = None;
+    loop {
+        if !buf.is_empty() {
+            if let Err(e) = session.link.send(&buf).await {
+                tracing::info!(pool = %session.pool.label, error = %e, "write to pool failed");
+                return End::Lost("write failed");
+            }
+            buf.clear();
+        }
+        let settings = context.settings();
+        let job_deadline = session.last_notify + settings.job_timeout;
+        tokio::select! {
+            biased;
+            _ = context.shutdown.cancelled() => return End::Shutdown,
+            line = session.link.next_line() => {
+                let line = match line {
+                    Some(Ok(line)) => line,
+                    Some(Err(FrameError::TooLong(_))) => {
+                        counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
+                        return End::Fault("line over max_line_bytes");
+                    }
+                    Some(Err(FrameError::Io(_))) | None => return End::Lost("connection closed"),
+                };
+                match session.on_line(&line, &mut buf, Instant::now()) {
+                    Err(fault) => return End::Fault(fault),
+                    Ok(Step::Nothing) => {}
+                    Ok(Step::Job(n)) => {
+                        let difficulty = session.difficulty;
+                        add_job(group, state, session, n, difficulty);
+                        publish(group, state, session);
+                    }
+                    Ok(Step::Changed { extranonce }) => {
+                        if extranonce {
+                            if session.extranonce2_size < settings.prefix_bytes + MIN_MINER_EXTRANONCE2 {
+                                return End::Fault("set_extranonce leaves miners too little extranonce2");
+                            }
+                            // Jobs of the old extranonce are gone; a smaller size reaches the miners.
+                            let room = session.extranonce2_size - settings.prefix_bytes;
+                            if room < state.en2_size {
+                                state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
+                            }
+                            state.epoch += 1;
+                            state.jobs.clear();
+                        }
+                        publish(group, state, session);
+                    }
+                }
+                if session.rejecting(settings.max_reject_rate) {
+                    return End::Fault("reject rate over upstream.max_reject_rate");
+                }
+                if session.pending.len() > MAX_PENDING {
+                    return End::Fault("too many submits unanswered");
+                }
+            }
+            Some(up) = rx.recv() => {
+                let now = Instant::now();
+                handle(group, state, session, &mut buf, up, now);
+                // Take what else is queued, so that one write carries many shares.
+                for _ in 0..256 {
+                    match rx.try_recv() {
+                        Ok(up) => handle(group, state, session, &mut buf, up, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = sleep_until(job_deadline) => return End::Fault("no job within job_timeout"),
+            (pool, opened) = async { better.as_mut().expect("polled only when set").await }, if better.is_some() => {
+                better = None;
+                match opened {
+                    Ok(new) => return End::Switch(Box::new(new)),
+                    Err(reason) => {
+                        tracing::warn!(pool = %pool.label, %reason, "failback attempt failed");
+                        pool.report_fault();
+                    }
+                }
+            }
+            _ = check.tick(), if better.is_none() => {
+                if let Some(pool) = better_pool(&context, &session.pool) {
+                    tracing::info!(session = group.index, pool = %pool.label, "trying a better pool");
+                    let context = context.clone();
+                    better = Some(Box::pin(async move {
+                        let opened = PoolSession::open(context, pool.clone()).await;
+                        (pool, opened)
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// A pool to move to: the current one left the configuration (a reload), or a pool of higher
+/// priority has been reachable for `failback_after`.
+fn better_pool(context: &Context, current: &Arc<Pool>) -> Option<Arc<Pool>> {
+    let pools = context.pools.pools();
+    match pools.iter().position(|p| Arc::ptr_eq(p, current)) {
+        None => pools.into_iter().find(|p| p.usable()),
+        Some(index) => pools
+            .into_iter()
+            .take(index)
+            .find(|p| p.is_up() && p.up_for().is_some_and(|t| t >= context.settings().failback_after)),
+    }
+}
+
+fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut Vec<u8>, up: Upward, now: Instant) {
+    match up {
+        Upward::Share(f) => {
+            if f.job.epoch != state.epoch {
+                // Worked for an earlier session: never sent to another pool.
+                counter!(m::UPSTREAM_SHARES, "pool" => session.pool.metric_label.clone(), "result" => "dropped")
+                    .increment(1);
+                return;
+            }
+            session.submit(buf, &f, now);
+        }
+        Upward::Authorize { worker, password, reply } => {
+            if !state.workers.contains_key(&worker) {
+                if state.workers.len() >= MAX_WORKERS {
+                    let _ = reply.send(false);
+                    return;
+                }
+                state.workers.insert(worker.clone(), password.clone());
+            }
+            if session.authorized.contains_key(&worker) {
+                let _ = reply.send(true);
+                return;
+            }
+            session.authorize(&group.context, buf, worker, &password, Some(reply));
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! One miner in aggregate mode: a sans-IO session that answers the miner itself (subscribe,
+//! authorize, configure, difficulty, every share), and the task that runs it.
+//!
+//! Job ids the miner sees are the proxy's: `seq << 8 | tag` in hex, where `seq` numbers the
+//! group's jobs and `tag` counts re-sends of one job to this miner after its difficulty changed.
+//! A share is judged at the difficulty its job id was sent with.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use metrics::{counter, SharedString};
+use serde_json::json;
+use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::field;
+
+use super::{Aggregator, Forward, Refused, Upward, Work};
+use crate::codec::FrameError;
+use crate::config::Config;
+use crate::connection::{MinerReader, MinerStream, RateLimiter, Shared};
+use crate::jobs::ShareKey;
+use crate::metrics as m;
+use crate::protocol::miner::{self, Call, MinerMessage, Submit};
+use crate::protocol::{code, parse_hex_u32, write, Id, ParseError};
+use crate::registry::{CloseReason, Control, Phase, SessionHandle};
+use crate::session::Event;
+use crate::share::{meets, target_from_difficulty};
+use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext, ShareOutcome};
+use crate::vardiff::{Vardiff, VardiffConfig};
+
+/// Job ids remembered per miner, newest last; shares on older ones are stale.
+const MAX_SENT: usize = 8;
+/// Workers one connection may authorize.
+const MAX_WORKERS: usize = 16;
+/// Consecutive malformed lines that close the connection.
+const MALFORMED_STREAK_CLOSE: u8 = 2;
+
+/// What one step produced: bytes for the miner, events for the registry and the managers, shares
+/// for the pool and, with `worker_passthrough`, an authorize for the group to ask the pool.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub to_miner: Vec<u8>,
+    pub events: Vec<Event>,
+    pub forward: Vec<Forward>,
+    pub authorize: Option<AuthorizeRequest>,
+}
+
+/// A `mining.authorize` waiting for the pool's word.
+#[derive(Debug)]
+pub struct AuthorizeRequest {
+    pub id: Id,
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    seq: u64,
+    tag: u8,
+    difficulty: f64,
+}
+
+#[derive(Debug)]
+struct Worker {
+    name: Box<str>,
+    /// Submitted under its own name upstream (`worker_passthrough`).
+    passthrough: Option<Arc<str>>,
+}
+
+/// One aggregated miner's session.
+#[derive(Debug)]
+pub struct MinerSession {
+    /// The miner's prefix: its extranonce1.
+    extranonce1: Box<[u8]>,
+    en2_size: usize,
+    subscribed: bool,
+    extranonce_subscribed: bool,
+    workers: Vec<Worker>,
+    /// The mask the miner asked for in `mining.configure`, and what it was granted.
+    requested_mask: Option<u32>,
+    mask: u32,
+    vardiff: Vardiff,
+    sent_difficulty: Option<f64>,
+    sent: VecDeque<Sent>,
+    /// Shares taken, by job; pruned as jobs retire.
+    seen: HashSet<(u64, ShareKey)>,
+    work: Arc<Work>,
+    worker_passthrough: bool,
+    malformed_streak: u8,
+}
+
+/// The job id a miner sees.
+fn job_id(seq: u64, tag: u8) -> String {
+    format!("{:x}", seq << 8 | u64::from(tag))
+}
+
+fn parse_job_id(id: &str) -> Option<(u64, u8)> {
+    if id.is_empty() || id.len() > 16 {
+        return None;
+    }
+    let n = u64::from_str_radix(id, 16).ok()?;
+    Some((n >> 8, n as u8))
+}
+
+impl MinerSession {
+    pub fn new(
+        extranonce1: Vec<u8>,
+        work: Arc<Work>,
+        vardiff: VardiffConfig,
+        worker_passthrough: bool,
+        now: Instant,
+    ) -> Self {
+        Self {
+            extranonce1: extranonce1.into_boxed_slice(),
+            en2_size: work.en2_size,
+            subscribed: false,
+            extranonce_subscribed: false,
+            workers: Vec::new(),
+            requested_mask: None,
+            mask: 0,
+            vardiff: Vardiff::new(vardiff, now),
+            sent_difficulty: None,
+            sent: VecDeque::new(),
+            seen: HashSet::new(),
+            work,
+            worker_passthrough,
+            malformed_streak: 0,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match (self.subscribed, self.workers.is_empty()) {
+            (false, _) => Phase::Connected,
+            (true, true) => Phase::Subscribed,
+            (true, false) => Phase::Authorized,
+        }
+    }
+
+    pub fn work(&self) -> &Arc<Work> {
+        &self.work
+    }
+
+    pub fn difficulty(&self) -> f64 {
+        self.vardiff.difficulty()
+    }
+
+    /// When the vardiff wants its next look.
+    pub fn next_check(&self) -> Instant {
+        self.vardiff.next_check()
+    }
+
+    /// One line from the miner.
+    pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
+        let request = match miner::parse(line) {
+            Ok(MinerMessage::Request(r)) => r,
+            Ok(MinerMessage::Response { .. }) => return,
+            Err(e) => return self.malformed(e, out),
+        };
+        self.malformed_streak = 0;
+        counter!(m::MESSAGES, "method" => m::method_label(&request.method), "direction" => "from_miner").increment(1);
+        let id = request.id;
+        match request.call {
+            Call::Subscribe { .. } => {
+                self.subscribed = true;
+                self.en2_size = self.work.en2_size;
+                let sid = hex::encode(&self.extranonce1);
+                let subscriptions = json!([["mining.set_difficulty", sid], ["mining.notify", sid]]);
+                reply(out, &id, &json!([subscriptions, sid, self.en2_size]));
+                self.send_job(true, now, out);
+            }
+            Call::Authorize { user, password } => {
+                if self.workers.iter().any(|w| *w.name == user) {
+                    reply(out, &id, &true);
+                } else if self.workers.len() >= MAX_WORKERS {
+                    reply_error(out, &id, code::OTHER, "too many workers on this connection");
+                } else if self.worker_passthrough {
+                    out.authorize = Some(AuthorizeRequest { id, user, password });
+                } else {
+                    self.on_authorized(AuthorizeRequest { id, user, password }, true, out);
+                }
+            }
+            Call::Configure(c) => {
+                let mut result = serde_json::Map::new();
+                for extension in &c.extensions {
+                    if extension == "version-rolling" {
+                        let requested = c.version_rolling_mask.unwrap_or(u32::MAX);
+                        self.requested_mask = Some(requested);
+                        self.mask = requested & self.work.pool_mask();
+                        result.insert("version-rolling".into(), true.into());
+                        result.insert("version-rolling.mask".into(), format!("{:08x}", self.mask).into());
+                    } else {
+                        result.insert(extension.clone(), false.into());
+                    }
+                }
+                reply(out, &id, &result);
+            }
+            Call::ExtranonceSubscribe => {
+                self.extranonce_subscribed = true;
+                reply(out, &id, &true);
+            }
+            Call::SuggestDifficulty(d) => {
+                self.vardiff.suggest(d, now);
+                reply(out, &id, &true);
+                self.retarget(now, out);
+            }
+            Call::Submit(submit) => self.submit(&id, &submit, now, out),
+            Call::Unknown => reply_error(out, &id, code::OTHER, "unsupported method"),
+        }
+    }
+
+    /// The group's answer to a `worker_passthrough` authorize (or, without it, the proxy's own).
+    pub fn on_authorized(&mut self, request: AuthorizeRequest, ok: bool, out: &mut Output) {
+        if !ok {
+            return reply_error(out, &request.id, code::UNAUTHORIZED, "Unauthorized worker");
+        }
+        let passthrough = self.worker_passthrough.then(|| Arc::from(request.user.as_str()));
+        self.workers.push(Worker { name: request.user.clone().into_boxed_str(), passthrough });
+        reply(out, &request.id, &true);
+        out.events.push(Event::Authorized(request.user));
+    }
+
+    /// The group's work changed: a job, a pool switch, a mask or an extranonce change.
+    pub fn on_work(&mut self, work: Arc<Work>, now: Instant, out: &mut Output) {
+        let epoch_changed = work.epoch != self.work.epoch;
+        let last_sent = self.sent.back().map(|s| s.seq);
+        self.work = work;
+        if !self.subscribed {
+            self.en2_size = self.work.en2_size;
+            return;
+        }
+        if self.work.en2_size != self.en2_size {
+            if !self.extranonce_subscribed {
+                // The miner cannot be told its new extranonce2 size: it must subscribe again.
+                write::notification(&mut out.to_miner, "client.reconnect", &json!([]));
+                out.events.push(Event::Close(CloseReason::PoolReconnect));
+                return;
+            }
+            self.en2_size = self.work.en2_size;
+            let params = json!([hex::encode(&self.extranonce1), self.en2_size]);
+            write::notification(&mut out.to_miner, "mining.set_extranonce", &params);
+        }
+        if let Some(requested) = self.requested_mask {
+            let mask = requested & self.work.pool_mask();
+            if mask != self.mask {
+                self.mask = mask;
+                write::notification(&mut out.to_miner, "mining.set_version_mask", &[format!("{mask:08x}")]);
+            }
+        }
+        if let Some(newest) = self.work.newest() {
+            if last_sent.is_none_or(|s| newest.seq > s) || epoch_changed {
+                let after = last_sent.unwrap_or(0);
+                let clean = epoch_changed || self.work.jobs.iter().any(|j| j.seq > after && j.notify.clean_jobs);
+                self.send_job(clean, now, out);
+            }
+        }
+        let oldest = self.work.jobs.first().map_or(u64::MAX, |j| j.seq);
+        self.seen.retain(|(seq, _)| *seq >= oldest);
+    }
+
+    /// The vardiff's timer.
+    pub fn on_tick(&mut self, now: Instant, out: &mut Output) {
+        if self.vardiff.tick(now).is_some() {
+            self.retarget(now, out);
+        }
+    }
+
+    /// The miner's difficulty moved: tell it, and send the newest job again under a new id, so
+    /// that the new difficulty applies from that job on.
+    fn retarget(&mut self, now: Instant, out: &mut Output) {
+        let Some(job) = self.work.newest() else { return };
+        let difficulty = self.vardiff.set_ceiling(job.upstream_difficulty, now);
+        if self.subscribed && self.sent_difficulty.is_some_and(|d| d != difficulty) {
+            self.send_job(false, now, out);
+        }
+    }
+
+    /// Sends the newest job, with `mining.set_difficulty` first when the difficulty changed. The
+    /// miner's difficulty never exceeds the pool's, so every share the pool would take is found.
+    fn send_job(&mut self, clean: bool, now: Instant, out: &mut Output) {
+        let Some(job) = self.work.newest().cloned() else { return };
+        let difficulty = self.vardiff.set_ceiling(job.upstream_difficulty, now);
+        if self.sent_difficulty != Some(difficulty) {
+            write::notification(&mut out.to_miner, "mining.set_difficulty", &[difficulty]);
+            self.sent_difficulty = Some(difficulty);
+            out.events.push(Event::Difficulty(difficulty));
+        }
+        let tag = match self.sent.back() {
+            Some(s) if s.seq == job.seq => s.tag.wrapping_add(1),
+            _ => 0,
+        };
+        self.sent.retain(|s| !(s.seq == job.seq && s.tag == tag));
+        if self.sent.len() == MAX_SENT {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(Sent { seq: job.seq, tag, difficulty });
+        job.notify.write_as(&mut out.to_miner, &job_id(job.seq, tag), clean);
+    }
+
+    fn submit(&mut self, id: &Id, submit: &Submit, now: Instant, out: &mut Output) {
+        let valid = match self.judge(submit) {
+            Ok(valid) => valid,
+            Err((reject, difficulty)) => {
+                reply_error(out, id, reject.code, &reject.message);
+                let outcome = ShareOutcome { difficulty, result: Err(reject.reason), local: true, rtt: None };
+                out.events.push(Event::Share(outcome));
+                return;
+            }
+        };
+        let (job, sent, worker, share) = valid;
+        self.seen.insert((job.seq, share.key));
+        reply(out, id, &true);
+        if meets(&share.hash, &job.upstream_target) {
+            let mut extranonce2 = Vec::with_capacity(self.extranonce1.len() + self.en2_size + job.pad);
+            extranonce2.extend_from_slice(&self.extranonce1);
+            extranonce2.extend_from_slice(share.key.extranonce2());
+            extranonce2.resize(extranonce2.len() + job.pad, 0);
+            out.forward.push(Forward {
+                job: job.clone(),
+                worker,
+                extranonce2,
+                ntime: parse_hex_u32(&submit.ntime).unwrap_or_default(),
+                nonce: parse_hex_u32(&submit.nonce).unwrap_or_default(),
+                version_bits: submit.version_bits.as_deref().and_then(parse_hex_u32),
+            });
+        } else if let Some(pool) = &self.work.pool {
+            counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);
+        }
+        out.events.push(Event::ShareValid(share));
+        out.events.push(Event::Share(ShareOutcome {
+            difficulty: sent.difficulty,
+            result: Ok(()),
+            local: true,
+            rtt: None,
+        }));
+        if sent.difficulty == self.vardiff.difficulty() && self.vardiff.on_share(now).is_some() {
+            self.retarget(now, out);
+        }
+    }
+
+    /// The local checks: subscribed, an authorized worker, a job this miner was sent and that is
+    /// still live, then the share itself at the difficulty the job was sent with.
+    #[allow(clippy::type_complexity)]
+    fn judge(
+        &self,
+        submit: &Submit,
+    ) -> Result<(Arc<super::AggJob>, Sent, Option<Arc<str>>, submissions::ValidShare), (LocalReject, f64)> {
+        let current = self.sent_difficulty.unwrap_or_else(|| self.vardiff.difficulty());
+        if !self.subscribed {
+            let reject = LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed);
+            return Err((reject, current));
+        }
+        let Some(worker) = self.workers.iter().find(|w| *w.name == submit.worker) else {
+            let reject = LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized);
+            return Err((reject, current));
+        };
+        let stale = || (LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale), current);
+        let unknown = || (LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob), current);
+        let (seq, tag) = parse_job_id(&submit.job_id).ok_or_else(unknown)?;
+        let Some(sent) = self.sent.iter().find(|s| s.seq == seq && s.tag == tag).copied() else {
+            return Err(if self.sent.front().is_some_and(|f| seq <= f.seq) { stale() } else { unknown() });
+        };
+        let job = self.work.job(seq).filter(|j| j.en2_size == self.en2_size).ok_or_else(stale)?;
+        let target = target_from_difficulty(sent.difficulty);
+        let job_target = JobTarget { notify: &job.notify, difficulty: sent.difficulty, target: &target };
+        let miner =
+            ShareContext { extranonce1: &self.extranonce1, extranonce2_size: self.en2_size, version_mask: self.mask };
+        let share = submissions::check(job_target, miner, submit, |k| self.seen.contains(&(seq, *k)))
+            .map_err(|r| (r, sent.difficulty))?;
+        Ok((job.clone(), sent, worker.passthrough.clone(), share))
+    }
+
+    fn malformed(&mut self, e: ParseError, out: &mut Output) {
+        counter!(m::MALFORMED, "source" => "miner").increment(1);
+        let id = e.id.unwrap_or_else(Id::null);
+        write::error(&mut out.to_miner, &id, code::OTHER, &e.kind.to_string());
+        self.malformed_streak += 1;
+        if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
+            out.events.push(Event::Close(CloseReason::Malformed));
+        }
+    }
+}
+
+/// A reply, unless the request was a notification (a null id).
+fn reply(out: &mut Output, id: &Id, result: &impl serde::Serialize) {
+    if !id.is_null() {
+        write::result(&mut out.to_miner, id, result);
+    }
+}
+
+fn reply_error(out: &mut Output, id: &Id, code: i64, message: &str) {
+    if !id.is_null() {
+        write::error(&mut out.to_miner, id, code, message);
+    }
+}
+
+static NO_POOL: SharedString = SharedString::const_str("none");
+
+/// Serves one aggregated miner until it leaves, is closed, or the proxy shuts down.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    shared: &Shared,
+    aggregator: &Arc<Aggregator>,
+    config: &Config,
+    handle: &SessionHandle,
+    mut reader: MinerReader,
+    mut writer: WriteHalf<MinerStream>,
+    first: BytesMut,
+    mut control: mpsc::Receiver<Control>,
+) -> CloseReason {
+    let server = &config.server;
+    let admitted = tokio::select! {
+        biased;
+        Some(Control::Close(reason)) = control.recv() => return reason,
+        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
+        seat = aggregator.admit() => seat,
+    };
+    let seat = match admitted {
+        Ok(seat) => seat,
+        Err(refused) => {
+            let reason = match refused {
+                Refused::NoUpstream => "no_upstream",
+                Refused::Full => "full",
+            };
+            counter!(m::MINERS_REFUSED, "reason" => reason).increment(1);
+            tracing::info!(%refused, "refusing the miner");
+            let id = match miner::parse(&first) {
+                Ok(MinerMessage::Request(r)) => r.id,
+                Ok(_) => Id::null(),
+                Err(e) => e.id.unwrap_or_else(Id::null),
+            };
+            let mut buf = Vec::new();
+            write::error(&mut buf, &id, code::OTHER, &refused.to_string());
+            let _ = timeout(server.write_timeout(), async {
+                writer.write_all(&buf).await?;
+                writer.shutdown().await
+            })
+            .await;
+            return CloseReason::NoUpstream;
+        }
+    };
+    let mut work = seat.group.subscribe();
+    let now = Instant::now();
+    let prefix = seat.prefix.to_bytes(config.aggregate.prefix_bytes);
+    let initial = work.borrow_and_update().clone();
+    let mut session =
+        MinerSession::new(prefix, initial, config.vardiff.vardiff(), config.aggregate.worker_passthrough, now);
+    let mut limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
+    let mut out = Output::default();
+    let mut first = Some(first);
+    let mut pool_label: Option<Arc<str>> = None;
+    loop {
+        let mut close = None;
+        if let Some(line) = first.take() {
+            miner_line(shared, handle, &mut session, &mut limiter, &line, &mut out, &mut close);
+        } else {
+            tokio::select! {
+                biased;
+                Some(Control::Close(reason)) = control.recv() => close = Some(reason),
+                _ = shared.shutdown.cancelled() => close = Some(CloseReason::Shutdown),
+                changed = work.changed() => match changed {
+                    Ok(()) => {
+                        let new = work.borrow_and_update().clone();
+                        session.on_work(new, Instant::now(), &mut out);
+                    }
+                    Err(_) => close = Some(CloseReason::UpstreamLost),
+                },
+                _ = sleep_until(session.next_check()) => session.on_tick(Instant::now(), &mut out),
+                line = reader.next() => match line {
+                    Some(Ok(line)) => {
+                        // Judge against the newest work: a share for a pool that is gone is stale.
+                        if work.has_changed().unwrap_or(false) {
+                            let new = work.borrow_and_update().clone();
+                            session.on_work(new, Instant::now(), &mut out);
+                        }
+                        miner_line(shared, handle, &mut session, &mut limiter, &line, &mut out, &mut close);
+                    }
+                    Some(Err(FrameError::TooLong(max))) => {
+                        counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+                        tracing::info!(max, "miner line over the cap");
+                        close = Some(CloseReason::LineTooLong);
+                    }
+                    Some(Err(FrameError::Io(_))) | None => close = Some(CloseReason::MinerClosed),
+                },
+            }
+        }
+        if let Some(request) = out.authorize.take() {
+            let (tx, rx) = oneshot::channel();
+            let upward = Upward::Authorize {
+                worker: request.user.as_str().into(),
+                password: request.password.clone(),
+                reply: tx,
+            };
+            let ok = match seat.group.send(upward) {
+                Ok(()) => matches!(timeout(config.upstream.connect_timeout(), rx).await, Ok(Ok(true))),
+                Err(_) => false,
+            };
+            session.on_authorized(request, ok, &mut out);
+        }
+        for forward in out.forward.drain(..) {
+            if seat.group.send(Upward::Share(forward)).is_err() {
+                tracing::warn!("upstream queue full; a share is not forwarded");
+                counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1);
+            }
+        }
+        let pool = session.work().pool.clone();
+        if pool.as_ref().map(|p| p.label.as_str()) != pool_label.as_deref() {
+            pool_label = pool.as_ref().map(|p| Arc::from(p.label.as_str()));
+            handle.info().upstream = pool_label.clone();
+        }
+        let label = pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        for event in out.events.drain(..) {
+            match event {
+                Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
+                Event::Share(outcome) => shared.submissions.record(handle, label, &outcome),
+                Event::Authorized(worker) => {
+                    tracing::Span::current().record("worker", field::display(&worker));
+                    handle.info().worker = Some(worker);
+                }
+                Event::Difficulty(d) => handle.info().difficulty = Some(d),
+                Event::Close(reason) => close = close.or(Some(reason)),
+                Event::ShareForwarded | Event::PoolFault(_) | Event::PoolReconnect { .. } => {}
+            }
+        }
+        handle.set_phase(session.phase(), shared.registry.now_ms());
+        if !out.to_miner.is_empty() {
+            match timeout(server.write_timeout(), writer.write_all(&out.to_miner)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return CloseReason::WriteFailed,
+                Err(_) => {
+                    tracing::info!("write to miner stalled past write_timeout");
+                    return CloseReason::WriteFailed;
+                }
+            }
+            out.to_miner.clear();
+            if out.to_miner.capacity() > 4096 {
+                out.to_miner = Vec::new();
+            }
+        }
+        if let Some(reason) = close {
+            let _ = timeout(server.write_timeout(), writer.shutdown()).await;
+            return reason;
+        }
+    }
+}
+
+fn miner_line(
+    shared: &Shared,
+    handle: &SessionHandle,
+    session: &mut MinerSession,
+    limiter: &mut RateLimiter,
+    line: &[u8],
+    out: &mut Output,
+    close: &mut Option<CloseReason>,
+) {
+    let now = Instant::now();
+    shared.registry.touch(handle);
+    if limiter.allow(now) {
+        session.on_miner_line(line, now, out);
+    } else {
+        tracing::info!("miner past its message rate limit");
+        *close = Some(CloseReason::RateLimited);
+    }
+}

@@ -1,0 +1,270 @@
+//! Aggregate mode: many miners share one pool session.
+//!
+//! Each pool session is a [`group`]: one task that holds the connection to the best healthy
+//! pool, translates its jobs for miners and forwards their shares. A miner joins a group with an
+//! extranonce1 *prefix* P of its own; the group's jobs carry `coinb1 ‖ E1_up` as their coinb1,
+//! so the miner's coinbase is the pool's with extranonce2 = P ‖ en2 (‖ zero padding, which is
+//! put in front of coinb2 when the miner's extranonce2 is shorter than the pool leaves room for).
+//! Because P never depends on the pool, a group moves to another pool with one new difficulty and
+//! one clean job per miner: no miner reconnects.
+//!
+//! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
+//! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
+//! - [`miner`]: one miner's sans-IO session (local answers, vardiff, share checks) and its task.
+
+pub mod group;
+pub mod miner;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::AuthManager;
+use crate::config::Config;
+use crate::prefix::{Prefix, PrefixAllocator};
+use crate::upstream::{Pool, PoolSet};
+
+pub use group::{AggJob, Forward, Group, Upward, Work};
+
+/// What aggregate mode is configured with; fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub prefix_bytes: usize,
+    pub miners_per_upstream: usize,
+    pub max_upstreams: usize,
+    pub worker_passthrough: bool,
+    pub failback_after: Duration,
+    pub job_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_reject_rate: f64,
+}
+
+impl Settings {
+    pub fn new(config: &Config) -> Self {
+        let (a, u) = (&config.aggregate, &config.upstream);
+        Self {
+            prefix_bytes: a.prefix_bytes,
+            miners_per_upstream: a.miners_per_upstream,
+            max_upstreams: a.max_upstreams,
+            worker_passthrough: a.worker_passthrough,
+            failback_after: u.failback_after(),
+            job_timeout: u.job_timeout(),
+            connect_timeout: u.connect_timeout(),
+            max_reject_rate: u.max_reject_rate,
+        }
+    }
+}
+
+/// Why a miner could not be given a seat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no upstream pool available, retry later")]
+    NoUpstream,
+    #[error("proxy full: every upstream session is at aggregate.miners_per_upstream")]
+    Full,
+}
+
+/// What the groups share: the pools, the proxy's job numbering and the shutdown signal.
+#[derive(Debug)]
+pub struct Context {
+    settings: ArcSwap<Settings>,
+    pub pools: Arc<PoolSet>,
+    pub auth: Arc<AuthManager>,
+    /// The next proxy job number; global, so that jobs of two pools never share an id.
+    pub next_job: AtomicU64,
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    /// The settings in force now; a reload may change all but `prefix_bytes`.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+}
+
+/// The groups and the prefixes of the miners in them.
+#[derive(Debug)]
+pub struct Aggregator {
+    context: Arc<Context>,
+    groups: Mutex<Vec<Arc<Group>>>,
+    prefixes: Mutex<PrefixAllocator>,
+    prefix_bytes: usize,
+    tracker: TaskTracker,
+}
+
+/// A miner's place: its group and its prefix, given back when the miner leaves.
+#[derive(Debug)]
+pub struct Seat {
+    pub group: Arc<Group>,
+    pub prefix: Prefix,
+    aggregator: Arc<Aggregator>,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        // The prefix waits out every job its miner could have worked on before anyone reuses it.
+        let newest = self.group.newest_job();
+        self.aggregator.prefixes.lock().unwrap_or_else(|e| e.into_inner()).release(
+            self.prefix,
+            self.group.index,
+            newest,
+        );
+        self.group.leave();
+    }
+}
+
+impl Aggregator {
+    /// Builds the aggregator and opens the first pool session at once, so that the first miner
+    /// finds work waiting and `/ready` reflects the pools.
+    pub fn start(
+        config: &Config,
+        pools: Arc<PoolSet>,
+        auth: Arc<AuthManager>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        let settings = Settings::new(config);
+        let prefixes = PrefixAllocator::new(settings.prefix_bytes);
+        let prefix_bytes = settings.prefix_bytes;
+        let settings = ArcSwap::from_pointee(settings);
+        let context = Arc::new(Context { settings, pools, auth, next_job: AtomicU64::new(1), shutdown });
+        let aggregator = Arc::new(Self {
+            context,
+            groups: Mutex::new(Vec::new()),
+            prefixes: Mutex::new(prefixes),
+            prefix_bytes,
+            tracker,
+        });
+        aggregator.open_group();
+        aggregator
+    }
+
+    fn open_group(&self) -> Arc<Group> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let (group, task) = Group::new(groups.len(), self.context.clone());
+        self.tracker.spawn(task);
+        groups.push(group.clone());
+        group
+    }
+
+    /// The pool sessions open now.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Seats a miner: in the first group with room that has work, else in a new group, and gives
+    /// it a prefix. Waits (up to the connect timeout, twice) for a new group's first job.
+    pub async fn admit(self: &Arc<Self>) -> Result<Seat, Refused> {
+        let group = self.reserve()?;
+        let mut work = group.subscribe();
+        let wait = self.context.settings().connect_timeout * 2;
+        let ready = tokio::time::timeout(wait, work.wait_for(|w| w.is_ready())).await;
+        if !matches!(ready, Ok(Ok(_))) {
+            group.leave();
+            return Err(Refused::NoUpstream);
+        }
+        let groups = self.groups();
+        let prefix = self
+            .prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate(|g| groups.get(g).and_then(|g| g.oldest_job()));
+        match prefix {
+            Some(prefix) => Ok(Seat { group, prefix, aggregator: self.clone() }),
+            None => {
+                group.leave();
+                Err(Refused::Full)
+            }
+        }
+    }
+
+    /// Takes a place in a group: one with work first, then one still connecting, then a new one.
+    fn reserve(&self) -> Result<Arc<Group>, Refused> {
+        let settings = self.context.settings();
+        let cap = settings.miners_per_upstream;
+        let groups = self.groups();
+        for ready in [true, false] {
+            for group in groups.iter().filter(|g| g.is_ready() == ready) {
+                if group.try_join(cap) {
+                    return Ok(group.clone());
+                }
+            }
+        }
+        if groups.len() >= settings.max_upstreams {
+            return Err(Refused::Full);
+        }
+        let group = self.open_group();
+        if group.try_join(cap) {
+            Ok(group)
+        } else {
+            Err(Refused::Full)
+        }
+    }
+
+    /// Puts reloaded settings in force. `aggregate.prefix_bytes` is fixed for the life of the
+    /// process: the miners' extranonce1 depends on it.
+    pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
+        if config.aggregate.prefix_bytes != self.prefix_bytes {
+            return Err("aggregate.prefix_bytes changed, which needs a restart".into());
+        }
+        self.context.settings.store(Arc::new(Settings::new(config)));
+        Ok(())
+    }
+
+    /// True when some group has work for miners.
+    pub fn ready(&self) -> bool {
+        self.groups().iter().any(|g| g.is_ready())
+    }
+
+    /// The pool sessions as `/api/v1/pools` shows them.
+    pub fn sessions(&self) -> Vec<SessionView> {
+        self.groups().iter().map(|g| g.view()).collect()
+    }
+
+    /// Live prefixes and prefixes waiting out their quarantine.
+    pub fn prefixes(&self) -> (usize, usize) {
+        let p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        (p.live(), p.quarantined())
+    }
+
+    /// Miners served through `pool` now.
+    pub fn miners_on(&self, pool: &Pool) -> usize {
+        self.groups().iter().filter(|g| g.pool().is_some_and(|p| std::ptr::eq(&*p, pool))).map(|g| g.members()).sum()
+    }
+}
+
+/// One pool session as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct SessionView {
+    pub session: usize,
+    /// The pool's label, while the session has one.
+    pub pool: Option<String>,
+    pub miners: usize,
+    /// The extranonce2 size miners of this session work with.
+    pub miner_extranonce2_size: usize,
+    pub pool_difficulty: f64,
+    pub jobs: usize,
+}
+
+pub(crate) fn set_gauges(aggregator: &Aggregator) {
+    use crate::metrics as m;
+    let groups = aggregator.groups();
+    metrics::gauge!(m::AGGREGATE_SESSIONS).set(groups.iter().filter(|g| g.pool().is_some()).count() as f64);
+    for g in &groups {
+        metrics::gauge!(m::AGGREGATE_SESSION_MINERS, "session" => g.index.to_string()).set(g.members() as f64);
+    }
+    let (live, quarantined) = aggregator.prefixes();
+    metrics::gauge!(m::AGGREGATE_PREFIXES, "state" => "live").set(live as f64);
+    metrics::gauge!(m::AGGREGATE_PREFIXES, "state" => "quarantined").set(quarantined as f64);
+    for pool in aggregator.context.pools.pools() {
+        let miners = aggregator.miners_on(&pool);
+        let active = groups.iter().any(|g| g.pool().is_some_and(|p| Arc::ptr_eq(&p, &pool)));
+        metrics::gauge!(m::POOL_ACTIVE, "pool" => pool.label.clone()).set(if active { 1.0 } else { 0.0 });
+        metrics::gauge!(m::POOL_MINERS, "pool" => pool.label.clone()).set(miners as f64);
+    }
+}
