@@ -880,7 +880,17 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 19] = [
+        let cases: [(Breaker, &str); 26] = [
+            (|c| c.aggregate.prefix_bytes = 5, "aggregate.prefix_bytes: 5 (must be 1 to 4)"),
+            (
+                |c| c.aggregate.miners_per_upstream = 70_000,
+                "aggregate.miners_per_upstream: 70000 (must be at most 65536",
+            ),
+            (|c| c.aggregate.max_upstreams = 0, "aggregate.max_upstreams: 0"),
+            (|c| c.upstream.max_reject_rate = 0.0, "upstream.max_reject_rate: 0 (must be above 0"),
+            (|c| c.vardiff.min_difficulty = 0.0, "vardiff.min_difficulty: 0 (must be a number greater than zero)"),
+            (|c| c.vardiff.target_shares_per_minute = f64::NAN, "vardiff.target_shares_per_minute: NaN"),
+            (|c| c.vardiff.max_difficulty = 1e-6, "vardiff.max_difficulty: 0.000001 (must be at least"),
             (|c| c.pools.clear(), "use --pool URL or a [[pools]] section"),
             (|c| c.pools.push(pool("http://x")), "pools[1].url: \"http://x\" (unsupported scheme"),
             (
@@ -934,6 +944,20 @@ mod tests {
         assert!(config.server.proxy_protocol_trusted().contains("10.9.8.7".parse().unwrap()));
     }
 
+    /// Difficulties are fractional, and a whole number is taken for one.
+    #[test]
+    fn aggregate_settings_from_file_and_environment() {
+        let c = from_toml("[upstream]\nmode = \"aggregate\"\n[vardiff]\nstart_difficulty = 2\nmin_difficulty = 1e-9\n")
+            .unwrap();
+        assert_eq!(c.upstream.mode, Mode::Aggregate);
+        assert_eq!((c.vardiff.start_difficulty, c.vardiff.min_difficulty), (2.0, 1e-9));
+        let c = layered(None, env(&[("LOKA_VARDIFF__MAX_DIFFICULTY", "0.5"), ("LOKA_UPSTREAM__MODE", "aggregate")]))
+            .unwrap();
+        assert_eq!((c.vardiff.max_difficulty, c.upstream.mode), (0.5, Mode::Aggregate));
+        let e = layered(None, env(&[("LOKA_VARDIFF__MAX_DIFFICULTY", "big")])).unwrap_err().to_string();
+        assert!(e.contains("expected a number"), "{e}");
+    }
+
     #[test]
     fn layer_errors_name_key_and_value() {
         let cases = [
@@ -951,6 +975,9 @@ mod tests {
             ),
             ("[server]\nproxy_protocol_trusted = [8]\n", "server.proxy_protocol_trusted[0]: 8 (expected a string"),
             ("[server\n", "cannot parse test.toml"),
+            ("[vardiff]\nmin_difficulty = \"low\"\n", "vardiff.min_difficulty: \"low\" (expected a number"),
+            ("[vardiff]\nmin_difficulty = -1.5\n", "vardiff.min_difficulty: -1.5 (must be a finite number"),
+            ("[upstream]\nmode = \"pooled\"\n", "upstream.mode: \"pooled\""),
         ];
         for (text, expected) in cases {
             let message = from_toml(text).expect_err(text).to_string();

@@ -330,3 +330,66 @@ async fn worker_passthrough_authorizes_and_submits_each_worker_upstream() {
     assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_that_leave_too_little_extranonce2_are_refused_for_aggregation() {
+    // 3 bytes leave 1 beside the 2-byte prefix: not enough to roll.
+    let narrow = MockPool::start(validating(3, 1e-12)).await;
+    let wide = MockPool::start(validating(8, 1e-12)).await;
+    let proxy = spawn_proxy(config(&[&narrow, &wide], 1e-12)).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    let share = miner.any_share();
+    accepted(&mut miner, "farm.rig1", &share).await;
+    assert!(eventually(WAIT, || async { wide.accepted() == 1 }).await);
+    assert_eq!(narrow.submits().len(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_rejects_most_shares_is_failed_over() {
+    let primary = MockPool::start(validating(8, 1e-12)).await;
+    let backup = MockPool::start(validating(8, 1e-12)).await;
+    primary.set_submit_replies(SubmitReplies::Reject);
+    let proxy = spawn_proxy(config(&[&primary, &backup], 1e-12)).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    // 20 verdicts make a rate; all rejected is over the default bound of 0.5.
+    for _ in 0..20 {
+        let share = miner.any_share();
+        accepted(&mut miner, "farm.rig1", &share).await;
+    }
+    assert!(wait_clean_job(&mut miner, Duration::from_secs(5)).await.is_some(), "moved to the backup");
+    let share = miner.any_share();
+    accepted(&mut miner, "farm.rig1", &share).await;
+    assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
+    assert!(!miner.closed);
+    let (_, text) = proxy.http_get("/metrics").await;
+    let rejected = metric(&text, "loka_upstream_shares_total", &[("pool", &primary.label()), ("result", "rejected")]);
+    assert_eq!(rejected, Some(20.0));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_sends_no_job_within_job_timeout_is_failed_over() {
+    // The primary sends one job and then nothing; the backup a job every 200 ms.
+    let primary = MockPool::start(validating(8, 1e-12)).await;
+    let backup = MockPool::start(validating(8, 1e-12)).await;
+    let mut c = config(&[&primary, &backup], 1e-12);
+    c.upstream.job_timeout = 1;
+    let proxy = spawn_proxy(c).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    let started = tokio::time::Instant::now();
+    let mut moved = false;
+    while !moved && started.elapsed() < Duration::from_secs(10) {
+        backup.new_job();
+        moved = wait_clean_job(&mut miner, Duration::from_millis(200)).await.is_some() && backup.connections() == 1;
+    }
+    assert!(moved, "the silent primary was left for the backup");
+    let share = miner.any_share();
+    accepted(&mut miner, "farm.rig1", &share).await;
+    assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
+    assert!(!miner.closed);
+    proxy.shutdown().await;
+}

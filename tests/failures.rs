@@ -4,6 +4,7 @@ mod support;
 
 use std::time::Duration;
 
+use loka_stratum::config::PoolConfig;
 use serde_json::{json, Value};
 use support::*;
 
@@ -157,5 +158,32 @@ async fn readiness_follows_a_pool_that_dies() {
     assert!(not_ready, "/ready still 200 after the pool died");
     let (_, text) = proxy.http_get("/metrics").await;
     assert_eq!(metric(&text, "loka_pool_up", &[("pool", &pool.label())]), Some(0.0));
+    proxy.shutdown().await;
+}
+
+/// Passthrough mode: a miner whose pool died is closed, and its next session goes to the best
+/// pool that is up.
+#[tokio::test]
+async fn passthrough_miners_of_a_dead_pool_reconnect_to_the_backup() {
+    let mut primary = MockPool::start(PoolOptions::default()).await;
+    let backup = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(primary.addr);
+    config.pools.push(PoolConfig {
+        url: backup.url(),
+        user: "acct".into(),
+        password: "pw".into(),
+        ..PoolConfig::default()
+    });
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    primary.kill().await;
+    assert!(miner.expect_closed(Duration::from_secs(5)).await, "the miner is closed to reconnect fresh");
+    let mut again = proxy.miner().await;
+    again.handshake("farm.rig1").await;
+    let share = again.any_share();
+    let id = again.submit("farm.rig1", &share).await;
+    assert_eq!(again.wait_reply(&id).await.unwrap()["result"], json!(true));
+    assert_eq!(backup.accepted(), 1, "the new session went to the backup");
     proxy.shutdown().await;
 }

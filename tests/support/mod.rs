@@ -167,6 +167,8 @@ pub enum SubmitReplies {
     Immediate,
     Delay(Duration),
     Never,
+    /// Every submit is answered `[23, "Low difficulty share", null]`.
+    Reject,
 }
 
 #[derive(Debug, Clone)]
@@ -507,6 +509,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
             };
             match *state.submit_replies.lock().unwrap() {
                 SubmitReplies::Immediate => send(line),
+                SubmitReplies::Reject => send(error_reply(&id, 23, "Low difficulty share")),
                 SubmitReplies::Delay(d) => {
                     let out = out.clone();
                     tokio::spawn(async move {
