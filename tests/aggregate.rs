@@ -283,14 +283,15 @@ async fn a_backup_with_less_extranonce2_gets_set_extranonce_or_reconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suggest_difficulty_is_clamped_and_never_disconnects() {
     let pool = MockPool::start(validating(8, 1.0)).await;
-    let mut c = config(&[&pool], 1e-4);
-    c.vardiff.min_difficulty = 1e-6;
-    c.vardiff.max_difficulty = 1e-3;
+    // Bounds low enough for the test miner to grind at them (difficulty 1e-6: ~4,300 hashes).
+    let mut c = config(&[&pool], 1e-7);
+    c.vardiff.min_difficulty = 1e-8;
+    c.vardiff.max_difficulty = 1e-6;
     let proxy = spawn_proxy(c).await;
     let mut miner = proxy.miner().await;
     miner.handshake("farm.rig1").await;
-    assert_eq!(miner.difficulty, 1e-4);
-    for (suggested, expected) in [(1e-9, 1e-6), (100.0, 1e-3), (5e-5, 5e-5)] {
+    assert_eq!(miner.difficulty, 1e-7);
+    for (suggested, expected) in [(1e-12, 1e-8), (100.0, 1e-6), (5e-7, 5e-7)] {
         let id = miner.request("mining.suggest_difficulty", json!([suggested])).await;
         assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], json!(true));
         // The new difficulty comes with a job it applies from.
@@ -390,6 +391,25 @@ async fn a_pool_that_sends_no_job_within_job_timeout_is_failed_over() {
     let share = miner.any_share();
     accepted(&mut miner, "farm.rig1", &share).await;
     assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
+    assert!(!miner.closed);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_reconnect_moves_the_session_without_touching_miners() {
+    let pool = MockPool::start(validating(8, 1e-12)).await;
+    let proxy = spawn_proxy(config(&[&pool], 1e-12)).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    let old = miner.any_share();
+    assert_eq!(pool.broadcast(r#"{"id":null,"method":"client.reconnect","params":[]}"#), 1);
+    assert!(wait_clean_job(&mut miner, Duration::from_secs(5)).await.is_some(), "a job of the new session");
+    let id = miner.submit("farm.rig1", &old).await;
+    assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 21, "the old session's job is stale");
+    let share = miner.any_share();
+    accepted(&mut miner, "farm.rig1", &share).await;
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await);
+    assert_eq!(pool.rejected(), 0);
     assert!(!miner.closed);
     proxy.shutdown().await;
 }

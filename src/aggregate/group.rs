@@ -284,6 +284,11 @@ enum Step {
     Changed {
         extranonce: bool,
     },
+    /// `client.reconnect`: this session ends; the next one may use the port the pool gave.
+    Reconnect {
+        host: Option<String>,
+        port: Option<u16>,
+    },
 }
 
 impl PoolSession {
@@ -326,6 +331,7 @@ impl PoolSession {
                 Ok(None) => return Err("the pool closed the connection".into()),
             };
             match s.on_line(&line, &mut buf, Instant::now()) {
+                Ok(Step::Reconnect { .. }) => return Err("the pool asked for a reconnect during the handshake".into()),
                 Ok(Step::Job(n)) => {
                     if n.clean_jobs {
                         s.early_jobs.clear();
@@ -440,10 +446,7 @@ impl PoolSession {
                 self.extranonce2_size = extranonce2_size;
                 Step::Changed { extranonce: true }
             }
-            PoolMessage::Reconnect { host, port, .. } => {
-                self.pool.reconnect_requested(host.as_deref(), port, false);
-                return Err("the pool asked for a reconnect");
-            }
+            PoolMessage::Reconnect { host, port, .. } => Step::Reconnect { host, port },
             PoolMessage::GetVersion { id } => {
                 write::result(buf, &id, &VERSION);
                 Step::Nothing
@@ -736,6 +739,10 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                 match session.on_line(&line, &mut buf, Instant::now()) {
                     Err(fault) => return End::Fault(fault),
                     Ok(Step::Nothing) => {}
+                    Ok(Step::Reconnect { host, port }) => {
+                        session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
+                        return End::Lost("the pool asked for a reconnect");
+                    }
                     Ok(Step::Job(n)) => {
                         let difficulty = session.difficulty;
                         add_job(group, state, session, n, difficulty);

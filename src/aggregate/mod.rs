@@ -42,6 +42,7 @@ pub struct Settings {
     pub job_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_reject_rate: f64,
+    pub allow_pool_redirect: bool,
 }
 
 impl Settings {
@@ -56,6 +57,7 @@ impl Settings {
             job_timeout: u.job_timeout(),
             connect_timeout: u.connect_timeout(),
             max_reject_rate: u.max_reject_rate,
+            allow_pool_redirect: u.allow_pool_redirect,
         }
     }
 }
