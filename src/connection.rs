@@ -25,7 +25,7 @@ use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, Mode};
 use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
-use crate::registry::{CloseReason, ConnectionManager, Control, Phase, Registration, SessionHandle};
+use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
 use crate::upstream::{AsyncStream, NoUpstream, PoolSet, Upstream};
@@ -85,12 +85,11 @@ impl Shared {
 const READ_BUFFER: usize = 512;
 
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
-pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, mut registration: Registration) {
+pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, registration: Registration) {
     let stream: MinerStream = Box::new(stream);
     let handle = registration.handle.clone();
-    let control = registration.take_control();
     let span = tracing::info_span!("miner", peer = %handle.peer, session = handle.id, worker = field::Empty);
-    let reason = run(&shared, stream, &handle, control).instrument(span.clone()).await;
+    let reason = run(&shared, stream, &handle).instrument(span.clone()).await;
     span.in_scope(|| match reason {
         CloseReason::MinerClosed | CloseReason::Shutdown => tracing::debug!(reason = reason.as_str(), "closed"),
         _ => tracing::info!(reason = reason.as_str(), "closed"),
@@ -100,29 +99,24 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, mut 
     drop(registration);
 }
 
-async fn run(
-    shared: &Shared,
-    stream: MinerStream,
-    handle: &SessionHandle,
-    mut control: mpsc::Receiver<Control>,
-) -> CloseReason {
+async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> CloseReason {
     let config = shared.config();
     let server = &config.server;
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
 
     // Until the first line, a connection holds only this small future and its read half.
-    let first = match first_line(shared, handle, &mut reader, &mut control).await {
+    let first = match first_line(shared, handle, &mut reader).await {
         Ok(first) => first,
         Err(reason) => return reason,
     };
     if let Some(aggregator) = &shared.aggregator {
-        let serve = crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer, first, control);
+        let serve = crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer, first);
         return Box::pin(serve).await;
     }
     let link = tokio::select! {
         biased;
-        Some(Control::Close(reason)) = control.recv() => return reason,
+        reason = handle.closed() => return reason,
         _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
         link = Box::pin(shared.pools.connect()) => link,
     };
@@ -144,7 +138,7 @@ async fn run(
                 out: Output::default(),
             };
             // Boxed, so the session's state is allocated only for connections that get one.
-            Box::pin(driver.run(first, control)).await
+            Box::pin(driver.run(first)).await
         }
     };
     outbox.close().await;
@@ -157,11 +151,10 @@ async fn first_line(
     shared: &Shared,
     handle: &SessionHandle,
     reader: &mut MinerReader,
-    control: &mut mpsc::Receiver<Control>,
 ) -> Result<BytesMut, CloseReason> {
     let first = tokio::select! {
         biased;
-        Some(Control::Close(reason)) = control.recv() => return Err(reason),
+        reason = handle.closed() => return Err(reason),
         _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
         line = reader.next() => line,
     };
@@ -312,7 +305,7 @@ struct Driver<'a, U: Upstream> {
 }
 
 impl<U: Upstream> Driver<'_, U> {
-    async fn run(mut self, first: BytesMut, mut control: mpsc::Receiver<Control>) -> CloseReason {
+    async fn run(mut self, first: BytesMut) -> CloseReason {
         let pool = self.link.pool().config.clone();
         let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
         let started = Instant::now();
@@ -331,7 +324,7 @@ impl<U: Upstream> Driver<'_, U> {
             } else {
                 tokio::select! {
                     biased;
-                    Some(Control::Close(reason)) = control.recv() => {
+                    reason = self.handle.closed() => {
                         session.on_miner_closing(&mut self.out);
                         close = Some(reason);
                     }

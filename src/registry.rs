@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::submissions::WorkerStats;
@@ -70,12 +69,6 @@ impl CloseReason {
     }
 }
 
-/// What other tasks may ask of a session.
-#[derive(Debug)]
-pub enum Control {
-    Close(CloseReason),
-}
-
 /// Where a session is in its life, as the cleanup task and the API see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -110,8 +103,10 @@ pub struct SessionHandle {
     /// Milliseconds since the registry's epoch when the session reached its current phase.
     phase_since_ms: AtomicU64,
     phase: AtomicU8,
-    /// Bounded: a session only ever needs one pending close.
-    control: mpsc::Sender<Control>,
+    /// A close asked for by another task: 0 for none, else 1 + the reason's index in
+    /// [`CloseReason::ALL`]. The first request wins; `close_signal` wakes the session.
+    close_reason: AtomicU8,
+    close_signal: tokio::sync::Notify,
     /// Rarely written, briefly locked: the worker name, the upstream and the share statistics.
     info: Mutex<SessionInfo>,
 }
@@ -146,9 +141,31 @@ impl SessionHandle {
         self.info.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Asks the session to close; a close already queued makes this one redundant.
+    /// Asks the session to close; a close already asked for makes this one redundant.
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.control.try_send(Control::Close(reason));
+        let code = CloseReason::ALL.iter().position(|r| *r == reason).expect("every reason is in ALL") as u8 + 1;
+        if self.close_reason.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // Stores a permit when the session is not waiting, so the request is never lost.
+            self.close_signal.notify_one();
+        }
+    }
+
+    /// The close another task asked for, if any.
+    pub fn close_requested(&self) -> Option<CloseReason> {
+        match self.close_reason.load(Ordering::Acquire) {
+            0 => None,
+            code => CloseReason::ALL.get(usize::from(code) - 1).copied(),
+        }
+    }
+
+    /// Resolves when another task asks the session to close. Cancel-safe.
+    pub async fn closed(&self) -> CloseReason {
+        loop {
+            if let Some(reason) = self.close_requested() {
+                return reason;
+            }
+            self.close_signal.notified().await;
+        }
     }
 }
 
@@ -235,7 +252,6 @@ impl ConnectionManager {
         *n += 1;
         drop(n);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (control, control_rx) = mpsc::channel(1);
         let handle = Arc::new(SessionHandle {
             id,
             peer,
@@ -244,11 +260,12 @@ impl ConnectionManager {
             last_activity_ms: AtomicU64::new(self.now_ms()),
             phase_since_ms: AtomicU64::new(self.now_ms()),
             phase: AtomicU8::new(Phase::Connecting as u8),
-            control,
+            close_reason: AtomicU8::new(0),
+            close_signal: tokio::sync::Notify::new(),
             info: Mutex::new(SessionInfo::default()),
         });
         self.sessions.insert(id, handle.clone());
-        Ok(Registration { manager: self.clone(), handle, control_rx: Some(control_rx) })
+        Ok(Registration { manager: self.clone(), handle })
     }
 
     pub fn len(&self) -> usize {
@@ -318,13 +335,6 @@ impl ConnectionManager {
 pub struct Registration {
     manager: Arc<ConnectionManager>,
     pub handle: Arc<SessionHandle>,
-    control_rx: Option<mpsc::Receiver<Control>>,
-}
-
-impl Registration {
-    pub fn take_control(&mut self) -> mpsc::Receiver<Control> {
-        self.control_rx.take().expect("the control receiver is taken once")
-    }
 }
 
 impl Drop for Registration {
@@ -372,31 +382,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn eviction_by_handshake_and_idle() {
         let m = Arc::new(ConnectionManager::new(10, 0));
-        let mut fresh = m.register(peer()).unwrap();
-        let mut subscribed = m.register(peer()).unwrap();
+        let fresh = m.register(peer()).unwrap();
+        let subscribed = m.register(peer()).unwrap();
         subscribed.handle.set_phase(Phase::Authorized, m.now_ms());
-        let (mut rx_fresh, mut rx_sub) = (fresh.take_control(), subscribed.take_control());
 
         tokio::time::advance(Duration::from_secs(14)).await;
         assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 1);
-        assert!(matches!(rx_fresh.try_recv(), Ok(Control::Close(CloseReason::Handshake))));
+        assert_eq!(fresh.handle.close_requested(), Some(CloseReason::Handshake));
 
         m.touch(&subscribed.handle);
         tokio::time::advance(Duration::from_secs(599)).await;
         m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
-        assert!(rx_sub.try_recv().is_err());
+        assert_eq!(subscribed.handle.close_requested(), None);
         tokio::time::advance(Duration::from_secs(1)).await;
         m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
-        assert!(matches!(rx_sub.try_recv(), Ok(Control::Close(CloseReason::Idle))));
+        assert_eq!(subscribed.handle.closed().await, CloseReason::Idle);
     }
 
     #[tokio::test(start_paused = true)]
     async fn authorize_deadline_runs_from_subscribe() {
         let m = Arc::new(ConnectionManager::new(10, 0));
-        let mut r = m.register(peer()).unwrap();
-        let mut rx = r.take_control();
+        let r = m.register(peer()).unwrap();
         let evict = || m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
         tokio::time::advance(Duration::from_secs(10)).await;
         r.handle.set_phase(Phase::Subscribed, m.now_ms());
@@ -404,6 +412,9 @@ mod tests {
         assert_eq!(evict(), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(evict(), 1);
-        assert!(matches!(rx.try_recv(), Ok(Control::Close(CloseReason::AuthorizeTimeout))));
+        assert_eq!(r.handle.close_requested(), Some(CloseReason::AuthorizeTimeout));
+        // The first request wins.
+        r.handle.close(CloseReason::Idle);
+        assert_eq!(r.handle.closed().await, CloseReason::AuthorizeTimeout);
     }
 }

@@ -44,8 +44,9 @@ const READ_BUFFER: usize = 1024;
 /// One miner's own TCP connection to a pool.
 pub struct PoolLink {
     pool: Arc<Pool>,
-    reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
-    writer: WriteHalf<PoolStream>,
+    /// Apart, so that a task may read and write at once (see `aggregate::group`).
+    pub(crate) reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
+    pub(crate) writer: WriteHalf<PoolStream>,
 }
 
 /// A byte stream to a pool: TCP, or TLS over TCP.

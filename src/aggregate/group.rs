@@ -14,8 +14,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use metrics::{counter, histogram};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
@@ -44,6 +46,8 @@ const REJECT_WINDOW: usize = 100;
 const REJECT_WINDOW_MIN: usize = 20;
 /// Distinct workers a group authorizes upstream with `worker_passthrough`.
 const MAX_WORKERS: usize = 65_536;
+/// Bytes waiting for the pool to read them before the group stops taking shares from miners.
+const MAX_UNWRITTEN: usize = 1 << 20;
 /// How often a group looks for a better pool to fail back to, and waits while no pool is usable.
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -714,20 +718,38 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut better: Option<Handshake> = None;
+    // Bytes of `buf` already written. The pool is read while a write waits: a pool that blocks
+    // on writing its replies must still have them read, or both ends would wait forever.
+    let mut written = 0;
+    // A TLS stream may keep what it accepted buffered until flushed.
+    let mut unflushed = false;
     loop {
-        if !buf.is_empty() {
-            if let Err(e) = session.link.send(&buf).await {
-                tracing::info!(pool = %session.pool.label, error = %e, "write to pool failed");
-                return End::Lost("write failed");
-            }
-            buf.clear();
-        }
         let settings = context.settings();
         let job_deadline = session.last_notify + settings.job_timeout;
         tokio::select! {
             biased;
             _ = context.shutdown.cancelled() => return End::Shutdown,
-            line = session.link.next_line() => {
+            // One write, or a flush once everything is written: each is cancel-safe.
+            io = async {
+                let writer = &mut session.link.writer;
+                if written < buf.len() { writer.write(&buf[written..]).await.map(Some) } else { writer.flush().await.map(|()| None) }
+            }, if written < buf.len() || unflushed => match io {
+                Ok(Some(0)) => return End::Lost("write failed"),
+                Ok(Some(n)) => {
+                    written += n;
+                    unflushed = true;
+                    if written == buf.len() {
+                        buf.clear();
+                        written = 0;
+                    }
+                }
+                Ok(None) => unflushed = false,
+                Err(e) => {
+                    tracing::info!(pool = %session.pool.label, error = %e, "write to pool failed");
+                    return End::Lost("write failed");
+                }
+            },
+            line = session.link.reader.next() => {
                 let line = match line {
                     Some(Ok(line)) => line,
                     Some(Err(FrameError::TooLong(_))) => {
@@ -771,7 +793,8 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     return End::Fault("too many submits unanswered");
                 }
             }
-            Some(up) = rx.recv() => {
+            // While the pool is slow to read, shares wait in the queue (and past it are refused).
+            Some(up) = rx.recv(), if buf.len() - written < MAX_UNWRITTEN => {
                 let now = Instant::now();
                 handle(group, state, session, &mut buf, up, now);
                 // Take what else is queued, so that one write carries many shares.

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use metrics::{counter, SharedString};
 use serde_json::json;
 use tokio::io::{AsyncWriteExt, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::field;
 
@@ -25,7 +25,7 @@ use crate::jobs::ShareKey;
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::{code, parse_hex_u32, write, Id, ParseError};
-use crate::registry::{CloseReason, Control, Phase, SessionHandle};
+use crate::registry::{CloseReason, Phase, SessionHandle};
 use crate::session::Event;
 use crate::share::{meets, target_from_difficulty};
 use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext, ShareOutcome};
@@ -408,12 +408,11 @@ pub async fn serve(
     mut reader: MinerReader,
     mut writer: WriteHalf<MinerStream>,
     first: BytesMut,
-    mut control: mpsc::Receiver<Control>,
 ) -> CloseReason {
     let server = &config.server;
     let admitted = tokio::select! {
         biased;
-        Some(Control::Close(reason)) = control.recv() => return reason,
+        reason = handle.closed() => return reason,
         _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
         seat = aggregator.admit() => seat,
     };
@@ -458,7 +457,7 @@ pub async fn serve(
         } else {
             tokio::select! {
                 biased;
-                Some(Control::Close(reason)) = control.recv() => close = Some(reason),
+                reason = handle.closed() => close = Some(reason),
                 _ = shared.shutdown.cancelled() => close = Some(CloseReason::Shutdown),
                 changed = work.changed() => match changed {
                     Ok(()) => {
@@ -534,10 +533,8 @@ pub async fn serve(
                     return CloseReason::WriteFailed;
                 }
             }
-            out.to_miner.clear();
-            if out.to_miner.capacity() > 4096 {
-                out.to_miner = Vec::new();
-            }
+            // Freed, not kept: most miners are idle between jobs, and a kept buffer is per miner.
+            out.to_miner = Vec::new();
         }
         if let Some(reason) = close {
             let _ = timeout(server.write_timeout(), writer.shutdown()).await;

@@ -142,12 +142,12 @@ impl Aggregator {
             prefix_bytes,
             tracker,
         });
-        aggregator.open_group();
+        aggregator.open_group(&mut aggregator.groups.lock().unwrap_or_else(|e| e.into_inner()));
         aggregator
     }
 
-    fn open_group(&self) -> Arc<Group> {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+    /// Opens a group; the caller holds the groups' lock.
+    fn open_group(&self, groups: &mut Vec<Arc<Group>>) -> Arc<Group> {
         let (group, task) = Group::new(groups.len(), self.context.clone());
         self.tracker.spawn(task);
         groups.push(group.clone());
@@ -186,21 +186,20 @@ impl Aggregator {
     }
 
     /// Takes a place in a group: one with work first, then one still connecting, then a new one.
+    /// Under the groups' lock, so that miners arriving together open one new group, not several.
     fn reserve(&self) -> Result<Arc<Group>, Refused> {
         let settings = self.context.settings();
         let cap = settings.miners_per_upstream;
-        let groups = self.groups();
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         for ready in [true, false] {
-            for group in groups.iter().filter(|g| g.is_ready() == ready) {
-                if group.try_join(cap) {
-                    return Ok(group.clone());
-                }
+            if let Some(group) = groups.iter().find(|g| g.is_ready() == ready && g.try_join(cap)) {
+                return Ok(group.clone());
             }
         }
         if groups.len() >= settings.max_upstreams {
             return Err(Refused::Full);
         }
-        let group = self.open_group();
+        let group = self.open_group(&mut groups);
         if group.try_join(cap) {
             Ok(group)
         } else {
