@@ -82,7 +82,7 @@ impl Shared {
 }
 
 /// Read buffer a miner connection starts with; it grows to the line cap only when a line needs it.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
 pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, registration: Registration) {
@@ -101,19 +101,28 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, regi
 
 async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> CloseReason {
     let config = shared.config();
-    let server = &config.server;
     let (reader, writer) = tokio::io::split(stream);
-    let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
+    let reader = FramedRead::with_capacity(reader, LineCodec::new(config.server.max_line_bytes), READ_BUFFER);
+    // Each mode's state lives inline in this task, so an idle miner costs one allocation of it.
+    match &shared.aggregator {
+        Some(aggregator) => crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer).await,
+        None => passthrough(shared, &config, handle, reader, writer).await,
+    }
+}
 
+async fn passthrough(
+    shared: &Shared,
+    config: &Arc<Config>,
+    handle: &SessionHandle,
+    mut reader: MinerReader,
+    writer: WriteHalf<MinerStream>,
+) -> CloseReason {
+    let server = &config.server;
     // Until the first line, a connection holds only this small future and its read half.
     let first = match first_line(shared, handle, &mut reader).await {
         Ok(first) => first,
         Err(reason) => return reason,
     };
-    if let Some(aggregator) = &shared.aggregator {
-        let serve = crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer, first);
-        return Box::pin(serve).await;
-    }
     let link = tokio::select! {
         biased;
         reason = handle.closed() => return reason,
@@ -147,7 +156,7 @@ async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> Cl
 
 /// Waits for the miner's first line; only then does the session get a pool. A socket that never
 /// speaks costs the pool nothing, and the accept loop never waits on a pool: this task does.
-async fn first_line(
+pub(crate) async fn first_line(
     shared: &Shared,
     handle: &SessionHandle,
     reader: &mut MinerReader,

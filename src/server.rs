@@ -332,9 +332,14 @@ async fn serve_proxied(
 /// Serves a registered connection, after its TLS handshake on the TLS listener. A handshake
 /// that fails or outlasts `handshake_timeout` closes the connection and is counted.
 async fn serve(shared: Arc<Shared>, stream: TcpStream, registration: Registration, tls: Option<TlsAcceptor>) {
-    let Some(acceptor) = tls else {
-        return connection::serve(shared, stream, registration).await;
-    };
+    match tls {
+        None => connection::serve(shared, stream, registration).await,
+        // Boxed: the TLS handshake's state is large, and a plain connection's task must not carry it.
+        Some(acceptor) => Box::pin(serve_tls(shared, stream, registration, acceptor)).await,
+    }
+}
+
+async fn serve_tls(shared: Arc<Shared>, stream: TcpStream, registration: Registration, acceptor: TlsAcceptor) {
     let deadline = shared.config().server.handshake_timeout();
     let handshake = tokio::select! {
         biased;

@@ -8,7 +8,6 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, SharedString};
 use serde_json::json;
@@ -20,7 +19,7 @@ use tracing::field;
 use super::{AggJob, Aggregator, Forward, Refused, Upward, Work};
 use crate::codec::FrameError;
 use crate::config::Config;
-use crate::connection::{MinerReader, MinerStream, RateLimiter, Shared};
+use crate::connection::{first_line, MinerReader, MinerStream, RateLimiter, Shared};
 use crate::jobs::ShareKey;
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
@@ -217,6 +216,7 @@ impl MinerSession {
             return reply_error(out, &request.id, code::UNAUTHORIZED, "Unauthorized worker");
         }
         let passthrough = self.worker_passthrough.then(|| Arc::from(request.user.as_str()));
+        self.workers.reserve_exact(1);
         self.workers.push(Worker { name: request.user.clone().into_boxed_str(), passthrough });
         reply(out, &request.id, &true);
         out.events.push(Event::Authorized(request.user));
@@ -407,9 +407,13 @@ pub async fn serve(
     handle: &SessionHandle,
     mut reader: MinerReader,
     mut writer: WriteHalf<MinerStream>,
-    first: BytesMut,
 ) -> CloseReason {
     let server = &config.server;
+    // A socket that never speaks costs no seat and no prefix.
+    let first = match first_line(shared, handle, &mut reader).await {
+        Ok(first) => first,
+        Err(reason) => return reason,
+    };
     let admitted = tokio::select! {
         biased;
         reason = handle.closed() => return reason,
@@ -498,7 +502,7 @@ pub async fn serve(
             };
             session.on_authorized(request, ok, &mut out);
         }
-        for forward in out.forward.drain(..) {
+        for forward in std::mem::take(&mut out.forward) {
             if seat.group.send(Upward::Share(forward)).is_err() {
                 tracing::warn!("upstream queue full; a share is not forwarded");
                 counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1);
@@ -510,7 +514,7 @@ pub async fn serve(
             handle.info().upstream = pool_label.clone();
         }
         let label = pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
-        for event in out.events.drain(..) {
+        for event in std::mem::take(&mut out.events) {
             match event {
                 Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
                 Event::Share(outcome) => shared.submissions.record(handle, label, &outcome),
