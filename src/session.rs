@@ -19,7 +19,7 @@ use crate::jobs::{JobBook, Lookup};
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::pool::{self, PoolMessage};
-use crate::protocol::{code, verdict, write, Id, ParseError};
+use crate::protocol::{code, verdict, write, Id};
 use crate::registry::{CloseReason, Phase};
 use crate::submissions::{self, LocalReject, RejectReason, ShareContext, ShareOutcome, ValidShare};
 
@@ -29,6 +29,43 @@ pub const MAX_PENDING: usize = 256;
 
 /// Consecutive malformed lines that close the connection.
 const MALFORMED_STREAK_CLOSE: u8 = 2;
+
+/// The first step of every miner line, in either mode: parse it, count it, and answer a
+/// malformed one, closing on the second in a row.
+#[derive(Debug, Default)]
+pub struct MinerInput {
+    malformed_streak: u8,
+}
+
+impl MinerInput {
+    /// The request in `line`, if it is one. A reply (a line without a method) is ignored; a
+    /// malformed line gets error 20, with its id when that could be read.
+    pub fn parse<'a>(
+        &mut self,
+        line: &'a [u8],
+        to_miner: &mut Vec<u8>,
+        events: &mut Vec<Event>,
+    ) -> Option<miner::Request<'a>> {
+        match miner::parse(line) {
+            Ok(MinerMessage::Request(request)) => {
+                self.malformed_streak = 0;
+                let method = m::method_label(&request.method);
+                counter!(m::MESSAGES, "method" => method, "direction" => "from_miner").increment(1);
+                Some(request)
+            }
+            Ok(MinerMessage::Response { .. }) => None,
+            Err(e) => {
+                counter!(m::MALFORMED, "source" => "miner").increment(1);
+                write::error(to_miner, &e.id.unwrap_or_else(Id::null), code::OTHER, &e.kind.to_string());
+                self.malformed_streak += 1;
+                if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
+                    events.push(Event::Close(CloseReason::Malformed));
+                }
+                None
+            }
+        }
+    }
+}
 
 pub const VERSION: &str = concat!("loka-stratum/", env!("CARGO_PKG_VERSION"));
 
@@ -116,7 +153,7 @@ pub struct Session {
     extranonce1: Vec<u8>,
     extranonce2_size: usize,
     version_mask: Option<u32>,
-    malformed_streak: u8,
+    input: MinerInput,
 }
 
 impl Session {
@@ -135,7 +172,7 @@ impl Session {
             extranonce1: Vec::new(),
             extranonce2_size: 0,
             version_mask: None,
-            malformed_streak: 0,
+            input: MinerInput::default(),
         }
     }
 
@@ -172,13 +209,7 @@ impl Session {
 
     /// One line from the miner.
     pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
-        let request = match miner::parse(line) {
-            Ok(MinerMessage::Request(r)) => r,
-            Ok(MinerMessage::Response { .. }) => return,
-            Err(e) => return self.malformed(e, out),
-        };
-        self.malformed_streak = 0;
-        counter!(m::MESSAGES, "method" => m::method_label(&request.method), "direction" => "from_miner").increment(1);
+        let Some(request) = self.input.parse(line, &mut out.to_miner, &mut out.events) else { return };
 
         if self.pending.len() >= MAX_PENDING {
             if let Some(id) = (!request.id.is_null()).then_some(&request.id) {
@@ -280,16 +311,6 @@ impl Session {
 
     fn track(&mut self, upstream_id: u64, miner_id: Option<Id>, kind: Pending, now: Instant) {
         self.pending.insert(upstream_id, InFlight { miner_id, kind, sent_at: now });
-    }
-
-    fn malformed(&mut self, e: ParseError, out: &mut Output) {
-        counter!(m::MALFORMED, "source" => "miner").increment(1);
-        let id = e.id.unwrap_or_else(Id::null);
-        write::error(&mut out.to_miner, &id, code::OTHER, &e.kind.to_string());
-        self.malformed_streak += 1;
-        if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
-            out.events.push(Event::Close(CloseReason::Malformed));
-        }
     }
 
     /// One line from the pool.

@@ -23,9 +23,9 @@ use crate::connection::{first_line, MinerReader, MinerStream, RateLimiter, Share
 use crate::jobs::ShareKey;
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
-use crate::protocol::{code, parse_hex_u32, write, Id, ParseError};
+use crate::protocol::{code, parse_hex_u32, write, Id};
 use crate::registry::{CloseReason, Phase, SessionHandle};
-use crate::session::Event;
+use crate::session::{Event, MinerInput};
 use crate::share::{meets, target_from_difficulty};
 use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext, ShareOutcome};
 use crate::vardiff::{Vardiff, VardiffConfig};
@@ -34,8 +34,6 @@ use crate::vardiff::{Vardiff, VardiffConfig};
 const MAX_SENT: usize = 8;
 /// Workers one connection may authorize.
 const MAX_WORKERS: usize = 16;
-/// Consecutive malformed lines that close the connection.
-const MALFORMED_STREAK_CLOSE: u8 = 2;
 
 /// What one step produced: bytes for the miner, events for the registry and the managers, shares
 /// for the pool and, with `worker_passthrough`, an authorize for the group to ask the pool.
@@ -88,7 +86,7 @@ pub struct MinerSession {
     seen: HashSet<(u64, ShareKey)>,
     work: Arc<Work>,
     worker_passthrough: bool,
-    malformed_streak: u8,
+    input: MinerInput,
 }
 
 /// The job id a miner sees.
@@ -126,7 +124,7 @@ impl MinerSession {
             seen: HashSet::new(),
             work,
             worker_passthrough,
-            malformed_streak: 0,
+            input: MinerInput::default(),
         }
     }
 
@@ -153,13 +151,7 @@ impl MinerSession {
 
     /// One line from the miner.
     pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
-        let request = match miner::parse(line) {
-            Ok(MinerMessage::Request(r)) => r,
-            Ok(MinerMessage::Response { .. }) => return,
-            Err(e) => return self.malformed(e, out),
-        };
-        self.malformed_streak = 0;
-        counter!(m::MESSAGES, "method" => m::method_label(&request.method), "direction" => "from_miner").increment(1);
+        let Some(request) = self.input.parse(line, &mut out.to_miner, &mut out.events) else { return };
         let id = request.id;
         match request.call {
             Call::Subscribe { .. } => {
@@ -370,16 +362,6 @@ impl MinerSession {
         let share = submissions::check(job_target, miner, submit, |k| self.seen.contains(&(seq, *k)))
             .map_err(|r| (r, sent.difficulty))?;
         Ok((job.clone(), sent, worker.passthrough.clone(), share))
-    }
-
-    fn malformed(&mut self, e: ParseError, out: &mut Output) {
-        counter!(m::MALFORMED, "source" => "miner").increment(1);
-        let id = e.id.unwrap_or_else(Id::null);
-        write::error(&mut out.to_miner, &id, code::OTHER, &e.kind.to_string());
-        self.malformed_streak += 1;
-        if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
-            out.events.push(Event::Close(CloseReason::Malformed));
-        }
     }
 }
 
@@ -792,6 +774,16 @@ mod tests {
             lines(&out.to_miner),
             [serde_json::json!({"id":null,"method":"mining.set_version_mask","params":["1fffe000"]})]
         );
+    }
+
+    #[test]
+    fn malformed_twice_in_a_row_closes() {
+        let (mut s, _) = ready(1.0);
+        let out = line(&mut s, r#"{"id":7,"method":"mining.submit","params":[1]}"#);
+        assert_eq!(lines(&out.to_miner)[0]["error"][0], 20);
+        assert!(out.events.is_empty());
+        let out = line(&mut s, "not json");
+        assert!(matches!(out.events[..], [Event::Close(CloseReason::Malformed)]));
     }
 
     #[test]
