@@ -24,11 +24,6 @@ impl Prefix {
         out.extend_from_slice(&be[4 - len.min(4)..]);
         out
     }
-
-    /// Lowercase hex of [`Prefix::to_bytes`].
-    pub fn hex(self, len: usize) -> String {
-        hex::encode(self.to_bytes(len))
-    }
 }
 
 /// Unique prefixes among live miners, with quarantine of freed ones.
@@ -303,7 +298,7 @@ mod tests {
         alloc.next_fresh = alloc.capacity() - 1;
         let last = alloc.allocate(|_| None).unwrap();
         assert_eq!(last.value(), u32::MAX);
-        assert_eq!(last.hex(4), "ffffffff");
+        assert_eq!(hex::encode(last.to_bytes(4)), "ffffffff");
         assert_eq!(alloc.allocate(|_| None), None);
         alloc.release(last, 0, None);
         assert_eq!(alloc.allocate(|_| None), Some(last));
@@ -322,7 +317,7 @@ mod tests {
         ];
         for &(v, len, hex) in cases {
             let p = Prefix(v);
-            assert_eq!(p.hex(len), hex, "{v:#x} in {len} bytes");
+            assert_eq!(hex::encode(p.to_bytes(len)), hex, "{v:#x} in {len} bytes");
             assert_eq!(p.to_bytes(len), ::hex::decode(hex).unwrap());
             assert_eq!(p.value(), v);
         }

@@ -433,11 +433,6 @@ impl PoolSet {
             }
         }
     }
-
-    /// True when `pool` belongs to the pools in force (a reload may have replaced it).
-    pub fn is_current(&self, pool: &Arc<Pool>) -> bool {
-        self.current.load().pools.iter().any(|p| Arc::ptr_eq(p, pool))
-    }
 }
 
 /// Watches one pool: probes it at start, again when a session loses it, and while it is down

@@ -28,6 +28,7 @@ use crate::registry::{CloseReason, Phase, SessionHandle};
 use crate::session::{Event, MinerInput};
 use crate::share::{meets, target_from_difficulty};
 use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext, ShareOutcome};
+use crate::upstream::Pool;
 use crate::vardiff::{Vardiff, VardiffConfig};
 
 /// Job ids remembered per miner, newest last; shares on older ones are stale.
@@ -138,10 +139,6 @@ impl MinerSession {
 
     pub fn work(&self) -> &Arc<Work> {
         &self.work
-    }
-
-    pub fn difficulty(&self) -> f64 {
-        self.vardiff.difficulty()
     }
 
     /// When the vardiff wants its next look.
@@ -435,7 +432,7 @@ pub async fn serve(
     let mut limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
     let mut out = Output::default();
     let mut first = Some(first);
-    let mut pool_label: Option<Arc<str>> = None;
+    let mut last_pool: Option<Arc<Pool>> = None;
     loop {
         let mut close = None;
         if let Some(line) = first.take() {
@@ -490,12 +487,13 @@ pub async fn serve(
                 counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1);
             }
         }
-        let pool = session.work().pool.clone();
-        if pool.as_ref().map(|p| p.label.as_str()) != pool_label.as_deref() {
-            pool_label = pool.as_ref().map(|p| Arc::from(p.label.as_str()));
-            handle.info().upstream = pool_label.clone();
+        // The pool changes only with a switch: compared by pointer, not by name, on each step.
+        let pool = &session.work().pool;
+        if !same_pool(pool, &last_pool) {
+            last_pool = pool.clone();
+            handle.info().upstream = pool.as_ref().map(|p| Arc::from(p.label.as_str()));
         }
-        let label = pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        let label = last_pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
         for event in std::mem::take(&mut out.events) {
             match event {
                 Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
@@ -526,6 +524,14 @@ pub async fn serve(
             let _ = timeout(server.write_timeout(), writer.shutdown()).await;
             return reason;
         }
+    }
+}
+
+fn same_pool(a: &Option<Arc<Pool>>, b: &Option<Arc<Pool>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 

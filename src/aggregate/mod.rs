@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::AuthManager;
 use crate::config::Config;
 use crate::prefix::{Prefix, PrefixAllocator};
-use crate::upstream::{Pool, PoolSet};
+use crate::upstream::PoolSet;
 
 pub use group::{AggJob, Forward, Group, Upward, Work};
 
@@ -232,11 +232,6 @@ impl Aggregator {
         let p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
         (p.live(), p.quarantined())
     }
-
-    /// Miners served through `pool` now.
-    pub fn miners_on(&self, pool: &Pool) -> usize {
-        self.groups().iter().filter(|g| g.pool().is_some_and(|p| std::ptr::eq(&*p, pool))).map(|g| g.members()).sum()
-    }
 }
 
 /// One pool session as the API shows it.
@@ -255,17 +250,19 @@ pub struct SessionView {
 pub(crate) fn set_gauges(aggregator: &Aggregator) {
     use crate::metrics as m;
     let groups = aggregator.groups();
-    metrics::gauge!(m::AGGREGATE_SESSIONS).set(groups.iter().filter(|g| g.pool().is_some()).count() as f64);
     for g in &groups {
         metrics::gauge!(m::AGGREGATE_SESSION_MINERS, "session" => g.index.to_string()).set(g.members() as f64);
     }
     let (live, quarantined) = aggregator.prefixes();
     metrics::gauge!(m::AGGREGATE_PREFIXES, "state" => "live").set(live as f64);
     metrics::gauge!(m::AGGREGATE_PREFIXES, "state" => "quarantined").set(quarantined as f64);
+    // Each group's pool and miners, read once.
+    let on: Vec<_> = groups.iter().filter_map(|g| Some((g.pool()?, g.members()))).collect();
+    metrics::gauge!(m::AGGREGATE_SESSIONS).set(on.len() as f64);
     for pool in aggregator.context.pools.pools() {
-        let miners = aggregator.miners_on(&pool);
-        let active = groups.iter().any(|g| g.pool().is_some_and(|p| Arc::ptr_eq(&p, &pool)));
-        metrics::gauge!(m::POOL_ACTIVE, "pool" => pool.label.clone()).set(if active { 1.0 } else { 0.0 });
+        let here = on.iter().filter(|(p, _)| Arc::ptr_eq(p, &pool));
+        let (sessions, miners) = here.fold((0, 0), |(s, m), (_, n)| (s + 1, m + n));
+        metrics::gauge!(m::POOL_ACTIVE, "pool" => pool.label.clone()).set(if sessions > 0 { 1.0 } else { 0.0 });
         metrics::gauge!(m::POOL_MINERS, "pool" => pool.label.clone()).set(miners as f64);
     }
 }
