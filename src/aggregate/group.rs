@@ -645,28 +645,22 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
     }
     if let Some(last) = state.last_pool.replace(session.pool.clone()) {
         if !Arc::ptr_eq(&last, &session.pool) {
-            let kind = if group.context.pools.pools().iter().position(|p| Arc::ptr_eq(p, &session.pool))
-                < group.context.pools.pools().iter().position(|p| Arc::ptr_eq(p, &last))
-            {
-                "failback"
-            } else {
-                "failover"
-            };
+            // Back to a pool of higher priority is a failback; leaving a pool a reload removed is not.
+            let pools = group.context.pools.pools();
+            let rank = |pool: &Arc<Pool>| pools.iter().position(|p| Arc::ptr_eq(p, pool));
+            let kind = if rank(&session.pool) < rank(&last) { "failback" } else { "failover" };
             counter!(m::FAILOVERS, "kind" => kind).increment(1);
             tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
         }
     }
     state.epoch += 1;
     state.jobs.clear();
+    // The workers known to the group, authorized again: written first, before any of their shares.
     let mut buf = Vec::new();
-    let workers: Vec<_> = state.workers.iter().map(|(w, p)| (w.clone(), p.clone())).collect();
-    for (worker, password) in workers {
-        session.authorize(&group.context, &mut buf, worker, &password, None);
+    for (worker, password) in &state.workers {
+        session.authorize(&group.context, &mut buf, worker.clone(), password, None);
     }
-    if !buf.is_empty() {
-        // Written with the first submit; authorizes go out before any share of their worker.
-        session.early_write = buf;
-    }
+    session.early_write = buf;
     for (notify, difficulty) in std::mem::take(&mut session.early_jobs) {
         add_job(group, state, session, notify, difficulty);
     }

@@ -481,12 +481,6 @@ pub async fn serve(
             };
             session.on_authorized(request, ok, &mut out);
         }
-        for forward in std::mem::take(&mut out.forward) {
-            if seat.group.send(Upward::Share(forward)).is_err() {
-                tracing::warn!("upstream queue full; a share is not forwarded");
-                counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1);
-            }
-        }
         // The pool changes only with a switch: compared by pointer, not by name, on each step.
         let pool = &session.work().pool;
         if !same_pool(pool, &last_pool) {
@@ -494,6 +488,12 @@ pub async fn serve(
             handle.info().upstream = pool.as_ref().map(|p| Arc::from(p.label.as_str()));
         }
         let label = last_pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        let forwards = std::mem::take(&mut out.forward);
+        let dropped = forwards.into_iter().filter_map(|f| seat.group.send(Upward::Share(f)).err()).count();
+        if dropped > 0 {
+            tracing::warn!(dropped, "upstream queue full; shares not forwarded");
+            counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "dropped").increment(dropped as u64);
+        }
         for event in std::mem::take(&mut out.events) {
             match event {
                 Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
