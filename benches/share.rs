@@ -8,21 +8,26 @@ use loka_stratum::protocol::miner::Submit;
 use loka_stratum::protocol::pool::Notify;
 use loka_stratum::submissions::{check, ShareContext};
 
-fn bench(c: &mut Criterion) {
-    let mut book = JobBook::default();
-    // Every hash meets this target, so the bench measures a share that passes every check.
-    book.set_difficulty(1e-12);
-    book.on_notify(Notify {
-        job_id: "6b1e".into(),
+/// A job with a 12-entry merkle branch and a `coinb1_len`-byte coinb1.
+fn job(id: &str, coinb1_len: usize) -> Notify {
+    Notify {
+        job_id: id.into(),
         prevhash: [0x5a; 32],
-        coinb1: vec![0x01; 60],
+        coinb1: vec![0x01; coinb1_len],
         coinb2: vec![0x02; 47],
         merkle_branch: vec![[0x3c; 32]; 12],
         version: 0x2000_0000,
         nbits: 0x1703_4219,
         ntime: 0x6745_a1b0,
         clean_jobs: true,
-    });
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut book = JobBook::default();
+    // Every hash meets this target, so the bench measures a share that passes every check.
+    book.set_difficulty(1e-12);
+    book.on_notify(job("6b1e", 60));
     let Lookup::Live(job) = book.lookup("6b1e") else { unreachable!() };
     let miner = ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: 0x1fff_e000 };
     let submit = Submit {
@@ -53,17 +58,8 @@ fn aggregate_submit(c: &mut Criterion) {
         seq: 1,
         epoch: 1,
         upstream_id: "6b1e".into(),
-        notify: Notify {
-            job_id: String::new(),
-            prevhash: [0x5a; 32],
-            coinb1: vec![0x01; 64],
-            coinb2: vec![0x02; 47],
-            merkle_branch: vec![[0x3c; 32]; 12],
-            version: 0x2000_0000,
-            nbits: 0x1703_4219,
-            ntime: 0x6745_a1b0,
-            clean_jobs: true,
-        },
+        // The pool's 60-byte coinb1 with its 4-byte extranonce1, as a group sends it to miners.
+        notify: job("", 64),
         en2_size: 6,
         pad: 0,
         upstream_difficulty: 1e6,
