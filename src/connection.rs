@@ -123,11 +123,9 @@ async fn passthrough(
         Ok(first) => first,
         Err(reason) => return reason,
     };
-    let link = tokio::select! {
-        biased;
-        reason = handle.closed() => return reason,
-        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        link = Box::pin(shared.pools.connect()) => link,
+    let link = match unless_closed(shared, handle, Box::pin(shared.pools.connect())).await {
+        Ok(link) => link,
+        Err(reason) => return reason,
     };
     let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
     let reason = match link {
@@ -156,18 +154,26 @@ async fn passthrough(
 
 /// Waits for the miner's first line; only then does the session get a pool. A socket that never
 /// speaks costs the pool nothing, and the accept loop never waits on a pool: this task does.
+/// `work`'s output, unless the session is asked to close or the proxy shuts down first.
+pub(crate) async fn unless_closed<T>(
+    shared: &Shared,
+    handle: &SessionHandle,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, CloseReason> {
+    tokio::select! {
+        biased;
+        reason = handle.closed() => Err(reason),
+        _ = shared.shutdown.cancelled() => Err(CloseReason::Shutdown),
+        output = work => Ok(output),
+    }
+}
+
 pub(crate) async fn first_line(
     shared: &Shared,
     handle: &SessionHandle,
     reader: &mut MinerReader,
 ) -> Result<BytesMut, CloseReason> {
-    let first = tokio::select! {
-        biased;
-        reason = handle.closed() => return Err(reason),
-        _ = shared.shutdown.cancelled() => return Err(CloseReason::Shutdown),
-        line = reader.next() => line,
-    };
-    let first = match first {
+    let first = match unless_closed(shared, handle, reader.next()).await? {
         Some(Ok(line)) => line,
         Some(Err(FrameError::TooLong(_))) => {
             counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
@@ -284,17 +290,23 @@ impl RateLimiter {
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
 fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
-    counter!(m::MINERS_REFUSED, "reason" => "no_upstream").increment(1);
-    tracing::info!("no pool reachable; refusing the miner");
+    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"));
+    CloseReason::NoUpstream
+}
+
+/// The error that refuses a miner's first request (`line`), with its id when that can be read;
+/// counted under `reason`.
+pub(crate) fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u8> {
+    counter!(m::MINERS_REFUSED, "reason" => reason).increment(1);
+    tracing::info!(reason, "refusing the miner");
     let id = match miner::parse(line) {
         Ok(miner::MinerMessage::Request(r)) => r.id,
         Ok(_) => Id::null(),
         Err(e) => e.id.unwrap_or_else(Id::null),
     };
     let mut buf = Vec::new();
-    write::error(&mut buf, &id, code::OTHER, "no upstream pool available, retry later");
-    let _ = outbox.push(buf);
-    CloseReason::NoUpstream
+    write::error(&mut buf, &id, code::OTHER, message);
+    buf
 }
 
 /// A miner's connection, plain TCP or TLS: boxed once, so the rest of the task is one type.

@@ -80,6 +80,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// A session's phase from its progress: subscribed, and with an authorized worker.
+    pub fn of(subscribed: bool, authorized: bool) -> Phase {
+        match (subscribed, authorized) {
+            (false, _) => Phase::Connected,
+            (true, false) => Phase::Subscribed,
+            (true, true) => Phase::Authorized,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Connecting => "connecting",

@@ -178,11 +178,7 @@ impl Session {
 
     /// Subscribed once the pool accepted a subscribe; authorized once it also accepted a worker.
     pub fn phase(&self) -> Phase {
-        match (self.subscribed, self.workers.is_empty()) {
-            (false, _) => Phase::Connected,
-            (true, true) => Phase::Subscribed,
-            (true, false) => Phase::Authorized,
-        }
+        Phase::of(self.subscribed, !self.workers.is_empty())
     }
 
     pub fn extranonce(&self) -> (&[u8], usize) {

@@ -19,10 +19,10 @@ use tracing::field;
 use super::{AggJob, Aggregator, Forward, Refused, Upward, Work};
 use crate::codec::FrameError;
 use crate::config::Config;
-use crate::connection::{first_line, MinerReader, MinerStream, RateLimiter, Shared};
+use crate::connection::{first_line, refusal, unless_closed, MinerReader, MinerStream, RateLimiter, Shared};
 use crate::jobs::ShareKey;
 use crate::metrics as m;
-use crate::protocol::miner::{self, Call, MinerMessage, Submit};
+use crate::protocol::miner::{Call, Submit};
 use crate::protocol::{code, parse_hex_u32, write, Id};
 use crate::registry::{CloseReason, Phase, SessionHandle};
 use crate::session::{Event, MinerInput};
@@ -130,11 +130,7 @@ impl MinerSession {
     }
 
     pub fn phase(&self) -> Phase {
-        match (self.subscribed, self.workers.is_empty()) {
-            (false, _) => Phase::Connected,
-            (true, true) => Phase::Subscribed,
-            (true, false) => Phase::Authorized,
-        }
+        Phase::of(self.subscribed, !self.workers.is_empty())
     }
 
     pub fn work(&self) -> &Arc<Work> {
@@ -393,11 +389,9 @@ pub async fn serve(
         Ok(first) => first,
         Err(reason) => return reason,
     };
-    let admitted = tokio::select! {
-        biased;
-        reason = handle.closed() => return reason,
-        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        seat = aggregator.admit() => seat,
+    let admitted = match unless_closed(shared, handle, aggregator.admit()).await {
+        Ok(admitted) => admitted,
+        Err(reason) => return reason,
     };
     let seat = match admitted {
         Ok(seat) => seat,
@@ -406,15 +400,7 @@ pub async fn serve(
                 Refused::NoUpstream => "no_upstream",
                 Refused::Full => "full",
             };
-            counter!(m::MINERS_REFUSED, "reason" => reason).increment(1);
-            tracing::info!(%refused, "refusing the miner");
-            let id = match miner::parse(&first) {
-                Ok(MinerMessage::Request(r)) => r.id,
-                Ok(_) => Id::null(),
-                Err(e) => e.id.unwrap_or_else(Id::null),
-            };
-            let mut buf = Vec::new();
-            write::error(&mut buf, &id, code::OTHER, &refused.to_string());
+            let buf = refusal(&first, reason, &refused.to_string());
             let _ = timeout(server.write_timeout(), async {
                 writer.write_all(&buf).await?;
                 writer.shutdown().await
