@@ -79,6 +79,13 @@ impl AuthManager {
         (f.until > now).then(|| f.until - now)
     }
 
+    /// The error an authorize from `ip` gets while it waits out its backoff; `None` when it may
+    /// go to the pool.
+    pub fn refusal(&self, ip: IpAddr, now: Instant) -> Option<String> {
+        let wait = self.backoff(ip, now)?;
+        Some(format!("too many failed authorizations; retry in {} s", wait.as_secs_f64().ceil()))
+    }
+
     /// A pool refused an authorize from `ip`: the wait doubles, from `backoff_initial` up to
     /// `backoff_max`.
     pub fn failed(&self, ip: IpAddr, now: Instant) {

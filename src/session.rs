@@ -233,10 +233,8 @@ impl Session {
         let kind = match request.call {
             Call::Subscribe { .. } => Pending::Subscribe,
             Call::Authorize { user, password } => {
-                if let Some(wait) = self.auth.backoff(self.peer, now) {
+                if let Some(message) = self.auth.refusal(self.peer, now) {
                     if let Some(id) = &miner_id {
-                        let message =
-                            format!("too many failed authorizations; retry in {} s", wait.as_secs_f64().ceil());
                         write::error(&mut out.to_miner, id, code::UNAUTHORIZED, &message);
                     }
                     return;

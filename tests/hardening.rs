@@ -1,10 +1,14 @@
 //! Every limit is real: connection and handshake limits, outbound backpressure, inbound floods,
-//! the auth backoff, and pools that misbehave. Time-bound cases run on a paused clock.
+//! the auth backoff, and pools that misbehave. Time-bound cases run on a paused clock. Each case
+//! that is a safeguard of both modes runs in both; where the mode is policy (a passthrough miner
+//! shares its pool session's fate, an aggregated one stays while its session fails over), the
+//! assertions say so.
 
 mod support;
 
 use std::time::Duration;
 
+use loka_stratum::config::Mode;
 use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,10 +19,10 @@ async fn metric_now(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&text, name, labels).unwrap_or(0.0)
 }
 
-#[tokio::test]
-async fn authorize_deadline_after_subscribe() {
+in_both_modes!(tokio::test, authorize_deadline_after_subscribe);
+async fn authorize_deadline_after_subscribe(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.server.authorize_timeout = 20;
     let proxy = spawn_proxy(config).await;
     let mut subscribed_only = proxy.miner().await;
@@ -34,10 +38,10 @@ async fn authorize_deadline_after_subscribe() {
     assert!(!authorized.expect_closed(Duration::from_millis(10)).await, "an authorized miner stays");
 }
 
-#[tokio::test]
-async fn per_ip_connection_limit() {
+in_both_modes!(tokio::test, per_ip_connection_limit);
+async fn per_ip_connection_limit(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.server.max_connections_per_ip = 2;
     let proxy = spawn_proxy(config).await;
     let mut a = proxy.miner().await;
@@ -125,10 +129,10 @@ async fn writes_stalled_past_write_timeout_drop_the_miner() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn message_floods_close_the_connection() {
+in_both_modes!(tokio::test, message_floods_close_the_connection);
+async fn message_floods_close_the_connection(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.server.rate_limit = 10;
     config.server.rate_limit_burst = 20;
     let proxy = spawn_proxy(config).await;
@@ -150,15 +154,23 @@ async fn message_floods_close_the_connection() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn failed_authorizes_back_off_per_address() {
+in_both_modes!(tokio::test, failed_authorizes_back_off_per_address);
+async fn failed_authorizes_back_off_per_address(mode: Mode) {
     let pool = MockPool::start(PoolOptions { reject_user: Some("farm.bad".into()), ..PoolOptions::default() }).await;
-    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let mut config = mode_config(mode, pool.addr);
+    // An aggregate proxy asks the pool about workers only with worker_passthrough.
+    config.aggregate.worker_passthrough = true;
+    let proxy = spawn_proxy(config).await;
     let mut miner = proxy.miner().await;
     miner.subscribe().await;
-    let authorizes = || pool.recorded_json().iter().filter(|m| m["method"] == "mining.authorize").count();
+    // The workers' authorizes, not an aggregate session's own login as the pool's user.
+    let authorizes = || {
+        pool.recorded_json().iter().filter(|m| m["method"] == "mining.authorize" && m["params"][0] != "acct").count()
+    };
 
-    assert_eq!(miner.authorize("farm.bad", "x").await["result"], false);
+    // The pool's refusal, relayed in passthrough, the proxy's answer to it in aggregate mode.
+    let refused = |reply: Value| reply["error"][0] == 24 && reply["result"] != true;
+    assert!(refused(miner.authorize("farm.bad", "x").await));
     // Within 3 s even a good worker from this address is answered locally.
     let reply = miner.authorize("farm.good", "x").await;
     assert_eq!(reply["error"], json!([24, "too many failed authorizations; retry in 3 s", null]));
@@ -169,7 +181,7 @@ async fn failed_authorizes_back_off_per_address() {
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(3)).await;
-    assert_eq!(miner.authorize("farm.bad", "x").await["result"], false, "forwarded again after 3 s");
+    assert!(refused(miner.authorize("farm.bad", "x").await), "forwarded again after 3 s");
     assert_eq!(authorizes(), 2);
     tokio::time::advance(Duration::from_secs(5)).await;
     assert_eq!(miner.authorize("farm.good", "x").await["error"][0], 24, "the second failure doubles the wait to 6 s");
@@ -178,11 +190,13 @@ async fn failed_authorizes_back_off_per_address() {
     assert_eq!(authorizes(), 3);
 }
 
-/// A miner with a submit in flight when the pool sends `line`: the submit gets exactly one
-/// error, the line never reaches the miner, and the connection closes.
-async fn assert_pool_fault(line: &str, counter: &str, label: (&str, &str)) {
+/// A miner with a submit in flight when the pool sends `line`: the line never reaches the miner,
+/// the fault is counted, and the pool is judged down. In passthrough the submit gets exactly one
+/// error and the connection closes; in aggregate mode the miner was answered from the proxy's own
+/// check, stays connected, and the share is counted unanswered.
+async fn assert_pool_fault(mode: Mode, line: &str, counter: &str, label: (&str, &str)) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.upstream.retry_initial_ms = 60_000;
     config.upstream.retry_max_ms = 60_000;
     let proxy = spawn_proxy(config).await;
@@ -192,13 +206,30 @@ async fn assert_pool_fault(line: &str, counter: &str, label: (&str, &str)) {
     let share = miner.any_share();
     let id = miner.submit("farm.rig1", &share).await;
     assert!(pool.wait_submits(1).await);
+    if mode == Mode::Aggregate {
+        assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], true, "answered from the proxy's check");
+    }
     let lines_before = miner.raw.len();
     assert_eq!(pool.broadcast(line), 1);
-    let (messages, closed) = miner.drain_until_closed(Duration::from_secs(5)).await;
-    assert!(closed, "the session ends on {line:.120}");
-    let replies: Vec<&Value> = messages.iter().filter(|m| m["id"] == id).collect();
-    assert_eq!(replies.len(), 1, "{messages:?}");
-    assert_eq!(replies[0]["error"], json!([20, "upstream unavailable", null]));
+    match mode {
+        Mode::Passthrough => {
+            let (messages, closed) = miner.drain_until_closed(Duration::from_secs(5)).await;
+            assert!(closed, "the session ends on {line:.120}");
+            let replies: Vec<&Value> = messages.iter().filter(|m| m["id"] == id).collect();
+            assert_eq!(replies.len(), 1, "{messages:?}");
+            assert_eq!(replies[0]["error"], json!([20, "upstream unavailable", null]));
+        }
+        Mode::Aggregate => {
+            assert!(!miner.expect_closed(Duration::from_millis(500)).await, "the miner stays on {line:.120}");
+            let unanswered = eventually(WAIT, || async {
+                let labels = [("pool", pool.label()), ("result", "unanswered".into())];
+                let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                metric_now(&proxy, "loka_upstream_shares_total", &labels).await >= 1.0
+            })
+            .await;
+            assert!(unanswered, "the forwarded share is counted unanswered");
+        }
+    }
     assert!(
         miner.raw[lines_before..].iter().all(|l| !l.contains("mining.notify") && !l.contains("set_")),
         "{:?}",
@@ -212,8 +243,8 @@ async fn assert_pool_fault(line: &str, counter: &str, label: (&str, &str)) {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn hostile_pool_messages_are_faults() {
+in_both_modes!(tokio::test, hostile_pool_messages_are_faults);
+async fn hostile_pool_messages_are_faults(mode: Mode) {
     let job = Job {
         id: "h".into(),
         prevhash: [7; 32],
@@ -246,31 +277,36 @@ async fn hostile_pool_messages_are_faults() {
         faults.push(json!({"id": null, "method": "mining.set_extranonce", "params": ["0a0b0c0d", size]}).to_string());
     }
     for line in &faults {
-        assert_pool_fault(line, "loka_upstream_faults_total", ("pool", "")).await;
+        assert_pool_fault(mode, line, "loka_upstream_faults_total", ("pool", "")).await;
     }
     // A coinb1 over 64 KiB cannot even fit the pool line cap.
-    assert_pool_fault(&with(2, json!("00".repeat(64 * 1024 + 1))), "loka_lines_too_long_total", ("source", "pool"))
-        .await;
+    let too_long = with(2, json!("00".repeat(64 * 1024 + 1)));
+    assert_pool_fault(mode, &too_long, "loka_lines_too_long_total", ("source", "pool")).await;
 }
 
-#[tokio::test]
-async fn unusable_extranonce2_sizes_are_not_relayed() {
+in_both_modes!(tokio::test, unusable_extranonce2_sizes_are_not_relayed);
+async fn unusable_extranonce2_sizes_are_not_relayed(mode: Mode) {
     for size in [0, 17] {
         let pool = MockPool::start(PoolOptions { extranonce2_size: size, ..PoolOptions::default() }).await;
-        let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+        let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
         let mut miner = proxy.miner().await;
         let id = miner.request("mining.subscribe", json!(["bitaxe/2.4"])).await;
         let reply = miner.wait_reply(&id).await.expect("a reply");
-        assert_eq!(reply["error"], json!([20, "upstream unavailable", null]), "size {size}");
+        // A passthrough miner's own pool session failed; an aggregate proxy has no session to seat it in.
+        let message = match mode {
+            Mode::Passthrough => "upstream unavailable",
+            Mode::Aggregate => "no upstream pool available, retry later",
+        };
+        assert_eq!(reply["error"], json!([20, message, null]), "size {size}");
         assert!(miner.expect_closed(Duration::from_secs(5)).await);
         proxy.shutdown().await;
     }
 }
 
-#[tokio::test]
-async fn a_silent_pool_is_detected_by_the_job_timeout() {
+in_both_modes!(tokio::test, a_silent_pool_is_detected_by_the_job_timeout);
+async fn a_silent_pool_is_detected_by_the_job_timeout(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.upstream.job_timeout = 120;
     let proxy = spawn_proxy(config).await;
     let mut miner = proxy.miner().await;
@@ -280,7 +316,11 @@ async fn a_silent_pool_is_detected_by_the_job_timeout() {
     tokio::time::advance(Duration::from_secs(119)).await;
     assert!(!miner.expect_closed(Duration::from_millis(10)).await);
     tokio::time::advance(Duration::from_secs(2)).await;
-    assert!(miner.expect_closed(Duration::from_secs(5)).await, "no job for 120 s: the pool session is dropped");
+    // No job for 120 s: the pool session is dropped, and a passthrough miner with it.
+    match mode {
+        Mode::Passthrough => assert!(miner.expect_closed(Duration::from_secs(5)).await),
+        Mode::Aggregate => assert!(!miner.expect_closed(Duration::from_millis(500)).await, "the miner stays"),
+    }
     tokio::time::resume();
     let faults = metric_now(
         &proxy,
@@ -293,10 +333,10 @@ async fn a_silent_pool_is_detected_by_the_job_timeout() {
 
 /// Sends `client.reconnect` from pool `a` to `host`:`b`; returns how many connections each pool
 /// got afterwards (the next miner's session) and the redirect counters.
-async fn redirect(allow: bool, host: &str) -> (usize, usize, f64, f64) {
+async fn redirect(mode: Mode, allow: bool, host: &str) -> (usize, usize, f64, f64) {
     let a = MockPool::start(PoolOptions::default()).await;
     let b = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(a.addr);
+    let mut config = mode_config(mode, a.addr);
     config.upstream.allow_pool_redirect = allow;
     let proxy = spawn_proxy(config).await;
     let mut miner = proxy.miner().await;
@@ -304,7 +344,12 @@ async fn redirect(allow: bool, host: &str) -> (usize, usize, f64, f64) {
     let line = json!({"id": null, "method": "client.reconnect", "params": [host, b.addr.port(), 0]}).to_string();
     let before = a.connections_accepted();
     a.broadcast(&line);
-    assert!(miner.expect_closed(Duration::from_secs(5)).await);
+    // A passthrough miner reconnects to the proxy, which picks the pool; an aggregate session moves
+    // under its miners.
+    match mode {
+        Mode::Passthrough => assert!(miner.expect_closed(Duration::from_secs(5)).await),
+        Mode::Aggregate => assert!(wait_clean_job(&mut miner).await, "the session's next job"),
+    }
     assert!(miner.raw.iter().all(|l| !l.contains("client.reconnect")), "never relayed");
     proxy.miner().await.handshake("farm.rig1").await;
     let label = a.label();
@@ -314,18 +359,31 @@ async fn redirect(allow: bool, host: &str) -> (usize, usize, f64, f64) {
     (a.connections_accepted() - before, b.connections_accepted(), honoured, refused)
 }
 
-#[tokio::test]
-async fn pool_redirects_only_to_the_same_host_and_only_when_allowed() {
-    assert_eq!(redirect(false, "127.0.0.1").await, (1, 0, 0.0, 1.0), "off by default");
-    assert_eq!(redirect(true, "evil.example").await, (1, 0, 0.0, 1.0), "never to another host");
-    assert_eq!(redirect(true, "127.0.0.1").await, (0, 1, 1.0, 0.0), "same host, allowed");
+in_both_modes!(tokio::test, pool_redirects_only_to_the_same_host_and_only_when_allowed);
+async fn pool_redirects_only_to_the_same_host_and_only_when_allowed(mode: Mode) {
+    assert_eq!(redirect(mode, false, "127.0.0.1").await, (1, 0, 0.0, 1.0), "off by default");
+    assert_eq!(redirect(mode, true, "evil.example").await, (1, 0, 0.0, 1.0), "never to another host");
+    assert_eq!(redirect(mode, true, "127.0.0.1").await, (0, 1, 1.0, 0.0), "same host, allowed");
+}
+
+/// Reads until a clean job arrives; false if none comes within the wait.
+async fn wait_clean_job(miner: &mut SimMiner) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match miner.recv_json(left).await {
+            Some(msg) if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
 }
 
 /// A raw socket that sends nothing is reaped at the handshake deadline, and its memory with it.
-#[tokio::test]
-async fn silent_sockets_are_reaped() {
+in_both_modes!(tokio::test, silent_sockets_are_reaped);
+async fn silent_sockets_are_reaped(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
     let mut sockets = Vec::new();
     for _ in 0..50 {
         sockets.push(TcpStream::connect(proxy.addr).await.unwrap());

@@ -236,6 +236,8 @@ enum End {
     Fault(&'static str),
     /// A better pool is ready: this session is replaced by it.
     Switch(Box<PoolSession>),
+    /// The pool asked for a reconnect: a move, not a sign of ill health.
+    Reconnect,
     Shutdown,
 }
 
@@ -522,17 +524,10 @@ impl PoolSession {
     /// Settles what the pool will never answer now.
     fn close(self) {
         let label = &self.pool.metric_label;
+        // Authorizes are dropped unanswered: the pool's silence is not the miner's failure.
         for pending in self.pending.into_values() {
-            match pending {
-                Pending::Submit { .. } => {
-                    counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "unanswered").increment(1)
-                }
-                Pending::Authorize { waiters, .. } => {
-                    for w in waiters {
-                        let _ = w.send(false);
-                    }
-                }
-                _ => {}
+            if let Pending::Submit { .. } = pending {
+                counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "unanswered").increment(1)
             }
         }
     }
@@ -575,6 +570,10 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
             End::Switch(new) => {
                 tracing::info!(session = group.index, from = %pool.label, to = %new.pool.label, "moving to a better pool");
                 next = Some(*new);
+            }
+            End::Reconnect => {
+                tracing::info!(session = group.index, pool = %pool.label, "the pool asked for a reconnect");
+                retire(&group, &mut state);
             }
             End::Lost(reason) => {
                 tracing::warn!(session = group.index, pool = %pool.label, reason, "pool session lost; failing over");
@@ -621,9 +620,8 @@ fn retire(group: &Group, state: &mut State) {
 fn refuse(up: Upward) {
     match up {
         Upward::Share(_) => counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1),
-        Upward::Authorize { reply, .. } => {
-            let _ = reply.send(false);
-        }
+        // Dropped unanswered: no pool said no.
+        Upward::Authorize { .. } => {}
     }
 }
 
@@ -757,7 +755,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     Ok(Step::Nothing) => {}
                     Ok(Step::Reconnect { host, port }) => {
                         session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
-                        return End::Lost("the pool asked for a reconnect");
+                        return End::Reconnect;
                     }
                     Ok(Step::Job(n)) => {
                         let difficulty = session.difficulty;
@@ -851,7 +849,6 @@ fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut
         Upward::Authorize { worker, password, reply } => {
             if !state.workers.contains_key(&worker) {
                 if state.workers.len() >= MAX_WORKERS {
-                    let _ = reply.send(false);
                     return;
                 }
                 state.workers.insert(worker.clone(), password.clone());

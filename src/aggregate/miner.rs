@@ -459,17 +459,28 @@ pub async fn serve(
             }
         }
         if let Some(request) = out.authorize.take() {
-            let (tx, rx) = oneshot::channel();
-            let upward = Upward::Authorize {
-                worker: request.user.as_str().into(),
-                password: request.password.clone(),
-                reply: tx,
-            };
-            let ok = match seat.group.send(upward) {
-                Ok(()) => matches!(timeout(config.upstream.connect_timeout(), rx).await, Ok(Ok(true))),
-                Err(_) => false,
-            };
-            session.on_authorized(request, ok, &mut out);
+            let (peer, now) = (handle.peer.ip(), Instant::now());
+            if let Some(message) = shared.auth.refusal(peer, now) {
+                reply_error(&mut out, &request.id, code::UNAUTHORIZED, &message);
+            } else {
+                let (tx, rx) = oneshot::channel();
+                let upward = Upward::Authorize {
+                    worker: request.user.as_str().into(),
+                    password: request.password.clone(),
+                    reply: tx,
+                };
+                let answer = match seat.group.send(upward) {
+                    Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
+                    Err(_) => None,
+                };
+                // Only the pool's refusal is the miner's failure; its silence is not.
+                match answer {
+                    Some(true) => shared.auth.succeeded(peer),
+                    Some(false) => shared.auth.failed(peer, now),
+                    None => {}
+                }
+                session.on_authorized(request, answer == Some(true), &mut out);
+            }
         }
         // The pool changes only with a switch: compared by pointer, not by name, on each step.
         let pool = &session.work().pool;

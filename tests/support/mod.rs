@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use loka_stratum::config::{Config, PoolConfig};
+use loka_stratum::config::{Config, Mode, PoolConfig};
 use loka_stratum::registry::ConnectionManager;
 use loka_stratum::server::Server;
 use serde_json::{json, Value};
@@ -943,6 +943,38 @@ pub fn proxy_config(pool: SocketAddr) -> Config {
     c.upstream.retry_initial_ms = 20;
     c.upstream.retry_max_ms = 200;
     c
+}
+
+/// Both upstream modes: a safeguard or a check that holds in one must hold in the other.
+pub const MODES: [Mode; 2] = [Mode::Passthrough, Mode::Aggregate];
+
+/// [`proxy_config`] in `mode`. Aggregated miners work at the pool's difficulty, 1e-12 by default,
+/// so that `any_share` passes the proxy's check and is forwarded in either mode.
+pub fn mode_config(mode: Mode, pool: SocketAddr) -> Config {
+    let mut c = proxy_config(pool);
+    c.upstream.mode = mode;
+    c.vardiff.start_difficulty = 1e-12;
+    c.vardiff.min_difficulty = 1e-12;
+    c
+}
+
+/// Runs `async fn $name(mode: Mode)` as two tests, `$name::passthrough` and `$name::aggregate`,
+/// under the test attribute given (e.g. `tokio::test`).
+#[macro_export]
+macro_rules! in_both_modes {
+    ($test:meta, $name:ident) => {
+        mod $name {
+            use loka_stratum::config::Mode;
+            #[$test]
+            async fn passthrough() {
+                super::$name(Mode::Passthrough).await
+            }
+            #[$test]
+            async fn aggregate() {
+                super::$name(Mode::Aggregate).await
+            }
+        }
+    };
 }
 
 /// A port nothing listens on (until a test binds it).
