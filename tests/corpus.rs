@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::value::RawValue;
 use loka_stratum::config::Mode;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use support::*;
 
@@ -580,7 +580,11 @@ async fn malformed_input_corpus(mode: Mode) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let submits = pool.submits();
     proxy.shutdown().await;
-    eprintln!("{mode:?}: {} cases: {replies} error replies, {closes} closes, in {:.2?}", cases.len(), started.elapsed());
+    eprintln!(
+        "{mode:?}: {} cases: {replies} error replies, {closes} closes, in {:.2?}",
+        cases.len(),
+        started.elapsed()
+    );
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
     assert!(submits.is_empty(), "shares reached the pool: {submits:?}");
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "the proxy panicked");

@@ -379,8 +379,8 @@ async fn wait_clean_job(miner: &mut SimMiner) -> bool {
     }
 }
 
-/// A raw socket that sends nothing is reaped at the handshake deadline, and its memory with it.
 in_both_modes!(tokio::test, silent_sockets_are_reaped);
+/// A raw socket that sends nothing is reaped at the handshake deadline, and its memory with it.
 async fn silent_sockets_are_reaped(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
     let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;

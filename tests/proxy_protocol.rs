@@ -6,13 +6,13 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use loka_stratum::config::Config;
+use loka_stratum::config::{Config, Mode};
 use ppp::v2::{Addresses, Builder, Command, Protocol, Version};
 use serde_json::{json, Value};
 use support::*;
 
-fn proxied_config(pool: SocketAddr, trusted: &[&str]) -> Config {
-    let mut config = proxy_config(pool);
+fn proxied_config(mode: Mode, pool: SocketAddr, trusted: &[&str]) -> Config {
+    let mut config = mode_config(mode, pool);
     config.server.proxy_protocol = true;
     config.server.proxy_protocol_trusted = trusted.iter().map(|s| s.to_string()).collect();
     config
@@ -62,10 +62,10 @@ async fn proxied_miner(proxy: &Proxy, header: &[u8], worker: &str) -> SimMiner {
     miner
 }
 
-#[tokio::test]
-async fn v1_and_v2_headers_name_the_real_client() {
+in_both_modes!(tokio::test, v1_and_v2_headers_name_the_real_client);
+async fn v1_and_v2_headers_name_the_real_client(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let proxy = spawn_proxy(proxied_config(pool.addr, &["127.0.0.1/32"])).await;
+    let proxy = spawn_proxy(proxied_config(mode, pool.addr, &["127.0.0.1/32"])).await;
 
     let _a = proxied_miner(&proxy, &v1("203.0.113.7:50000"), "v1").await;
     let _b = proxied_miner(&proxy, &v2("198.51.100.9:40000"), "v2").await;
@@ -84,12 +84,12 @@ async fn v1_and_v2_headers_name_the_real_client() {
     proxy.shutdown().await;
 }
 
+in_both_modes!(tokio::test, split_headers_and_trailing_stratum_bytes);
 /// A header that arrives in pieces, and Stratum lines in the same segment as the header: the
 /// proxy takes exactly the header's bytes and not one more.
-#[tokio::test]
-async fn split_headers_and_trailing_stratum_bytes() {
+async fn split_headers_and_trailing_stratum_bytes(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let proxy = spawn_proxy(proxied_config(pool.addr, &["127.0.0.1/32"])).await;
+    let proxy = spawn_proxy(proxied_config(mode, pool.addr, &["127.0.0.1/32"])).await;
 
     let header = v1("203.0.113.10:1000");
     let mut miner = proxy.miner().await;
@@ -119,12 +119,13 @@ async fn split_headers_and_trailing_stratum_bytes() {
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn per_ip_limit_goes_by_the_real_address() {
+in_both_modes!(tokio::test, per_ip_limit_goes_by_the_real_address);
+async fn per_ip_limit_goes_by_the_real_address(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxied_config(pool.addr, &["127.0.0.1/32"]);
+    let mut config = proxied_config(mode, pool.addr, &["127.0.0.1/32"]);
     config.server.max_connections_per_ip = 1;
     let proxy = spawn_proxy(config).await;
+    let before = rejected(&proxy, "max_connections_per_ip").await;
 
     let _first = proxied_miner(&proxy, &v1("198.51.100.1:1000"), "first").await;
     let mut second = proxy.miner().await;
@@ -132,33 +133,36 @@ async fn per_ip_limit_goes_by_the_real_address() {
     assert!(second.expect_closed(WAIT).await, "a second connection from the same real IP is closed");
     let _third = proxied_miner(&proxy, &v1("198.51.100.2:1000"), "third").await;
 
-    assert_eq!(rejected(&proxy, "max_connections_per_ip").await, 1.0);
+    assert_eq!(rejected(&proxy, "max_connections_per_ip").await - before, 1.0);
     let peers = worker_peers(&proxy).await;
     assert_eq!(peers.len(), 2, "{peers:?}");
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn untrusted_sources_are_closed_and_counted() {
+in_both_modes!(tokio::test, untrusted_sources_are_closed_and_counted);
+async fn untrusted_sources_are_closed_and_counted(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let proxy = spawn_proxy(proxied_config(pool.addr, &["10.0.0.0/8", "::1/128"])).await;
+    let proxy = spawn_proxy(proxied_config(mode, pool.addr, &["10.0.0.0/8", "::1/128"])).await;
+    let before = rejected(&proxy, "untrusted_proxy").await;
 
     let mut miner = proxy.miner().await;
     miner.send_bytes(&v1("203.0.113.7:50000")).await;
     miner.request("mining.subscribe", json!([])).await;
     assert!(miner.expect_closed(WAIT).await, "a connection from 127.0.0.1 is not trusted");
-    assert!(eventually(WAIT, || async { rejected(&proxy, "untrusted_proxy").await >= 1.0 }).await);
+    assert!(eventually(WAIT, || async { rejected(&proxy, "untrusted_proxy").await - before >= 1.0 }).await);
     assert_eq!(proxy.registry.len(), 0);
-    assert!(!pool.recorded_methods().iter().any(|m| m == "mining.subscribe"), "nothing reached the pool");
+    assert!(pool.subscribes() <= idle_pool_sessions(mode), "nothing reached the pool");
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn bad_headers_are_closed_and_counted_and_health_checks_quietly() {
+in_both_modes!(tokio::test, bad_headers_are_closed_and_counted_and_health_checks_quietly);
+async fn bad_headers_are_closed_and_counted_and_health_checks_quietly(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxied_config(pool.addr, &["127.0.0.1/32"]);
+    let mut config = proxied_config(mode, pool.addr, &["127.0.0.1/32"]);
     config.server.handshake_timeout = 1;
     let proxy = spawn_proxy(config).await;
+    let before = rejected(&proxy, "bad_proxy_header").await;
+    let bad_headers = || async { rejected(&proxy, "bad_proxy_header").await - before };
 
     // Stratum without a header, a truncated v1 address, a v2 header with a bad version, an
     // oversize v2 header, and a v1 line that never ends.
@@ -183,9 +187,9 @@ async fn bad_headers_are_closed_and_counted_and_health_checks_quietly() {
     assert!(silent.expect_closed(Duration::from_secs(5)).await, "a silent connection is closed");
     let expected = garbage.len() as f64 + 1.0;
     assert!(
-        eventually(WAIT, || async { rejected(&proxy, "bad_proxy_header").await >= expected }).await,
+        eventually(WAIT, || async { bad_headers().await >= expected }).await,
         "{} bad headers counted",
-        rejected(&proxy, "bad_proxy_header").await
+        bad_headers().await
     );
 
     // A load balancer's health check: a v2 LOCAL header, or a connect and close. Closed, not counted.
@@ -198,17 +202,17 @@ async fn bad_headers_are_closed_and_counted_and_health_checks_quietly() {
     let mut check = proxy.miner().await;
     check.shutdown_write().await;
     assert!(check.expect_closed(WAIT).await);
-    assert_eq!(rejected(&proxy, "bad_proxy_header").await, expected);
+    assert_eq!(bad_headers().await, expected);
     assert_eq!(proxy.registry.len(), 0);
-    assert!(!pool.recorded_methods().iter().any(|m| m == "mining.subscribe"), "nothing reached the pool");
+    assert!(pool.subscribes() <= idle_pool_sessions(mode), "nothing reached the pool");
     proxy.shutdown().await;
 }
 
+in_both_modes!(tokio::test, off_by_default_a_header_is_malformed_json);
 /// With `proxy_protocol` off, a PROXY line is what any other non-JSON line is.
-#[tokio::test]
-async fn off_by_default_a_header_is_malformed_json() {
+async fn off_by_default_a_header_is_malformed_json(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
 
     let mut miner = proxy.miner().await;
     miner.send_bytes(&v1("203.0.113.7:50000")).await;

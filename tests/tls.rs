@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use loka_stratum::config::{Config, PoolConfig};
+use loka_stratum::config::{Config, Mode, PoolConfig};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::*;
@@ -190,8 +190,8 @@ async fn front_loop(listener: TcpListener, acceptor: TlsAcceptor, pool: SocketAd
 // Helpers.
 // ---------------------------------------------------------------------------------------------
 
-fn tls_pool_config(pool: &MockPool, url: String, ca_file: String, fingerprint: String) -> Config {
-    let mut config = proxy_config(pool.addr);
+fn tls_pool_config(mode: Mode, pool: &MockPool, url: String, ca_file: String, fingerprint: String) -> Config {
+    let mut config = mode_config(mode, pool.addr);
     config.pools = vec![PoolConfig { url, user: "acct".into(), password: "pw".into(), ca_file, fingerprint }];
     config
 }
@@ -200,6 +200,24 @@ async fn scrape(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (status, text) = proxy.http_get("/metrics").await;
     assert_eq!(status, 200, "{text}");
     metric(&text, name, labels).unwrap_or(0.0)
+}
+
+/// A pool that checks every share's sha256d with its own extranonce1.
+fn validating() -> PoolOptions {
+    PoolOptions { validate: true, ..PoolOptions::default() }
+}
+
+/// A passthrough share reaches the pool as the miner sent it; an aggregated one under the pool's
+/// job id, with the miner's prefix in front of its extranonce2.
+fn assert_relayed(mode: Mode, submit: &Value, share: &Share) {
+    let en2 = submit["params"][2].as_str().expect("extranonce2");
+    match mode {
+        Mode::Passthrough => {
+            assert_eq!(submit["params"][1], json!(share.job_id));
+            assert_eq!(en2, share.extranonce2);
+        }
+        Mode::Aggregate => assert!(en2.ends_with(&share.extranonce2) && en2.len() > share.extranonce2.len()),
+    }
 }
 
 /// Handshake as `worker` and one share, accepted.
@@ -236,37 +254,37 @@ async fn assert_connect_failure(proxy: &Proxy, front: &TlsFront, pool: &MockPool
 // TLS to the pool.
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn tls_pool_with_ca_file() {
+in_both_modes!(tokio::test, tls_pool_with_ca_file);
+async fn tls_pool_with_ca_file(mode: Mode) {
     let pki = Pki::generate();
-    let pool = MockPool::start(PoolOptions::default()).await;
+    let pool = MockPool::start(validating()).await;
     let front = TlsFront::start(&pki, pool.addr).await;
-    let proxy = spawn_proxy(tls_pool_config(&pool, front.url(), pki.ca_file(), String::new())).await;
+    let proxy = spawn_proxy(tls_pool_config(mode, &pool, front.url(), pki.ca_file(), String::new())).await;
 
     let share = mine_one_share(&proxy, "tls.rig1").await;
     assert!(pool.wait_submits(1).await, "the submit reached the pool");
     let submits = pool.submits();
     assert_eq!(submits.len(), 1, "{submits:?}");
-    assert_eq!(submits[0]["params"][1], json!(share.job_id));
-    assert_eq!(submits[0]["params"][2], json!(share.extranonce2));
+    assert_relayed(mode, &submits[0], &share);
+    assert_eq!((pool.accepted(), pool.rejected()), (1, 0), "the pool's own sha256d check");
     assert!(front.handshakes() >= 1, "the pool session went through TLS");
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn tls_pool_untrusted_is_a_connect_failure() {
+in_both_modes!(tokio::test, tls_pool_untrusted_is_a_connect_failure);
+async fn tls_pool_untrusted_is_a_connect_failure(mode: Mode) {
     let pki = Pki::generate();
     let pool = MockPool::start(PoolOptions::default()).await;
     let front = TlsFront::start(&pki, pool.addr).await;
     // The system roots do not trust the test CA.
-    let proxy = spawn_proxy(tls_pool_config(&pool, front.url(), String::new(), String::new())).await;
+    let proxy = spawn_proxy(tls_pool_config(mode, &pool, front.url(), String::new(), String::new())).await;
 
     assert_connect_failure(&proxy, &front, &pool).await;
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn tls_pool_pinned_fingerprint() {
+in_both_modes!(tokio::test, tls_pool_pinned_fingerprint);
+async fn tls_pool_pinned_fingerprint(mode: Mode) {
     let pki = Pki::generate();
     let pool = MockPool::start(PoolOptions::default()).await;
     let front = TlsFront::start(&pki, pool.addr).await;
@@ -274,10 +292,10 @@ async fn tls_pool_pinned_fingerprint() {
     // A pin replaces chain verification: no CA file, and both spellings of the pin work.
     for (n, pin) in [pki.fingerprint(), colon_upper(&pki.fingerprint())].into_iter().enumerate() {
         let before = pool.submits().len();
-        let proxy = spawn_proxy(tls_pool_config(&pool, front.url(), String::new(), pin.clone())).await;
+        let proxy = spawn_proxy(tls_pool_config(mode, &pool, front.url(), String::new(), pin.clone())).await;
         let share = mine_one_share(&proxy, &format!("pinned.rig{n}")).await;
         assert!(pool.wait_submits(before + 1).await, "the submit reached the pool with pin {pin}");
-        assert_eq!(pool.submits()[before]["params"][2], json!(share.extranonce2));
+        assert_relayed(mode, &pool.submits()[before], &share);
         proxy.shutdown().await;
     }
 
@@ -286,7 +304,7 @@ async fn tls_pool_pinned_fingerprint() {
     for ca_file in [String::new(), pki.ca_file()] {
         let other = MockPool::start(PoolOptions::default()).await;
         let other_front = TlsFront::start(&pki, other.addr).await;
-        let proxy = spawn_proxy(tls_pool_config(&other, other_front.url(), ca_file, wrong.clone())).await;
+        let proxy = spawn_proxy(tls_pool_config(mode, &other, other_front.url(), ca_file, wrong.clone())).await;
         assert_connect_failure(&proxy, &other_front, &other).await;
         proxy.shutdown().await;
     }
@@ -371,11 +389,11 @@ impl TlsMiner {
     }
 }
 
-#[tokio::test]
-async fn tls_listener_for_miners() {
+in_both_modes!(tokio::test, tls_listener_for_miners);
+async fn tls_listener_for_miners(mode: Mode) {
     let pki = Pki::generate();
-    let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let pool = MockPool::start(validating()).await;
+    let mut config = mode_config(mode, pool.addr);
     config.server.tls_listen = "127.0.0.1:0".into();
     config.server.tls_cert = pki.cert_file();
     config.server.tls_key = pki.key_file();
@@ -401,10 +419,11 @@ async fn tls_listener_for_miners() {
     let submit = miner.reply(3).await;
     assert_eq!(submit, json!({"id": 3, "result": true, "error": null}));
     assert!(pool.wait_submits(1).await);
-    assert_eq!(pool.submits()[0]["params"][1], json!(job_id));
+    assert_eq!((pool.accepted(), pool.rejected()), (1, 0), "the pool's own sha256d check");
 
-    // The plain listener still serves miners.
-    mine_one_share(&proxy, "plain.rig1").await;
+    // The plain listener still serves miners; this one stays connected, to be listed.
+    let mut plain = proxy.miner().await;
+    plain.handshake("plain.rig1").await;
 
     let (status, body) = proxy.http_get("/api/v1/workers").await;
     assert_eq!(status, 200, "{body}");
@@ -430,18 +449,21 @@ async fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Vec<u8
     }
 }
 
-#[tokio::test]
-async fn tls_listener_closes_failed_and_slow_handshakes() {
+in_both_modes!(tokio::test, tls_listener_closes_failed_and_slow_handshakes);
+async fn tls_listener_closes_failed_and_slow_handshakes(mode: Mode) {
     let pki = Pki::generate();
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     config.server.tls_listen = "127.0.0.1:0".into();
     config.server.tls_cert = pki.cert_file();
     config.server.tls_key = pki.key_file();
     config.server.handshake_timeout = 1;
     let proxy = spawn_proxy(config).await;
     let tls_addr = proxy.tls.expect("the proxy listens for TLS");
-    let rejected = || async { scrape(&proxy, "loka_connections_rejected_total", &[("reason", "tls_handshake")]).await };
+    let scrape_rejected =
+        || async { scrape(&proxy, "loka_connections_rejected_total", &[("reason", "tls_handshake")]).await };
+    let before = scrape_rejected().await;
+    let rejected = || async { scrape_rejected().await - before };
 
     // Plain Stratum on the TLS port: no JSON back, closed.
     let mut plain = TcpStream::connect(tls_addr).await.unwrap();
@@ -459,6 +481,6 @@ async fn tls_listener_closes_failed_and_slow_handshakes() {
     assert!(eventually(WAIT, || async { rejected().await >= 2.0 }).await, "{} rejected", rejected().await);
 
     assert_eq!(proxy.registry.len(), 0);
-    assert!(pool.recorded_methods().is_empty(), "nothing reached the pool: {:?}", pool.recorded_methods());
+    assert!(pool.subscribes() <= idle_pool_sessions(mode), "nothing reached the pool");
     proxy.shutdown().await;
 }

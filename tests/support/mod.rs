@@ -292,6 +292,11 @@ impl MockPool {
         self.state.live.load(Ordering::SeqCst)
     }
 
+    /// `mining.subscribe` requests received: one per pool session.
+    pub fn subscribes(&self) -> usize {
+        self.recorded_methods().iter().filter(|m| *m == "mining.subscribe").count()
+    }
+
     /// Connections accepted since the start, probes included.
     pub fn connections_accepted(&self) -> usize {
         self.state.accepted_conns.load(Ordering::SeqCst)
@@ -958,6 +963,15 @@ pub fn mode_config(mode: Mode, pool: SocketAddr) -> Config {
     c
 }
 
+/// Pool sessions a proxy in `mode` holds with no miner: an aggregate proxy opens its first pool
+/// session at start, a passthrough proxy opens one per miner.
+pub fn idle_pool_sessions(mode: Mode) -> usize {
+    match mode {
+        Mode::Passthrough => 0,
+        Mode::Aggregate => 1,
+    }
+}
+
 /// Runs `async fn $name(mode: Mode)` as two tests, `$name::passthrough` and `$name::aggregate`,
 /// under the test attribute given (e.g. `tokio::test`).
 #[macro_export]
@@ -965,12 +979,17 @@ macro_rules! in_both_modes {
     ($test:meta, $name:ident) => {
         mod $name {
             use loka_stratum::config::Mode;
+            /// The two modes of one case take turns: the metrics recorder is the process's, and a
+            /// case's counters must not move under it from its twin.
+            static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
             #[$test]
             async fn passthrough() {
+                let _turn = TURN.lock().await;
                 super::$name(Mode::Passthrough).await
             }
             #[$test]
             async fn aggregate() {
+                let _turn = TURN.lock().await;
                 super::$name(Mode::Aggregate).await
             }
         }
