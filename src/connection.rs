@@ -28,7 +28,7 @@ use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{AsyncStream, NoUpstream, PoolSet, Upstream};
+use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -83,6 +83,8 @@ impl Shared {
 
 /// Read buffer a miner connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 256;
+/// Bytes queued for a miner's pool past which the miner is not read until the pool takes them.
+const MAX_UNWRITTEN: usize = 64 * 1024;
 
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
 pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, registration: Registration) {
@@ -313,19 +315,19 @@ pub(crate) fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u
 pub(crate) type MinerStream = Box<dyn AsyncStream>;
 pub(crate) type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
 
-struct Driver<'a, U: Upstream> {
+struct Driver<'a> {
     shared: &'a Shared,
     /// The configuration the session started under.
     config: Arc<Config>,
     handle: &'a SessionHandle,
     reader: MinerReader,
     outbox: &'a Outbox,
-    link: U,
+    link: PoolLink,
     limiter: RateLimiter,
     out: Output,
 }
 
-impl<U: Upstream> Driver<'_, U> {
+impl Driver<'_> {
     async fn run(mut self, first: BytesMut) -> CloseReason {
         let pool = self.link.pool().config.clone();
         let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
@@ -378,7 +380,8 @@ impl<U: Upstream> Driver<'_, U> {
                             session.on_pool_lost(&mut self.out);
                         }
                     },
-                    line = self.reader.next(), if drain_deadline.is_none() => match line {
+                    // While the pool does not take what is queued, the miner waits: TCP pushes back.
+                    line = self.reader.next(), if drain_deadline.is_none() && self.link.unwritten() < MAX_UNWRITTEN => match line {
                         Some(Ok(line)) => self.miner_line(&mut session, &line, &mut close),
                         Some(Err(FrameError::TooLong(max))) => {
                             counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
@@ -395,13 +398,8 @@ impl<U: Upstream> Driver<'_, U> {
                     },
                 }
             }
-            if !self.out.to_pool.is_empty() {
-                if let Err(e) = self.link.send(&self.out.to_pool).await {
-                    tracing::info!(error = %e, "write to pool failed");
-                    // Everything in flight, this step's requests included, is answered with an error.
-                    session.on_pool_lost(&mut self.out);
-                }
-            }
+            // Written while the pool is awaited; a pool that stops reading fails in `next_line`.
+            self.link.queue(&self.out.to_pool);
             if session.last_notify() != last_notify {
                 last_notify = session.last_notify();
                 self.link.pool().verdicts.notified();

@@ -1,9 +1,5 @@
-//! Pools: their health, the backoff while they are unreachable, and the link a session talks to
-//! its pool through.
-//!
-//! A session sees its pool only through the [`Upstream`] trait: lines out, lines in. Passthrough
-//! mode implements it with one TCP connection per miner ([`PoolLink`]); a mode where many miners
-//! share one pool session is another implementation behind the same trait.
+//! Pools: their health, the backoff while they are unreachable, and the [`PoolLink`] a pool
+//! session talks to its pool through.
 
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -19,7 +15,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::time::Instant;
+use tokio::time::{sleep_until, Instant};
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -29,24 +25,27 @@ use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, PoolConfig, PoolUrl};
 use crate::metrics as m;
 
-/// What a session needs from its pool. `next_line` must be cancel-safe: it is polled in `select!`.
-pub trait Upstream: Send {
-    /// The pool's name for logs and metric labels.
-    fn pool(&self) -> &Pool;
-    fn send(&mut self, bytes: &[u8]) -> impl std::future::Future<Output = io::Result<()>> + Send;
-    /// The next line from the pool; `None` when the pool closed the connection.
-    fn next_line(&mut self) -> impl std::future::Future<Output = Option<Result<BytesMut, FrameError>>> + Send;
-}
-
 /// Read buffer a pool connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 1024;
+/// An output buffer larger than this is freed once written, not kept for the next line.
+const KEPT_OUTPUT: usize = 4096;
 
-/// One miner's own TCP connection to a pool.
+/// One connection to a pool. What is queued for the pool is written while the next line is
+/// awaited, so that a pool that blocks on writing its replies still has them read, and a pool
+/// that stops reading fails the link after `write_timeout` instead of holding its session.
 pub struct PoolLink {
     pool: Arc<Pool>,
     /// Apart, so that a task may read and write at once (see `aggregate::group`).
     pub(crate) reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
     pub(crate) writer: WriteHalf<PoolStream>,
+    /// Bytes queued for the pool, of which `written` are written.
+    output: Vec<u8>,
+    written: usize,
+    /// A TLS stream may keep what it accepted buffered until flushed.
+    unflushed: bool,
+    /// When the queued bytes last made progress (or were queued).
+    progress_at: Instant,
+    write_timeout: Duration,
 }
 
 /// A byte stream to a pool: TCP, or TLS over TCP.
@@ -68,17 +67,89 @@ impl std::fmt::Debug for TlsTarget {
     }
 }
 
-impl Upstream for PoolLink {
-    fn pool(&self) -> &Pool {
+impl PoolLink {
+    fn new(pool: Arc<Pool>, stream: PoolStream, max_line_bytes: usize, write_timeout: Duration) -> Self {
+        let (r, writer) = tokio::io::split(stream);
+        PoolLink {
+            pool,
+            reader: FramedRead::with_capacity(r, LineCodec::new(max_line_bytes), READ_BUFFER),
+            writer,
+            output: Vec::new(),
+            written: 0,
+            unflushed: false,
+            progress_at: Instant::now(),
+            write_timeout,
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` at once and waits for them to be taken.
+    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.writer.write_all(bytes).await
     }
 
-    async fn next_line(&mut self) -> Option<Result<BytesMut, FrameError>> {
-        self.reader.next().await
+    /// Queues `bytes` for the pool; they are written while [`next_line`](Self::next_line) waits.
+    pub fn queue(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.unwritten() == 0 {
+            self.progress_at = Instant::now();
+        }
+        self.output.extend_from_slice(bytes);
+    }
+
+    /// Bytes queued and not yet taken by the socket.
+    pub fn unwritten(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// The next line from the pool, writing what is queued meanwhile; `None` when the pool closed
+    /// the connection. A write stalled past `write_timeout` is an error. Cancel-safe: each write
+    /// is one `write` or `flush` call, accounted for in the same poll that completes it.
+    pub async fn next_line(&mut self) -> Option<Result<BytesMut, FrameError>> {
+        loop {
+            if self.unwritten() == 0 && !self.unflushed {
+                return self.reader.next().await;
+            }
+            let deadline = self.progress_at + self.write_timeout;
+            let Self { reader, writer, output, written, .. } = self;
+            let step = async {
+                if *written < output.len() {
+                    writer.write(&output[*written..]).await.map(Some)
+                } else {
+                    writer.flush().await.map(|()| None)
+                }
+            };
+            tokio::select! {
+                biased;
+                line = reader.next() => return line,
+                io = step => match io {
+                    Ok(Some(0)) => return Some(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                    Ok(Some(n)) => {
+                        self.written += n;
+                        self.unflushed = true;
+                        self.progress_at = Instant::now();
+                        if self.written == self.output.len() {
+                            self.written = 0;
+                            self.output.clear();
+                            if self.output.capacity() > KEPT_OUTPUT {
+                                self.output = Vec::new();
+                            }
+                        }
+                    }
+                    Ok(None) => self.unflushed = false,
+                    Err(e) => return Some(Err(e.into())),
+                },
+                _ = sleep_until(deadline) => {
+                    let stalled = io::Error::new(io::ErrorKind::TimedOut, "write to the pool stalled past write_timeout");
+                    return Some(Err(stalled.into()));
+                }
+            }
+        }
     }
 }
 
@@ -326,6 +397,7 @@ struct Generation {
     connect_timeout: Duration,
     keepalive: Duration,
     max_line_bytes: usize,
+    write_timeout: Duration,
     retry_initial: Duration,
     retry_max: Duration,
     /// Stops this generation's monitors when a reload replaces it.
@@ -363,6 +435,7 @@ impl Generation {
             connect_timeout: config.upstream.connect_timeout(),
             keepalive: config.upstream.keepalive(),
             max_line_bytes: config.upstream.max_line_bytes,
+            write_timeout: config.server.write_timeout(),
             retry_initial: Duration::from_millis(config.upstream.retry_initial_ms),
             retry_max: Duration::from_millis(config.upstream.retry_max_ms),
             retired,
@@ -420,9 +493,7 @@ impl PoolSet {
             Ok(stream) => {
                 pool.set_health(Health::Up);
                 gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
-                let (r, w) = tokio::io::split(stream);
-                let reader = FramedRead::with_capacity(r, LineCodec::new(generation.max_line_bytes), READ_BUFFER);
-                Ok(PoolLink { pool: pool.clone(), reader, writer: w })
+                Ok(PoolLink::new(pool.clone(), stream, generation.max_line_bytes, generation.write_timeout))
             }
             Err(e) => {
                 counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
@@ -522,6 +593,37 @@ mod tests {
         c.upstream.retry_initial_ms = 10;
         c.upstream.retry_max_ms = 40;
         c
+    }
+
+    /// A pool that stops reading: its lines are still read while the write waits, and the link
+    /// fails once the write has made no progress for `write_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_that_stops_reading_fails_the_link_after_write_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(4096).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap();
+        let stream = socket.connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let pool =
+            PoolSet::new(&config(&["stratum+tcp://127.0.0.1:1".into()]), CancellationToken::new()).pools()[0].clone();
+        let timeout = Duration::from_secs(30);
+        let mut link = PoolLink::new(pool, Box::new(stream), 1024, timeout);
+
+        link.queue(&vec![b'x'; 8 << 20]);
+        peer.write_all(b"{\"id\":null,\"method\":\"mining.notify\",\"params\":[]}\n").await.unwrap();
+        let line = link.next_line().await.expect("a line").expect("read while the write waits");
+        assert!(line.starts_with(b"{\"id\":null"));
+        assert!(link.unwritten() > 0, "the peer reads nothing, so the write cannot finish");
+        let started = Instant::now();
+        let failed = tokio::time::timeout(timeout * 2, link.next_line()).await.expect("failed within write_timeout");
+        let Some(Err(FrameError::Io(e))) = failed else { panic!("the link should fail") };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= timeout);
+        drop(peer);
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use crate::protocol::pool::{self, Notify, PoolMessage};
 use crate::protocol::{verdict, write};
 use crate::session::VERSION;
 use crate::share::{target_from_difficulty, U256Le};
-use crate::upstream::{Pool, PoolLink, Upstream};
+use crate::upstream::{Pool, PoolLink};
 
 /// The version-rolling mask miners may use when the pool grants none (BIP310's default).
 pub const DEFAULT_VERSION_MASK: u32 = 0x1fff_ffe0;
