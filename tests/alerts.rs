@@ -39,6 +39,11 @@ async fn alerts_fire_on_a_pool_that_rejects_everything_in_both_modes() {
         for rejecting in [false, true] {
             let case = format!("{}-{}", mode_name(mode), if rejecting { "rejecting" } else { "healthy" });
             let run = mine_and_scrape(mode, rejecting).await;
+            // Kept for a look after a failure: both scrapes and the rules test made of them.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("alerts").join(&case);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("metrics-1.txt"), &run.first).unwrap();
+            std::fs::write(dir.join("metrics-2.txt"), &run.second).unwrap();
             for (i, text) in [&run.first, &run.second].into_iter().enumerate() {
                 let lint = promtool(&["check", "metrics"], Some(text));
                 assert!(
@@ -62,8 +67,6 @@ async fn alerts_fire_on_a_pool_that_rejects_everything_in_both_modes() {
             } else {
                 Vec::new()
             };
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("alerts").join(&case);
-            std::fs::create_dir_all(&dir).unwrap();
             let file = dir.join("test.yml");
             std::fs::write(&file, rules_test(&run.first, &run.second, &expected)).unwrap();
             let out = promtool(&["test", "rules", file.to_str().unwrap()], None);
