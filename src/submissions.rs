@@ -295,9 +295,9 @@ pub const MICRODIFFICULTY: f64 = 1e6;
 #[derive(Debug, Default)]
 pub struct SubmissionManager;
 
+// `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
+// share allocates nothing.
 impl SubmissionManager {
-    // `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
-    // share allocates nothing.
     /// A share was sent to the pool.
     pub fn forwarded(&self, pool: &SharedString) {
         counter!(m::SHARES_SUBMITTED, "pool" => pool.clone()).increment(1);
