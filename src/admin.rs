@@ -177,9 +177,13 @@ struct Summary {
     workers: usize,
     /// The sum of the workers' `hashrate_5m`, in hashes per second.
     hashrate_5m: f64,
-    /// Shares of the sessions connected now: a worker's counts leave with its connection.
+    /// Shares of the sessions connected now: a worker's counts leave with its connection. The
+    /// proxy's verdicts, as in the workers' `accepted` and `rejected`.
     accepted: u64,
     rejected: u64,
+    /// The pool's verdicts on those sessions' shares.
+    pool_accepted: u64,
+    pool_rejected: u64,
 }
 
 async fn summary(Extract(state): Extract<State>) -> Json<Summary> {
@@ -192,6 +196,8 @@ async fn summary(Extract(state): Extract<State>) -> Json<Summary> {
         hashrate_5m: 0.0,
         accepted: 0,
         rejected: 0,
+        pool_accepted: 0,
+        pool_rejected: 0,
     };
     // The same figures as /api/v1/workers, so the page's totals match its table.
     for view in sessions.iter().filter(|h| h.phase() == Phase::Authorized).map(|h| WorkerView::of(h)) {
@@ -199,6 +205,8 @@ async fn summary(Extract(state): Extract<State>) -> Json<Summary> {
         summary.hashrate_5m += view.hashrate_5m;
         summary.accepted += view.accepted;
         summary.rejected += view.rejected;
+        summary.pool_accepted += view.pool_accepted;
+        summary.pool_rejected += view.pool_rejected;
     }
     Json(summary)
 }

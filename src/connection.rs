@@ -27,7 +27,7 @@ use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output, Session};
-use crate::submissions::SubmissionManager;
+use crate::submissions::{PoolVerdict, SubmissionManager};
 use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet};
 
 /// What every connection task shares.
@@ -101,7 +101,7 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, regi
     drop(registration);
 }
 
-async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> CloseReason {
+async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) -> CloseReason {
     let config = shared.config();
     let (reader, writer) = tokio::io::split(stream);
     let reader = FramedRead::with_capacity(reader, LineCodec::new(config.server.max_line_bytes), READ_BUFFER);
@@ -454,11 +454,12 @@ impl Driver<'_> {
                 }
                 Event::ShareValid(share) => self.shared.submissions.validated(self.handle, &pool.metric_label, &share),
                 Event::ShareForwarded => self.shared.submissions.forwarded(&pool.metric_label),
-                Event::Share(outcome) => {
-                    if let (false, Some(rtt)) = (outcome.local, outcome.rtt) {
-                        pool.verdicts.answered(outcome.result.is_ok(), rtt);
+                Event::ShareRefused(reason) => self.shared.submissions.refused(self.handle, &pool.metric_label, reason),
+                Event::PoolVerdict(verdict, rtt) => {
+                    if let Some(rtt) = rtt {
+                        pool.verdicts.answered(verdict == PoolVerdict::Accepted, rtt);
                     }
-                    self.shared.submissions.record(self.handle, &pool.metric_label, &outcome)
+                    self.shared.submissions.pool_verdict(self.handle, &pool.metric_label, verdict, rtt)
                 }
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));

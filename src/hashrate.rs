@@ -123,8 +123,8 @@ mod tests {
         let idle = registry.register(peer).unwrap();
         worker.handle.set_phase(Phase::Authorized, registry.now_ms());
         // Difficulty 1 of work: 2^32 hashes. Only the authorized session counts.
-        worker.handle.info().stats.record_work(Duration::ZERO, 1.0, 1.0);
-        idle.handle.info().stats.record_work(Duration::ZERO, 1000.0, 1000.0);
+        worker.handle.info().stats.record_valid(Duration::ZERO, 1.0, 1.0);
+        idle.handle.info().stats.record_valid(Duration::ZERO, 1000.0, 1000.0);
 
         let history = Arc::new(History::default());
         let cancel = CancellationToken::new();

@@ -2,6 +2,12 @@
 //!
 //! Metrics go through the `metrics` facade; the Prometheus text comes from
 //! `metrics-exporter-prometheus`. Per-worker detail lives in the HTTP API, not in labels.
+//!
+//! Each name means one thing in both upstream modes. The proxy's own verdicts on miners' shares
+//! (`loka_shares_*`) are kept apart from the pool's verdicts on the shares the proxy sent it
+//! (`loka_upstream_shares_total`, `loka_upstream_rejects_total`): in passthrough mode the miner is
+//! answered with the pool's verdict, in aggregate mode with the proxy's, and neither changes
+//! what a series counts.
 
 use std::sync::OnceLock;
 
@@ -26,15 +32,16 @@ pub const MESSAGES: &str = "loka_messages_total";
 pub const MALFORMED: &str = "loka_malformed_messages_total";
 /// Label `source` (`miner`, `pool`).
 pub const LINES_TOO_LONG: &str = "loka_lines_too_long_total";
-/// Label `pool`.
+/// Label `pool`. Shares sent to the pool.
 pub const SHARES_SUBMITTED: &str = "loka_shares_submitted_total";
-/// Label `pool`.
+/// Label `pool`. Miners' shares that passed the proxy's checks.
 pub const SHARES_ACCEPTED: &str = "loka_shares_accepted_total";
-/// Labels `pool`, `reason` (one of [`RejectReason::as_str`](crate::submissions::RejectReason::as_str))
-/// and `source` (`local` for the proxy's own checks, `pool` for the pool's verdict).
+/// Labels `pool` and `reason` (one of [`RejectReason::LOCAL`](crate::submissions::RejectReason::LOCAL)).
+/// Miners' shares the proxy's checks refused.
 pub const SHARES_REJECTED: &str = "loka_shares_rejected_total";
-/// Label `pool`.
-pub const SHARES_ACCEPTED_DIFFICULTY: &str = "loka_shares_accepted_difficulty_sum";
+/// Label `pool`. The difficulty of the shares in [`SHARES_ACCEPTED`], summed, in millionths
+/// ([`MICRODIFFICULTY`](crate::submissions::MICRODIFFICULTY)): counters are integers.
+pub const SHARES_ACCEPTED_WORK: &str = "loka_shares_accepted_microdifficulty_total";
 /// Label `pool`.
 pub const BLOCKS_FOUND: &str = "loka_blocks_found_total";
 /// Label `pool`.
@@ -52,12 +59,18 @@ pub const POOL_UP: &str = "loka_pool_up";
 pub const READY: &str = "loka_ready";
 /// Label `reason` (`no_upstream`, `full`).
 pub const MINERS_REFUSED: &str = "loka_miners_refused_total";
-/// Label `pool`. Aggregate mode: shares valid at the miner's difficulty but below the pool's,
-/// accepted and counted as work, never forwarded.
+/// Label `pool`. Shares valid at the miner's difficulty but below the pool's, accepted and
+/// counted as work, never forwarded (aggregate mode; in passthrough mode miners work at the
+/// pool's difficulty, so it stays 0).
 pub const SHARES_LOCAL_ONLY: &str = "loka_shares_local_only_total";
-/// Labels `pool` and `result` (`accepted`, `rejected`, `unanswered`, `dropped`). Aggregate mode:
-/// what became of the shares forwarded to pools.
+/// Labels `pool` and `result`: the pool's verdict on shares the proxy sent it (`accepted`,
+/// `rejected`, `unanswered` when the pool session ended first), and `dropped` for shares that
+/// met the pool's difficulty but were never sent (aggregate mode: a full queue, or the pool
+/// session they were worked for had ended).
 pub const UPSTREAM_SHARES: &str = "loka_upstream_shares_total";
+/// Labels `pool` and `reason` (one of [`RejectReason::POOL`](crate::submissions::RejectReason::POOL)):
+/// the pool's rejects, by the error code it gave.
+pub const UPSTREAM_REJECTS: &str = "loka_upstream_rejects_total";
 /// Label `kind` (`failover`, `failback`). Aggregate sessions moved from one pool to another.
 pub const FAILOVERS: &str = "loka_failovers_total";
 /// Label `pool`. Aggregate mode: 1 while some pool session is on the pool.
@@ -104,11 +117,20 @@ fn describe() {
     describe_counter!(MESSAGES, "Stratum messages received, by method and direction.");
     describe_counter!(MALFORMED, "Lines that were not valid Stratum messages, by source.");
     describe_counter!(LINES_TOO_LONG, "Lines over max_line_bytes, by source.");
-    describe_counter!(SHARES_SUBMITTED, "Shares forwarded to a pool after passing local validation.");
-    describe_counter!(SHARES_ACCEPTED, "Shares the pool accepted.");
-    describe_counter!(SHARES_REJECTED, "Shares rejected, by pool, reason and who rejected them.");
+    describe_counter!(SHARES_SUBMITTED, "Shares the proxy sent to the pool.");
+    describe_counter!(
+        SHARES_ACCEPTED,
+        "Miners' shares that passed the proxy's checks at the miner's difficulty (not the pool's verdict: see loka_upstream_shares_total)."
+    );
+    describe_counter!(
+        SHARES_REJECTED,
+        "Miners' shares the proxy's checks refused, by reason; the pool never saw them."
+    );
+    describe_counter!(
+        SHARES_ACCEPTED_WORK,
+        "Difficulty of the shares in loka_shares_accepted_total, summed, in millionths: rate() x 4294.967296 is hashes per second."
+    );
     describe_counter!(BLOCKS_FOUND, "Shares whose hash met the network target (block candidates).");
-    describe_gauge!(SHARES_ACCEPTED_DIFFICULTY, "Sum of the difficulty of accepted shares.");
     describe_histogram!(SUBMIT_RTT, Unit::Seconds, "Time from forwarding a share to the pool's reply.");
     describe_gauge!(UPSTREAM_SESSIONS_ACTIVE, "Pool sessions currently open.");
     describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to a pool.");
@@ -118,7 +140,11 @@ fn describe() {
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
     describe_counter!(SHARES_LOCAL_ONLY, "Valid shares below the pool's difficulty: counted as work, not forwarded.");
-    describe_counter!(UPSTREAM_SHARES, "Forwarded shares by the pool's verdict (aggregate mode).");
+    describe_counter!(
+        UPSTREAM_SHARES,
+        "Shares for the pool by its verdict: accepted, rejected, unanswered (the session ended first), or dropped (never sent)."
+    );
+    describe_counter!(UPSTREAM_REJECTS, "Shares the pool rejected, by the reason its error code gives.");
     describe_counter!(FAILOVERS, "Aggregate pool sessions moved to another pool, by kind.");
     describe_gauge!(POOL_ACTIVE, "1 while an aggregate pool session is on the pool.");
     describe_gauge!(POOL_MINERS, "Miners served through the pool (aggregate mode).");
@@ -151,8 +177,6 @@ const POOL_METHODS: [&str; 7] = [
 ];
 /// The `source` label of [`MALFORMED`] and [`LINES_TOO_LONG`].
 const LINE_SOURCES: [&str; 2] = ["miner", "pool"];
-/// The `source` label of [`SHARES_REJECTED`].
-const REJECT_SOURCES: [&str; 2] = ["local", "pool"];
 /// The `result` label of [`POOL_REDIRECTS`], as `upstream::Pool::reconnect_requested` sets it.
 const REDIRECT_RESULTS: [&str; 3] = ["honoured", "refused", "same_address"];
 
@@ -203,7 +227,7 @@ pub fn register(pools: &[String], max_connections: usize) {
     for pool in pools {
         counter!(SHARES_SUBMITTED, "pool" => pool.clone()).increment(0);
         counter!(SHARES_ACCEPTED, "pool" => pool.clone()).increment(0);
-        gauge!(SHARES_ACCEPTED_DIFFICULTY, "pool" => pool.clone()).increment(0.0);
+        counter!(SHARES_ACCEPTED_WORK, "pool" => pool.clone()).increment(0);
         counter!(BLOCKS_FOUND, "pool" => pool.clone()).increment(0);
         gauge!(UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.clone()).increment(0.0);
         counter!(UPSTREAM_CONNECT_FAILURES, "pool" => pool.clone()).increment(0);
@@ -218,11 +242,11 @@ pub fn register(pools: &[String], max_connections: usize) {
         for result in REDIRECT_RESULTS {
             counter!(POOL_REDIRECTS, "pool" => pool.clone(), "result" => result).increment(0);
         }
-        for reason in RejectReason::ALL {
-            for source in REJECT_SOURCES {
-                counter!(SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str(), "source" => source)
-                    .increment(0);
-            }
+        for reason in RejectReason::LOCAL {
+            counter!(SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(0);
+        }
+        for reason in RejectReason::POOL {
+            counter!(UPSTREAM_REJECTS, "pool" => pool.clone(), "reason" => reason.as_str()).increment(0);
         }
     }
 }

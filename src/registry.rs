@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use crate::submissions::WorkerStats;
+use crate::submissions::{PoolTally, WorkerStats};
 
 /// Why a miner connection ended; the `reason` label of the closed-connections metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +118,8 @@ pub struct SessionHandle {
     close_signal: tokio::sync::Notify,
     /// Rarely written, briefly locked: the worker name, the upstream and the share statistics.
     info: Mutex<SessionInfo>,
+    /// The pool's verdicts on this session's shares, credited by whichever task hears them.
+    pub pool_verdicts: PoolTally,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -272,6 +274,7 @@ impl ConnectionManager {
             close_reason: AtomicU8::new(0),
             close_signal: tokio::sync::Notify::new(),
             info: Mutex::new(SessionInfo::default()),
+            pool_verdicts: PoolTally::default(),
         });
         self.sessions.insert(id, handle.clone());
         Ok(Registration { manager: self.clone(), handle })

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use metrics::counter;
 use tokio::time::Instant;
@@ -21,7 +22,7 @@ use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::pool::{self, PoolMessage};
 use crate::protocol::{code, verdict, write, Id};
 use crate::registry::{CloseReason, Phase};
-use crate::submissions::{self, LocalReject, RejectReason, ShareContext, ShareOutcome, ValidShare};
+use crate::submissions::{self, LocalReject, PoolVerdict, RejectReason, ShareContext, ValidShare};
 
 /// Requests in flight to the pool per session. A miner past it gets an error at once, so a
 /// silent pool cannot make the pending map grow.
@@ -72,12 +73,14 @@ pub const VERSION: &str = concat!("loka-stratum/", env!("CARGO_PKG_VERSION"));
 /// Something the session's driver has to act on besides moving bytes.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A share passed the local checks (it is forwarded next).
+    /// A share passed the proxy's checks (in passthrough mode it is forwarded next).
     ShareValid(ValidShare),
+    /// The proxy's checks refused a share; the miner got an error.
+    ShareRefused(RejectReason),
     /// A share was sent to the pool.
     ShareForwarded,
-    /// A forwarded share got its answer (or never will).
-    Share(ShareOutcome),
+    /// The pool's verdict on a forwarded share, with the time to its reply if it came.
+    PoolVerdict(PoolVerdict, Option<Duration>),
     /// The pool accepted an authorize for this worker (the name the miner uses).
     Authorized(String),
     Difficulty(f64),
@@ -121,7 +124,7 @@ enum Pending {
     Subscribe,
     Authorize { miner_user: String },
     Configure,
-    Submit { difficulty: f64 },
+    Submit,
     Other,
 }
 
@@ -217,13 +220,12 @@ impl Session {
         if let Call::Submit(submit) = &request.call {
             match self.judge(submit) {
                 Ok(valid) => out.events.push(Event::ShareValid(valid)),
-                Err((reject, difficulty)) => {
+                Err(reject) => {
                     // Refused here, answered at once, and never sent to the pool.
                     if let Some(id) = &miner_id {
                         write::error(&mut out.to_miner, id, reject.code, &reject.message);
                     }
-                    let outcome = ShareOutcome { difficulty, result: Err(reject.reason), local: true, rtt: None };
-                    out.events.push(Event::Share(outcome));
+                    out.events.push(Event::ShareRefused(reject.reason));
                     return;
                 }
             }
@@ -246,21 +248,17 @@ impl Session {
             }
             Call::Configure(_) => Pending::Configure,
             Call::Submit(s) => {
-                let difficulty = match out.events.last() {
-                    Some(Event::ShareValid(v)) => v.job_difficulty,
-                    _ => unreachable!("a forwarded submit was judged valid just above"),
-                };
                 if self.rewrite.rewrites() {
                     let worker = self.rewrite.upstream_user(&s.worker, &self.pool);
                     let mut params = vec![&worker, &s.job_id, &s.extranonce2, &s.ntime, &s.nonce];
                     params.extend(s.version_bits.as_ref());
                     write::request(&mut out.to_pool, upstream_id, miner::SUBMIT, &params);
-                    self.track(upstream_id, miner_id, Pending::Submit { difficulty }, now);
+                    self.track(upstream_id, miner_id, Pending::Submit, now);
                     out.events.push(Event::ShareForwarded);
                     return;
                 }
                 out.events.push(Event::ShareForwarded);
-                Pending::Submit { difficulty }
+                Pending::Submit
             }
             Call::ExtranonceSubscribe | Call::SuggestDifficulty(_) | Call::Unknown => Pending::Other,
         };
@@ -269,18 +267,13 @@ impl Session {
     }
 
     /// The local checks, in order: subscribed, an authorized worker, a known job, then the share
-    /// itself. A reject carries the difficulty the share was judged at.
-    fn judge(&mut self, submit: &Submit) -> Result<ValidShare, (LocalReject, f64)> {
-        let current = self.jobs.difficulty();
+    /// itself.
+    fn judge(&mut self, submit: &Submit) -> Result<ValidShare, LocalReject> {
         if !self.subscribed {
-            return Err((
-                LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed),
-                current,
-            ));
+            return Err(LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed));
         }
         if !self.workers.contains(&submit.worker) {
-            let reject = LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized);
-            return Err((reject, current));
+            return Err(LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized));
         }
         let miner = ShareContext {
             extranonce1: &self.extranonce1,
@@ -289,17 +282,12 @@ impl Session {
         };
         match self.jobs.lookup(&submit.job_id) {
             Lookup::Live(job) => {
-                let valid = submissions::check(job.as_target(), miner, submit, |k| job.is_duplicate(k))
-                    .map_err(|r| (r, job.difficulty))?;
+                let valid = submissions::check(job.as_target(), miner, submit, |k| job.is_duplicate(k))?;
                 job.remember(valid.key);
                 Ok(valid)
             }
-            Lookup::Stale => {
-                Err((LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale), current))
-            }
-            Lookup::Unknown => {
-                Err((LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob), current))
-            }
+            Lookup::Stale => Err(LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale)),
+            Lookup::Unknown => Err(LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob)),
         }
     }
 
@@ -382,10 +370,13 @@ impl Session {
                             self.version_mask = Some(mask);
                         }
                     }
-                    Pending::Submit { difficulty } => {
-                        let result = ok.map_err(|(code, _)| RejectReason::from_code(code));
+                    Pending::Submit => {
+                        let verdict = match ok {
+                            Ok(()) => PoolVerdict::Accepted,
+                            Err((code, _)) => PoolVerdict::Rejected(RejectReason::from_code(code)),
+                        };
                         let rtt = Some(now.saturating_duration_since(flight.sent_at));
-                        out.events.push(Event::Share(ShareOutcome { difficulty, result, local: false, rtt }));
+                        out.events.push(Event::PoolVerdict(verdict, rtt));
                     }
                     Pending::Other => {}
                 }
@@ -412,7 +403,7 @@ impl Session {
             PoolMessage::Reconnect { host, port, .. } => {
                 // The miner reconnects to the proxy, which picks the pool; the pool's target is
                 // never relayed to miners.
-                self.fail_pending("upstream reconnecting", RejectReason::UpstreamUnavailable, out);
+                self.fail_pending("upstream reconnecting", out);
                 out.events.push(Event::PoolReconnect { host, port });
                 out.events.push(Event::Close(CloseReason::PoolReconnect));
             }
@@ -426,7 +417,7 @@ impl Session {
     }
 
     fn pool_fault(&mut self, reason: &'static str, out: &mut Output) {
-        self.fail_pending("upstream unavailable", RejectReason::UpstreamUnavailable, out);
+        self.fail_pending("upstream unavailable", out);
         out.events.push(Event::PoolFault(reason));
         out.events.push(Event::Close(CloseReason::PoolFault));
     }
@@ -443,32 +434,31 @@ impl Session {
 
     /// The pool connection is gone: every request in flight gets an error, then the session ends.
     pub fn on_pool_lost(&mut self, out: &mut Output) {
-        self.fail_pending("upstream unavailable", RejectReason::UpstreamUnavailable, out);
+        self.fail_pending("upstream unavailable", out);
         out.events.push(Event::Close(CloseReason::UpstreamLost));
     }
 
     /// The miner is leaving or being closed (evicted, over a limit): requests in flight get an
     /// error if it can still read one, and their shares are counted as closed.
     pub fn on_miner_closing(&mut self, out: &mut Output) {
-        self.fail_pending("connection closing", RejectReason::Closed, out);
+        self.fail_pending("connection closing", out);
     }
 
     /// The shutdown grace period is over: requests still in flight get an error.
     pub fn on_shutdown_deadline(&mut self, out: &mut Output) {
-        self.fail_pending("proxy shutting down", RejectReason::Shutdown, out);
+        self.fail_pending("proxy shutting down", out);
         out.events.push(Event::Close(CloseReason::Shutdown));
     }
 
-    fn fail_pending(&mut self, message: &str, reason: RejectReason, out: &mut Output) {
+    fn fail_pending(&mut self, message: &str, out: &mut Output) {
         let mut flights: Vec<_> = self.pending.drain().collect();
         flights.sort_by_key(|(id, _)| *id);
         for (_, flight) in flights {
             if let Some(miner_id) = &flight.miner_id {
                 write::error(&mut out.to_miner, miner_id, code::OTHER, message);
             }
-            if let Pending::Submit { difficulty } = flight.kind {
-                let outcome = ShareOutcome { difficulty, result: Err(reason), local: true, rtt: None };
-                out.events.push(Event::Share(outcome));
+            if let Pending::Submit = flight.kind {
+                out.events.push(Event::PoolVerdict(PoolVerdict::Unanswered, None));
             }
         }
     }
@@ -579,9 +569,8 @@ mod tests {
         let out = miner(s, line);
         assert!(out.to_pool.is_empty(), "a local reject must not reach the pool: {line}");
         let reply = &lines(&out.to_miner)[0];
-        let Some(Event::Share(o)) = out.events.first() else { panic!("{:?}", out.events) };
-        assert!(o.local);
-        (reply["error"][0].as_i64().unwrap(), reply["error"][1].as_str().unwrap().to_owned(), o.result.unwrap_err())
+        let Some(Event::ShareRefused(reason)) = out.events.first() else { panic!("{:?}", out.events) };
+        (reply["error"][0].as_i64().unwrap(), reply["error"][1].as_str().unwrap().to_owned(), *reason)
     }
 
     fn forwarded(s: &mut Session, line: &str) -> serde_json::Value {
@@ -621,9 +610,10 @@ mod tests {
             lines(&out.to_miner)[0],
             serde_json::json!({"id":2,"result":null,"error":[23,"Low difficulty share",null]})
         );
-        assert!(
-            matches!(&out.events[0], Event::Share(o) if o.result == Err(RejectReason::LowDifficulty) && !o.local && o.difficulty == EASY)
-        );
+        assert!(matches!(
+            &out.events[0],
+            Event::PoolVerdict(PoolVerdict::Rejected(RejectReason::LowDifficulty), Some(_))
+        ));
         assert_eq!(s.pending(), 0);
     }
 
@@ -653,7 +643,8 @@ mod tests {
         let replies = lines(&out.to_miner);
         assert_eq!(replies.iter().map(|r| r["id"].as_u64().unwrap()).collect::<Vec<_>>(), vec![10, 11, 12]);
         assert!(replies.iter().all(|r| r["error"][0] == 20 && r["error"][1] == "upstream unavailable"));
-        assert_eq!(out.events.iter().filter(|e| matches!(e, Event::Share(_))).count(), 3);
+        let unanswered = |e: &&Event| matches!(e, Event::PoolVerdict(PoolVerdict::Unanswered, None));
+        assert_eq!(out.events.iter().filter(unanswered).count(), 3);
         assert_eq!(out.close_reason(), Some(CloseReason::UpstreamLost));
         // A late reply from the dead pool finds nothing to answer.
         assert!(pool(&mut s, r#"{"id":3,"result":true,"error":null}"#).to_miner.is_empty());
@@ -728,7 +719,7 @@ mod tests {
             let mut s = ready("");
             forwarded(&mut s, &valid_submit(30, 1));
             let out = pool(&mut s, &line);
-            assert!(matches!(out.events.first(), Some(Event::Share(_))), "{line:.100}");
+            assert!(matches!(out.events.first(), Some(Event::PoolVerdict(PoolVerdict::Unanswered, _))), "{line:.100}");
             assert!(out.events.iter().any(|e| matches!(e, Event::PoolFault(_))), "{line:.100}");
             assert_eq!(out.close_reason(), Some(CloseReason::PoolFault));
             let replies = lines(&out.to_miner);

@@ -2,9 +2,10 @@
 //! accounts for every share's outcome in the metrics and in the per-worker statistics.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use metrics::{counter, gauge, histogram, SharedString};
+use metrics::{counter, histogram, SharedString};
 use serde::Serialize;
 
 use crate::jobs::ShareKey;
@@ -15,7 +16,8 @@ use crate::protocol::{code, parse_hex_u32};
 use crate::registry::SessionHandle;
 use crate::share;
 
-/// Why a share was rejected; the `reason` label of the rejected-shares metric.
+/// Why a share was rejected, by the proxy's checks or by the pool; the `reason` label of
+/// `loka_shares_rejected_total` and `loka_upstream_rejects_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     Stale,
@@ -25,16 +27,13 @@ pub enum RejectReason {
     LowDifficulty,
     Unauthorized,
     NotSubscribed,
+    /// A pool's error code the proxy does not know.
     Other,
-    UpstreamUnavailable,
-    Shutdown,
-    /// The miner's connection closed before the pool answered.
-    Closed,
 }
 
 impl RejectReason {
-    /// Every reason, so that each `reason` series exists from start-up. Keep in sync with the enum.
-    pub const ALL: [RejectReason; 11] = [
+    /// The reasons the proxy's own checks give, so that each series exists from start-up.
+    pub const LOCAL: [RejectReason; 7] = [
         RejectReason::Stale,
         RejectReason::BadJob,
         RejectReason::Malformed,
@@ -42,10 +41,16 @@ impl RejectReason {
         RejectReason::LowDifficulty,
         RejectReason::Unauthorized,
         RejectReason::NotSubscribed,
+    ];
+
+    /// The reasons [`RejectReason::from_code`] gives a pool's reject.
+    pub const POOL: [RejectReason; 6] = [
+        RejectReason::Stale,
+        RejectReason::Duplicate,
+        RejectReason::LowDifficulty,
+        RejectReason::Unauthorized,
+        RejectReason::NotSubscribed,
         RejectReason::Other,
-        RejectReason::UpstreamUnavailable,
-        RejectReason::Shutdown,
-        RejectReason::Closed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,9 +63,6 @@ impl RejectReason {
             RejectReason::Unauthorized => "unauthorized",
             RejectReason::NotSubscribed => "not_subscribed",
             RejectReason::Other => "other",
-            RejectReason::UpstreamUnavailable => "upstream_unavailable",
-            RejectReason::Shutdown => "shutdown",
-            RejectReason::Closed => "closed",
         }
     }
 
@@ -77,16 +79,25 @@ impl RejectReason {
     }
 }
 
-/// What became of one share.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ShareOutcome {
-    /// The difficulty the share was worked at.
-    pub difficulty: f64,
-    pub result: Result<(), RejectReason>,
-    /// Who decided: the proxy's own checks (`true`) or the pool.
-    pub local: bool,
-    /// Time from forwarding to the pool's reply; `None` when the pool never replied.
-    pub rtt: Option<Duration>,
+/// The pool's verdict on a share the proxy sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolVerdict {
+    Accepted,
+    Rejected(RejectReason),
+    /// The pool session ended (the pool went, the miner left in passthrough mode, the shutdown
+    /// grace ran out) before the pool answered.
+    Unanswered,
+}
+
+impl PoolVerdict {
+    /// The `result` label of `loka_upstream_shares_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolVerdict::Accepted => "accepted",
+            PoolVerdict::Rejected(_) => "rejected",
+            PoolVerdict::Unanswered => "unanswered",
+        }
+    }
 }
 
 /// How far past its job's ntime a share's ntime may roll, as ckpool allows.
@@ -207,11 +218,14 @@ pub const HASHRATE_WINDOW: Duration = Duration::from_secs(300);
 const BUCKET_SECS: u64 = 10;
 const BUCKETS: usize = (HASHRATE_WINDOW.as_secs() / BUCKET_SECS) as usize;
 
-/// Share counts and locally validated work of one session, in fixed memory.
+/// The proxy's verdicts on one session's shares and the work they carry, in fixed memory.
 #[derive(Debug, Clone, Default)]
 pub struct WorkerStats {
+    /// Shares that passed the proxy's checks.
     pub accepted: u64,
+    /// Shares the proxy's checks refused.
     pub rejected: u64,
+    /// The difficulty of the accepted shares, summed.
     pub accepted_difficulty: f64,
     pub best_share_difficulty: f64,
     pub last_share: Option<SystemTime>,
@@ -221,21 +235,18 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
-    /// Counts a share's final verdict.
-    pub fn record(&mut self, outcome: &ShareOutcome) {
+    /// A share the proxy's checks refused.
+    pub fn record_refused(&mut self) {
         self.last_share = Some(SystemTime::now());
-        match outcome.result {
-            Ok(()) => {
-                self.accepted += 1;
-                self.accepted_difficulty += outcome.difficulty;
-            }
-            Err(_) => self.rejected += 1,
-        }
+        self.rejected += 1;
     }
 
-    /// Adds a share that passed local validation to the hashrate window. `elapsed` is the time
-    /// since the session began.
-    pub fn record_work(&mut self, elapsed: Duration, job_difficulty: f64, share_difficulty: f64) {
+    /// A share that passed the proxy's checks: counted, and added to the hashrate window.
+    /// `elapsed` is the time since the session began.
+    pub fn record_valid(&mut self, elapsed: Duration, job_difficulty: f64, share_difficulty: f64) {
+        self.last_share = Some(SystemTime::now());
+        self.accepted += 1;
+        self.accepted_difficulty += job_difficulty;
         self.best_share_difficulty = self.best_share_difficulty.max(share_difficulty);
         let bucket = elapsed.as_secs() / BUCKET_SECS;
         let window = self.window.get_or_insert_with(|| Box::new([(0, 0.0); BUCKETS]));
@@ -258,44 +269,84 @@ impl WorkerStats {
     }
 }
 
-/// Records share outcomes in the metrics and in the session's statistics.
+/// The pool's verdicts on one session's shares. Atomics rather than a field of [`WorkerStats`]:
+/// in aggregate mode the group task credits them, and must not wait on the miner's lock.
+#[derive(Debug, Default)]
+pub struct PoolTally {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl PoolTally {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// The difficulty-sum counter's unit: millionths of a difficulty-1 share.
+pub const MICRODIFFICULTY: f64 = 1e6;
+
+/// Records the proxy's and the pool's verdicts in the metrics and in the session's statistics,
+/// the same way in both upstream modes.
 #[derive(Debug, Default)]
 pub struct SubmissionManager;
 
+// `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
+// share allocates nothing.
 impl SubmissionManager {
-    // `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
-    // share allocates nothing.
+    /// A share was sent to the pool.
     pub fn forwarded(&self, pool: &SharedString) {
         counter!(m::SHARES_SUBMITTED, "pool" => pool.clone()).increment(1);
     }
 
-    /// A share passed local validation: it counts as work, and a block candidate is announced.
+    /// A share passed the proxy's checks: it is accepted as work, and a block candidate is
+    /// announced.
     pub fn validated(&self, session: &SessionHandle, pool: &SharedString, share: &ValidShare) {
         if share.block {
             counter!(m::BLOCKS_FOUND, "pool" => pool.clone()).increment(1);
             tracing::info!(block_hash = %share::display_hash(&share.hash), pool = &**pool, "block candidate found");
         }
+        counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()).increment(1);
+        let work = (share.job_difficulty * MICRODIFFICULTY).round() as u64;
+        counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()).increment(work);
         let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
-        session.info().stats.record_work(elapsed, share.job_difficulty, share.share_difficulty);
+        session.info().stats.record_valid(elapsed, share.job_difficulty, share.share_difficulty);
     }
 
-    /// A share's final verdict, the proxy's or the pool's.
-    pub fn record(&self, session: &SessionHandle, pool: &SharedString, outcome: &ShareOutcome) {
-        match outcome.result {
-            Ok(()) => {
-                counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()).increment(1);
-                gauge!(m::SHARES_ACCEPTED_DIFFICULTY, "pool" => pool.clone()).increment(outcome.difficulty);
-            }
-            Err(reason) => {
-                let source = if outcome.local { "local" } else { "pool" };
-                counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str(), "source" => source)
-                    .increment(1);
-            }
-        }
-        if let Some(rtt) = outcome.rtt {
+    /// A share the proxy's checks refused: the miner got an error, the pool never saw it.
+    pub fn refused(&self, session: &SessionHandle, pool: &SharedString, reason: RejectReason) {
+        counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
+        session.info().stats.record_refused();
+    }
+
+    /// The pool's verdict on a share the proxy sent it for `session`; `rtt` is the time from
+    /// sending to the reply. Called by the session's own task in passthrough mode and by the
+    /// group task in aggregate mode; takes no lock.
+    pub fn pool_verdict(
+        &self,
+        session: &SessionHandle,
+        pool: &SharedString,
+        verdict: PoolVerdict,
+        rtt: Option<Duration>,
+    ) {
+        counter!(m::UPSTREAM_SHARES, "pool" => pool.clone(), "result" => verdict.as_str()).increment(1);
+        if let Some(rtt) = rtt {
             histogram!(m::SUBMIT_RTT, "pool" => pool.clone()).record(rtt.as_secs_f64());
         }
-        session.info().stats.record(outcome);
+        match verdict {
+            PoolVerdict::Accepted => {
+                session.pool_verdicts.accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            PoolVerdict::Rejected(reason) => {
+                counter!(m::UPSTREAM_REJECTS, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
+                session.pool_verdicts.rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            PoolVerdict::Unanswered => {}
+        }
     }
 }
 
@@ -310,8 +361,13 @@ pub struct WorkerView {
     /// Unix seconds.
     pub connected_since: u64,
     pub difficulty: Option<f64>,
+    /// Shares that passed the proxy's checks.
     pub accepted: u64,
+    /// Shares the proxy's checks refused.
     pub rejected: u64,
+    /// The pool's verdicts on the shares the proxy sent it for this session.
+    pub pool_accepted: u64,
+    pub pool_rejected: u64,
     pub accepted_difficulty: f64,
     pub best_share_difficulty: f64,
     pub hashrate_5m: f64,
@@ -334,6 +390,8 @@ impl WorkerView {
             difficulty: info.difficulty,
             accepted: info.stats.accepted,
             rejected: info.stats.rejected,
+            pool_accepted: session.pool_verdicts.accepted(),
+            pool_rejected: session.pool_verdicts.rejected(),
             accepted_difficulty: info.stats.accepted_difficulty,
             best_share_difficulty: info.stats.best_share_difficulty,
             hashrate_5m: info.stats.hashrate(elapsed),
@@ -431,16 +489,15 @@ mod tests {
         let mut s = WorkerStats::default();
         // 60 shares of difficulty 1 over the first minute: 2^32 hashes per second.
         for i in 0..60 {
-            s.record_work(Duration::from_secs(i), 1.0, 1.5 + i as f64);
+            s.record_valid(Duration::from_secs(i), 1.0, 1.5 + i as f64);
         }
         let h = s.hashrate(Duration::from_secs(60));
         assert!((h - 4_294_967_296.0).abs() < 1.0, "{h}");
         assert_eq!(s.best_share_difficulty, 60.5);
         // After five minutes of nothing, the window is empty.
         assert_eq!(s.hashrate(Duration::from_secs(400)), 0.0);
-        s.record(&ShareOutcome { difficulty: 5.0, result: Err(RejectReason::Stale), local: true, rtt: None });
-        s.record(&ShareOutcome { difficulty: 5.0, result: Ok(()), local: false, rtt: None });
-        assert_eq!((s.accepted, s.rejected, s.accepted_difficulty), (1, 1, 5.0));
+        s.record_refused();
+        assert_eq!((s.accepted, s.rejected, s.accepted_difficulty), (60, 1, 60.0));
     }
 
     #[test]

@@ -368,6 +368,16 @@ async fn a_pool_that_rejects_most_shares_is_failed_over() {
     let (_, text) = proxy.http_get("/metrics").await;
     let rejected = metric(&text, "loka_upstream_shares_total", &[("pool", &primary.label()), ("result", "rejected")]);
     assert_eq!(rejected, Some(20.0));
+    // The group credits each verdict to the miner whose share it was; the miner's own counts
+    // are the proxy's verdicts.
+    let worker = || async {
+        let (_, body) = proxy.http_get("/api/v1/workers").await;
+        serde_json::from_str::<Vec<Value>>(&body).unwrap().pop().expect("one worker")
+    };
+    assert!(eventually(WAIT, || async { worker().await["pool_accepted"] == 1 }).await, "{}", worker().await);
+    let w = worker().await;
+    assert_eq!((&w["accepted"], &w["rejected"]), (&json!(21), &json!(0)), "{w}");
+    assert_eq!(w["pool_rejected"], 20, "{w}");
     proxy.shutdown().await;
 }
 

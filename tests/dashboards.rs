@@ -37,12 +37,19 @@ async fn dashboard_and_alerts_name_exported_metrics() {
     for reason in CloseReason::ALL {
         assert_eq!(metric(&text, m::CONNECTIONS_CLOSED, &[("reason", reason.as_str())]), Some(0.0), "{text}");
     }
-    for reason in RejectReason::ALL {
-        for source in ["local", "pool"] {
-            let labels = [("pool", label.as_str()), ("reason", reason.as_str()), ("source", source)];
-            assert_eq!(metric(&text, m::SHARES_REJECTED, &labels), Some(0.0), "{labels:?} in\n{text}");
-        }
+    for reason in RejectReason::LOCAL {
+        let labels = [("pool", label.as_str()), ("reason", reason.as_str())];
+        assert_eq!(metric(&text, m::SHARES_REJECTED, &labels), Some(0.0), "{labels:?} in\n{text}");
     }
+    for reason in RejectReason::POOL {
+        let labels = [("pool", label.as_str()), ("reason", reason.as_str())];
+        assert_eq!(metric(&text, m::UPSTREAM_REJECTS, &labels), Some(0.0), "{labels:?} in\n{text}");
+    }
+    for result in ["accepted", "rejected", "unanswered", "dropped"] {
+        let labels = [("pool", label.as_str()), ("result", result)];
+        assert_eq!(metric(&text, m::UPSTREAM_SHARES, &labels), Some(0.0), "{labels:?} in\n{text}");
+    }
+    assert_eq!(metric(&text, m::SHARES_ACCEPTED_WORK, &[("pool", &label)]), Some(0.0), "{text}");
     assert_eq!(metric(&text, "loka_upstream_submit_rtt_seconds_count", &[("pool", &label)]), Some(0.0), "{text}");
 
     let dashboard: Value = serde_json::from_str(&read("config/grafana-dashboard.json")).expect("the dashboard is JSON");

@@ -1,5 +1,5 @@
-//! The admin port's numbers against the pool's own count. Alone in its binary: the metrics
-//! recorder is process-global.
+//! The admin port's numbers against the pool's own count: the proxy's verdicts and the pool's
+//! kept apart. Alone in its binary: the metrics recorder is process-global.
 
 mod support;
 
@@ -40,41 +40,58 @@ async fn admin_port_matches_the_pool() {
     low.nonce = format!("{nonce:08x}");
     let id = miner.submit("farm.w0", &low).await;
     assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 23);
+    // One share that passes the proxy's checks and that the pool rejects, from the second worker.
+    pool.set_submit_replies(SubmitReplies::Reject);
+    let miner = &mut miners[1];
+    let share = miner.grind(None);
+    let id = miner.submit("farm.w1", &share).await;
+    assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 23, "the pool's verdict reaches the miner");
 
     let total = MINERS as u64 * SHARES;
     // The low-difficulty share was refused by the proxy: the pool never saw it.
-    assert_eq!(pool.submits().len() as u64, total);
-    assert_eq!((pool.accepted(), pool.rejected()), (total, 0));
+    assert_eq!(pool.submits().len() as u64, total + 1);
+    assert_eq!((pool.accepted(), pool.rejected()), (total, 1));
 
     // The proxy records an outcome right after writing the reply, so poll briefly.
     let pool_label = [("pool", label.as_str())];
+    let upstream = |result| [("pool", label.as_str()), ("result", result)];
     let settled = eventually(WAIT, || async {
         let (_, text) = proxy.http_get("/metrics").await;
-        metric(&text, "loka_shares_accepted_total", &pool_label) == Some(total as f64)
+        metric(&text, "loka_shares_accepted_total", &pool_label) == Some((total + 1) as f64)
             && metric(&text, "loka_shares_rejected_total", &pool_label) == Some(1.0)
+            && metric(&text, "loka_upstream_shares_total", &upstream("rejected")) == Some(1.0)
     })
     .await;
     let (status, text) = proxy.http_get("/metrics").await;
     assert!(settled, "{text}");
     assert_eq!(status, 200);
     let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    // The pool's own counts are the pool's verdicts in the metrics.
     assert_eq!(value("loka_shares_submitted_total", &pool_label), Some(pool.submits().len() as f64));
-    assert_eq!(value("loka_shares_accepted_total", &pool_label), Some(pool.accepted() as f64));
+    assert_eq!(value("loka_upstream_shares_total", &upstream("accepted")), Some(pool.accepted() as f64));
+    assert_eq!(value("loka_upstream_shares_total", &upstream("rejected")), Some(pool.rejected() as f64));
+    assert_eq!(value("loka_upstream_shares_total", &upstream("unanswered")), Some(0.0));
+    assert_eq!(value("loka_upstream_shares_total", &upstream("dropped")), Some(0.0));
     assert_eq!(
-        value(
-            "loka_shares_rejected_total",
-            &[("pool", label.as_str()), ("reason", "low_difficulty"), ("source", "local")]
-        ),
+        value("loka_upstream_rejects_total", &[("pool", label.as_str()), ("reason", "low_difficulty")]),
         Some(1.0)
     );
-    let accepted_difficulty = value("loka_shares_accepted_difficulty_sum", &pool_label).unwrap();
-    assert!((accepted_difficulty - total as f64 * DIFFICULTY).abs() < 1e-9, "{accepted_difficulty}");
+    // The proxy's verdicts: every share but the low one passed its checks.
+    assert_eq!(value("loka_shares_accepted_total", &pool_label), Some((total + 1) as f64));
+    assert_eq!(
+        value("loka_shares_rejected_total", &[("pool", label.as_str()), ("reason", "low_difficulty")]),
+        Some(1.0)
+    );
+    assert_eq!(value("loka_shares_local_only_total", &pool_label), Some(0.0));
+    // Difficulty 1e-6 is one unit of the counter.
+    let work = value("loka_shares_accepted_microdifficulty_total", &pool_label).unwrap();
+    assert_eq!(work, ((total + 1) as f64 * DIFFICULTY * 1e6).round(), "{work}");
     assert_eq!(value("loka_pool_up", &pool_label), Some(1.0));
     assert_eq!(value("loka_upstream_sessions_active", &pool_label), Some(MINERS as f64));
     assert_eq!(value("loka_connections_active", &[]), Some(MINERS as f64));
     assert_eq!(
         value("loka_messages_total", &[("method", "mining.submit"), ("direction", "from_miner")]),
-        Some((total + 1) as f64)
+        Some((total + 2) as f64)
     );
     assert!(text.contains("# HELP loka_shares_accepted_total"), "{text}");
 
@@ -87,11 +104,14 @@ async fn admin_port_matches_the_pool() {
         let w = workers.iter().find(|w| w["worker"] == name.as_str()).unwrap_or_else(|| panic!("{name} in {body}"));
         assert_eq!(w["state"], "authorized", "{w}");
         assert_eq!(w["upstream"], label.as_str(), "{w}");
-        assert_eq!(w["accepted"], SHARES, "{w}");
+        let accepted = SHARES + u64::from(i == 1);
+        assert_eq!(w["accepted"], accepted, "{w}");
         assert_eq!(w["rejected"], u64::from(i == 0), "{w}");
+        assert_eq!(w["pool_accepted"], SHARES, "{w}");
+        assert_eq!(w["pool_rejected"], u64::from(i == 1), "{w}");
         assert_eq!(w["difficulty"], DIFFICULTY, "{w}");
         let work = w["accepted_difficulty"].as_f64().unwrap();
-        assert!((work - SHARES as f64 * DIFFICULTY).abs() < 1e-12, "{w}");
+        assert!((work - accepted as f64 * DIFFICULTY).abs() < 1e-12, "{w}");
         assert!(w["hashrate_5m"].as_f64().unwrap() > 0.0, "{w}");
         assert!(w["last_share"].as_u64().is_some(), "{w}");
         assert!(w["connected_since"].as_u64().unwrap() > 1_600_000_000, "{w}");

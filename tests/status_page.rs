@@ -95,11 +95,26 @@ async fn api_endpoints_and_page_over_http() {
     let object = summary.as_object().expect("an object");
     let mut keys: Vec<_> = object.keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["accepted", "connections", "hashrate_5m", "rejected", "uptime_s", "version", "workers"]);
+    assert_eq!(
+        keys,
+        [
+            "accepted",
+            "connections",
+            "hashrate_5m",
+            "pool_accepted",
+            "pool_rejected",
+            "rejected",
+            "uptime_s",
+            "version",
+            "workers"
+        ]
+    );
     assert_eq!(summary["connections"], json!(miners.len()));
     assert_eq!(summary["workers"], json!(miners.len()));
     assert_eq!(summary["accepted"], json!(2 * miners.len()));
     assert_eq!(summary["rejected"], json!(0));
+    assert_eq!(summary["pool_accepted"], json!(2 * miners.len()));
+    assert_eq!(summary["pool_rejected"], json!(0));
     assert_eq!(summary["version"], json!(env!("CARGO_PKG_VERSION")));
     assert!(summary["uptime_s"].is_u64(), "{summary}");
     let workers = get_json(&proxy, "/api/v1/workers").await;

@@ -357,7 +357,7 @@ impl Oracle {
             };
             self.pending.push((id, req));
         }
-        if out.to_pool.is_empty() && out.events.iter().any(|e| matches!(e, Event::Share(o) if o.local)) {
+        if out.to_pool.is_empty() && out.events.iter().any(|e| matches!(e, Event::ShareRefused(_))) {
             stats.local_rejects += 1;
         }
     }

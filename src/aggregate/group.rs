@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use metrics::{counter, histogram};
+use metrics::counter;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,8 +27,10 @@ use crate::jobs::MAX_JOBS;
 use crate::metrics as m;
 use crate::protocol::pool::{self, Notify, PoolMessage};
 use crate::protocol::{verdict, write};
+use crate::registry::SessionHandle;
 use crate::session::VERSION;
 use crate::share::{target_from_difficulty, U256Le};
+use crate::submissions::{PoolVerdict, RejectReason, SubmissionManager};
 use crate::upstream::{Pool, PoolLink};
 
 /// The version-rolling mask miners may use when the pool grants none (BIP310's default).
@@ -106,13 +108,10 @@ pub struct AggJob {
 /// What a miner's task hands its group.
 #[derive(Debug)]
 pub enum Upward {
-    Share(Forward),
+    /// A share, and the miner to credit with the pool's verdict.
+    Share(Forward, Arc<SessionHandle>),
     /// Authorize this worker upstream (`worker_passthrough`); the answer goes to `reply`.
-    Authorize {
-        worker: Arc<str>,
-        password: String,
-        reply: oneshot::Sender<bool>,
-    },
+    Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<bool> },
 }
 
 /// A share that met the pool's difficulty, ready to submit.
@@ -254,6 +253,7 @@ enum Pending {
     },
     Submit {
         sent_at: Instant,
+        miner: Arc<SessionHandle>,
     },
 }
 
@@ -415,16 +415,17 @@ impl PoolSession {
                             let _ = waiter.send(ok.is_ok());
                         }
                     }
-                    Pending::Submit { sent_at } => {
+                    Pending::Submit { sent_at, miner } => {
                         let rtt = now.saturating_duration_since(sent_at);
-                        let label = &self.pool.metric_label;
-                        histogram!(m::SUBMIT_RTT, "pool" => label.clone()).record(rtt.as_secs_f64());
-                        let result = if ok.is_ok() { "accepted" } else { "rejected" };
-                        counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => result).increment(1);
+                        let verdict = match &ok {
+                            Ok(()) => PoolVerdict::Accepted,
+                            Err((code, message)) => {
+                                tracing::debug!(pool = %self.pool.label, code, message, "the pool rejected a forwarded share");
+                                PoolVerdict::Rejected(RejectReason::from_code(*code))
+                            }
+                        };
+                        SubmissionManager.pool_verdict(&miner, &self.pool.metric_label, verdict, Some(rtt));
                         self.pool.verdicts.answered(ok.is_ok(), rtt);
-                        if let Err((code, message)) = &ok {
-                            tracing::debug!(pool = %self.pool.label, code, message, "the pool rejected a forwarded share");
-                        }
                         if self.verdicts.len() == REJECT_WINDOW {
                             self.verdicts.pop_front();
                         }
@@ -474,7 +475,7 @@ impl PoolSession {
         n >= REJECT_WINDOW_MIN && self.verdicts.iter().filter(|r| **r).count() as f64 > max * n as f64
     }
 
-    fn submit(&mut self, buf: &mut Vec<u8>, f: &Forward, now: Instant) {
+    fn submit(&mut self, buf: &mut Vec<u8>, f: &Forward, miner: Arc<SessionHandle>, now: Instant) {
         let user = match &f.worker {
             Some(worker) => self.authorized.get(worker).map_or_else(|| worker.to_string(), |u| u.to_string()),
             None => self.pool.config.user.clone(),
@@ -494,8 +495,8 @@ impl PoolSession {
                 write::request(buf, id, "mining.submit", &[user.as_str(), &f.job.upstream_id, &en2, &ntime, &nonce])
             }
         }
-        self.pending.insert(id, Pending::Submit { sent_at: now });
-        counter!(m::SHARES_SUBMITTED, "pool" => self.pool.metric_label.clone()).increment(1);
+        self.pending.insert(id, Pending::Submit { sent_at: now, miner });
+        SubmissionManager.forwarded(&self.pool.metric_label);
     }
 
     /// Asks the pool to accept a miner's worker; `reply`, if any, gets the answer.
@@ -526,8 +527,8 @@ impl PoolSession {
         let label = &self.pool.metric_label;
         // Authorizes are dropped unanswered: the pool's silence is not the miner's failure.
         for pending in self.pending.into_values() {
-            if let Pending::Submit { .. } = pending {
-                counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "unanswered").increment(1)
+            if let Pending::Submit { miner, .. } = pending {
+                SubmissionManager.pool_verdict(&miner, label, PoolVerdict::Unanswered, None)
             }
         }
     }
@@ -619,7 +620,7 @@ fn retire(group: &Group, state: &mut State) {
 
 fn refuse(up: Upward) {
     match up {
-        Upward::Share(_) => counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1),
+        Upward::Share(..) => counter!(m::UPSTREAM_SHARES, "pool" => "none", "result" => "dropped").increment(1),
         // Dropped unanswered: no pool said no.
         Upward::Authorize { .. } => {}
     }
@@ -837,14 +838,14 @@ fn better_pool(context: &Context, current: &Arc<Pool>) -> Option<Arc<Pool>> {
 
 fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut Vec<u8>, up: Upward, now: Instant) {
     match up {
-        Upward::Share(f) => {
+        Upward::Share(f, miner) => {
             if f.job.epoch != state.epoch {
                 // Worked for an earlier session: never sent to another pool.
                 counter!(m::UPSTREAM_SHARES, "pool" => session.pool.metric_label.clone(), "result" => "dropped")
                     .increment(1);
                 return;
             }
-            session.submit(buf, &f, now);
+            session.submit(buf, &f, miner, now);
         }
         Upward::Authorize { worker, password, reply } => {
             if !state.workers.contains_key(&worker) {

@@ -27,7 +27,7 @@ use crate::protocol::{code, parse_hex_u32, write, Id};
 use crate::registry::{CloseReason, Phase, SessionHandle};
 use crate::session::{Event, MinerInput};
 use crate::share::{meets, target_from_difficulty};
-use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext, ShareOutcome};
+use crate::submissions::{self, JobTarget, LocalReject, RejectReason, ShareContext};
 use crate::upstream::Pool;
 use crate::vardiff::{Vardiff, VardiffConfig};
 
@@ -287,10 +287,9 @@ impl MinerSession {
     fn submit(&mut self, id: &Id, submit: &Submit, now: Instant, out: &mut Output) {
         let valid = match self.judge(submit) {
             Ok(valid) => valid,
-            Err((reject, difficulty)) => {
+            Err(reject) => {
                 reply_error(out, id, reject.code, &reject.message);
-                let outcome = ShareOutcome { difficulty, result: Err(reject.reason), local: true, rtt: None };
-                out.events.push(Event::Share(outcome));
+                out.events.push(Event::ShareRefused(reject.reason));
                 return;
             }
         };
@@ -314,12 +313,6 @@ impl MinerSession {
             counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);
         }
         out.events.push(Event::ShareValid(share));
-        out.events.push(Event::Share(ShareOutcome {
-            difficulty: sent.difficulty,
-            result: Ok(()),
-            local: true,
-            rtt: None,
-        }));
         if sent.difficulty == self.vardiff.difficulty() && self.vardiff.on_share(now).is_some() {
             self.retarget(now, out);
         }
@@ -331,18 +324,15 @@ impl MinerSession {
     fn judge(
         &self,
         submit: &Submit,
-    ) -> Result<(Arc<AggJob>, Sent, Option<Arc<str>>, submissions::ValidShare), (LocalReject, f64)> {
-        let current = self.sent_difficulty.unwrap_or_else(|| self.vardiff.difficulty());
+    ) -> Result<(Arc<AggJob>, Sent, Option<Arc<str>>, submissions::ValidShare), LocalReject> {
         if !self.subscribed {
-            let reject = LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed);
-            return Err((reject, current));
+            return Err(LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed));
         }
         let Some(worker) = self.workers.iter().find(|w| *w.name == submit.worker) else {
-            let reject = LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized);
-            return Err((reject, current));
+            return Err(LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized));
         };
-        let stale = || (LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale), current);
-        let unknown = || (LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob), current);
+        let stale = || LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale);
+        let unknown = || LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob);
         let (seq, tag) = parse_job_id(&submit.job_id).ok_or_else(unknown)?;
         let Some(sent) = self.sent.iter().find(|s| s.seq == seq && s.tag == tag).copied() else {
             return Err(if self.sent.front().is_some_and(|f| seq <= f.seq) { stale() } else { unknown() });
@@ -352,8 +342,7 @@ impl MinerSession {
         let job_target = JobTarget { notify: &job.notify, difficulty: sent.difficulty, target: &target };
         let miner =
             ShareContext { extranonce1: &self.extranonce1, extranonce2_size: self.en2_size, version_mask: self.mask };
-        let share = submissions::check(job_target, miner, submit, |k| self.seen.contains(&(seq, *k)))
-            .map_err(|r| (r, sent.difficulty))?;
+        let share = submissions::check(job_target, miner, submit, |k| self.seen.contains(&(seq, *k)))?;
         Ok((job.clone(), sent, worker.passthrough.clone(), share))
     }
 }
@@ -379,7 +368,7 @@ pub async fn serve(
     shared: &Shared,
     aggregator: &Arc<Aggregator>,
     config: &Config,
-    handle: &SessionHandle,
+    handle: &Arc<SessionHandle>,
     mut reader: MinerReader,
     mut writer: WriteHalf<MinerStream>,
 ) -> CloseReason {
@@ -490,7 +479,10 @@ pub async fn serve(
         }
         let label = last_pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
         let forwards = std::mem::take(&mut out.forward);
-        let dropped = forwards.into_iter().filter_map(|f| seat.group.send(Upward::Share(f)).err()).count();
+        // Each forwarded share carries its miner's handle, so that the group credits the pool's
+        // verdict to the miner.
+        let dropped =
+            forwards.into_iter().filter_map(|f| seat.group.send(Upward::Share(f, handle.clone())).err()).count();
         if dropped > 0 {
             tracing::warn!(dropped, "upstream queue full; shares not forwarded");
             counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "dropped").increment(dropped as u64);
@@ -498,14 +490,15 @@ pub async fn serve(
         for event in std::mem::take(&mut out.events) {
             match event {
                 Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
-                Event::Share(outcome) => shared.submissions.record(handle, label, &outcome),
+                Event::ShareRefused(reason) => shared.submissions.refused(handle, label, reason),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     handle.info().worker = Some(worker);
                 }
                 Event::Difficulty(d) => handle.info().difficulty = Some(d),
                 Event::Close(reason) => close = close.or(Some(reason)),
-                Event::ShareForwarded | Event::PoolFault(_) | Event::PoolReconnect { .. } => {}
+                // The group task sends the shares and hears the pool's verdicts.
+                Event::ShareForwarded | Event::PoolVerdict(..) | Event::PoolFault(_) | Event::PoolReconnect { .. } => {}
             }
         }
         handle.set_phase(session.phase(), shared.registry.now_ms());
@@ -703,7 +696,7 @@ mod tests {
         let out = line(&mut s, &submit(3, "100", &en2, GENESIS_NONCE));
         assert_eq!(lines(&out.to_miner)[0]["result"], true);
         assert!(out.forward.is_empty());
-        assert!(out.events.iter().any(|e| matches!(e, Event::Share(o) if o.result.is_ok())));
+        assert!(out.events.iter().any(|e| matches!(e, Event::ShareValid(_))));
     }
 
     #[test]

@@ -167,7 +167,7 @@ pub enum SubmitReplies {
     Immediate,
     Delay(Duration),
     Never,
-    /// Every submit is answered `[23, "Low difficulty share", null]`.
+    /// Every submit is answered `[23, "Low difficulty share", null]` and counted as rejected.
     Reject,
 }
 
@@ -501,7 +501,11 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
             }
         }
         "mining.submit" => {
-            let verdict = check_submit(opts, conn, &params);
+            let mode = *state.submit_replies.lock().unwrap();
+            let verdict = match mode {
+                SubmitReplies::Reject => Err((23, "Low difficulty share")),
+                _ => check_submit(opts, conn, &params),
+            };
             let line = match verdict {
                 Ok(()) => {
                     state.accepted.fetch_add(1, Ordering::SeqCst);
@@ -512,9 +516,8 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
                     error_reply(&id, code, message)
                 }
             };
-            match *state.submit_replies.lock().unwrap() {
-                SubmitReplies::Immediate => send(line),
-                SubmitReplies::Reject => send(error_reply(&id, 23, "Low difficulty share")),
+            match mode {
+                SubmitReplies::Immediate | SubmitReplies::Reject => send(line),
                 SubmitReplies::Delay(d) => {
                     let out = out.clone();
                     tokio::spawn(async move {
