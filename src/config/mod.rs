@@ -87,159 +87,79 @@ fn loka_env() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Defaults ← file (`(text, origin)`) ← environment. Each layer is checked against the shape of
-/// `Config` first, so that a typo or a negative limit is reported with its key and value rather
-/// than as a bare serde message.
+/// Defaults ← file (`(text, origin)`) ← environment. The file is deserialized on its own, so that
+/// its errors name the file and the line; the `config` crate lays the environment over the result,
+/// and an error in the merge names the variable.
 fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Config, ConfigError> {
-    let schema = schema();
-    let mut builder = config::Config::builder();
-    if let Some((text, origin)) = file {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: origin.into(),
-            message: line_of(text, e.span()) + &e.message().trim().replace('\n', "; "),
-        })?;
-        check_table(&table, &schema, "", origin)?;
-        builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
-    }
-    for (var, value) in &env {
-        check_env(var, value, &schema)?;
-    }
-    let env: config::Map<String, String> = env.into_iter().collect();
-    builder = builder.add_source(
-        config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("_")
-            .separator(ENV_SEPARATOR)
-            .try_parsing(true)
-            .source(Some(env)),
-    );
-    let merged = builder.build().map_err(|e| ConfigError::invalid("configuration", "", e.to_string()))?;
-    merged.clone().try_deserialize().map_err(|e| describe(e, &merged))
-}
-
-fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    span.map(|s| format!("line {}: ", text[..s.start].matches('\n').count() + 1)).unwrap_or_default()
-}
-
-/// The shape every layer must fit: the default config with one example of each list's item.
-fn schema() -> toml::Table {
-    let sample = Config {
-        server: ServerConfig { proxy_protocol_trusted: vec![String::new()], ..ServerConfig::default() },
-        pools: vec![PoolConfig {
-            url: String::new(),
-            user: String::new(),
-            password: String::new(),
-            ..PoolConfig::default()
-        }],
-        ..Config::default()
+    let base = match file {
+        Some((text, origin)) => serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let span = e.inner().span();
+            let at = match &span {
+                Some(s) => format!("{origin} line {}", text[..s.start].matches('\n').count() + 1),
+                None => origin.to_owned(),
+            };
+            let message = e.inner().message().trim().replace('\n', "; ");
+            match e.path().iter().next() {
+                None => ConfigError::Parse { path: at.into(), message },
+                Some(_) => rejected(e.path().to_string(), span.map_or("?", |s| text[s].trim()), &message, at),
+            }
+        })?,
+        None => Config::default(),
     };
-    toml::Table::try_from(sample).expect("Config serializes to a TOML table")
-}
-
-fn check_table(table: &toml::Table, schema: &toml::Table, prefix: &str, origin: &str) -> Result<(), ConfigError> {
-    for (name, value) in table {
-        let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
-        let Some(expected) = schema.get(name) else {
-            return Err(ConfigError::UnknownKey { key, origin: origin.into() });
-        };
-        check_value(value, expected, &key, origin)?;
-    }
-    Ok(())
-}
-
-fn check_value(value: &toml::Value, expected: &toml::Value, key: &str, origin: &str) -> Result<(), ConfigError> {
-    use toml::Value as V;
-    match (expected, value) {
-        (V::Table(schema), V::Table(table)) => check_table(table, schema, key, origin),
-        (V::Array(schema), V::Array(items)) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, item)| check_value(item, &schema[0], &format!("{key}[{i}]"), origin)),
-        (V::Integer(_), V::Integer(n)) if *n < 0 => {
-            Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
-        }
-        (V::Float(_), V::Float(f)) if !f.is_finite() || *f < 0.0 => {
-            Err(ConfigError::invalid(key, f, format!("must be a finite number, not negative; set in {origin}")))
-        }
-        (V::Float(_), V::Integer(n)) if *n < 0 => {
-            Err(ConfigError::invalid(key, n, format!("must not be negative; set in {origin}")))
-        }
-        (V::Integer(_), V::Integer(_))
-        | (V::Float(_), V::Float(_) | V::Integer(_))
-        | (V::String(_), V::String(_))
-        | (V::Boolean(_), V::Boolean(_)) => Ok(()),
-        _ => Err(ConfigError::invalid(key, value, format!("expected {}; set in {origin}", kind_name(expected)))),
-    }
-}
-
-fn kind_name(value: &toml::Value) -> &'static str {
-    match value {
-        toml::Value::Integer(_) => "a whole number",
-        toml::Value::Float(_) => "a number",
-        toml::Value::String(_) => "a string",
-        toml::Value::Boolean(_) => "true or false",
-        toml::Value::Array(_) => "an array",
-        toml::Value::Table(_) => "a table",
-        _ => "another type",
-    }
-}
-
-/// Checks one `LOKA_…` variable: the key must name a value in `Config`, and numbers must be
-/// whole and not negative.
-fn check_env(var: &str, value: &str, schema: &toml::Table) -> Result<(), ConfigError> {
-    let origin = format!("environment variable {var}");
-    // Lower-cased first, as the `config` crate does; the prefix then is exactly `loka_`.
-    let key = var.to_lowercase()[ENV_PREFIX.len() + 1..].replace(ENV_SEPARATOR, ".");
-    if key.split('.').next() == Some("pools") {
+    if let Some((var, value)) = env.iter().find(|(var, _)| env_key(var).split('.').next() == Some("pools")) {
         return Err(ConfigError::invalid(
             var,
             format!("{value:?}"),
             "pools cannot be set from the environment; use --pool or [[pools]]",
         ));
     }
-    let mut expected = None;
-    let mut table = Some(schema);
-    for segment in key.split('.') {
-        expected = table.and_then(|t| t.get(segment));
-        table = expected.and_then(toml::Value::as_table);
-    }
-    let typed = match expected {
-        Some(toml::Value::Integer(_)) => value.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| {
-            ConfigError::invalid(&key, format!("{value:?}"), format!("expected a whole number; set in {origin}"))
-        })?,
-        Some(toml::Value::Float(_)) => value.trim().parse::<f64>().map(toml::Value::Float).map_err(|_| {
-            ConfigError::invalid(&key, format!("{value:?}"), format!("expected a number; set in {origin}"))
-        })?,
-        Some(toml::Value::String(_)) => toml::Value::String(value.into()),
-        Some(toml::Value::Boolean(_)) => value.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| {
-            ConfigError::invalid(&key, format!("{value:?}"), format!("expected true or false; set in {origin}"))
-        })?,
-        Some(toml::Value::Array(_)) => {
-            return Err(ConfigError::invalid(
-                &key,
-                format!("{value:?}"),
-                format!("lists cannot be set from the environment; set {key} in the config file"),
-            ))
-        }
-        _ => return Err(ConfigError::UnknownKey { key, origin }),
-    };
-    check_value(&typed, expected.expect("matched above"), &key, &origin)
+    let from_env = |e: config::ConfigError| ConfigError::invalid("environment", "", e.to_string());
+    let merged = config::Config::builder()
+        .add_source(config::Config::try_from(&base).expect("Config serializes to a config::Value"))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator(ENV_SEPARATOR)
+                .try_parsing(true)
+                .source(Some(env.iter().cloned().collect())),
+        )
+        .build()
+        .map_err(from_env)?;
+    // Read through TOML's types rather than the `config` crate's, which would take "yes" for true
+    // and 1.5 for 2: the environment is held to the types the file is.
+    let typed: toml::Value = merged.clone().try_deserialize().map_err(from_env)?;
+    serde_path_to_error::deserialize(typed).map_err(|e| {
+        let key = e.path().to_string();
+        // The file's values passed on their own, so the culprit is a variable at or under the key.
+        let origin = env
+            .iter()
+            .find(|(var, _)| {
+                let var = env_key(var);
+                var == key || var.strip_prefix(&key).is_some_and(|rest| rest.starts_with('.'))
+            })
+            .map_or("the environment".into(), |(var, _)| format!("environment variable {var}"));
+        let value = match merged.get::<config::Value>(&key).map(|v| v.kind) {
+            Ok(config::ValueKind::String(s)) => format!("{s:?}"),
+            Ok(other) => other.to_string(),
+            Err(_) => "?".into(),
+        };
+        rejected(key, &value, e.inner().message(), origin)
+    })
 }
 
-/// Turns a `config` crate error into one that names the key and its value.
-fn describe(error: config::ConfigError, merged: &config::Config) -> ConfigError {
-    let (key, reason) = match &error {
-        config::ConfigError::At { error, key: Some(key), .. } => (key.clone(), error.to_string()),
-        config::ConfigError::Type { key: Some(key), expected, .. } => (key.clone(), format!("expected {expected}")),
-        _ => return ConfigError::invalid("configuration", "", error.to_string()),
-    };
-    let value = match merged.get::<config::Value>(&key) {
-        Ok(v) => match v.kind {
-            config::ValueKind::String(s) => format!("{s:?}"),
-            other => other.to_string(),
-        },
-        Err(_) => "?".into(),
-    };
-    ConfigError::Invalid { key, value, reason }
+/// The key a `LOKA_…` variable sets, lower-cased as the `config` crate does: `server.listen`.
+fn env_key(var: &str) -> String {
+    var.to_lowercase().strip_prefix("loka_").unwrap_or_default().replace(ENV_SEPARATOR, ".")
+}
+
+/// What serde said about `key`, whose `value` came from `origin`. Serde says "unknown field";
+/// the rest of our messages say key.
+fn rejected(key: String, value: &str, reason: &str, origin: String) -> ConfigError {
+    if reason.starts_with("unknown field") {
+        ConfigError::UnknownKey { key, origin }
+    } else {
+        ConfigError::invalid(key, value, format!("{reason}; set in {origin}"))
+    }
 }
 
 fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
@@ -337,29 +257,51 @@ mod tests {
             .unwrap();
         assert_eq!((c.vardiff.max_difficulty, c.upstream.mode), (0.5, Mode::Aggregate));
         let e = layered(None, env(&[("LOKA_VARDIFF__MAX_DIFFICULTY", "big")])).unwrap_err().to_string();
-        assert!(e.contains("expected a number"), "{e}");
+        assert!(e.contains("vardiff.max_difficulty: \"big\" (invalid type: string \"big\", expected f64"), "{e}");
     }
 
     #[test]
     fn layer_errors_name_key_and_value() {
         let cases = [
-            ("[server]\nmax_conections = 5\n", "unknown key server.max_conections in test.toml"),
-            ("bogus = 1\n", "unknown key bogus in test.toml"),
-            ("[[pools]]\nurl = \"stratum+tcp://a:1\"\npasword = \"x\"\n", "unknown key pools[0].pasword"),
-            ("[server]\nmax_connections = -5\n", "invalid value for server.max_connections: -5 (must not be negative"),
-            ("[server]\nidle_timeout = \"soon\"\n", "server.idle_timeout: \"soon\" (expected a whole number"),
-            ("[server]\nlisten = \"notanaddr\"\n", "server.listen: \"notanaddr\""),
-            ("[log]\nformat = \"xml\"\n", "log.format: \"xml\""),
-            ("[server]\nproxy_protocol = \"yes\"\n", "server.proxy_protocol: \"yes\" (expected true or false"),
+            ("[server]\nmax_conections = 5\n", "unknown key server.max_conections in test.toml line 2"),
+            ("bogus = 1\n", "unknown key bogus in test.toml line 1"),
+            (
+                "[[pools]]\nurl = \"stratum+tcp://a:1\"\npasword = \"x\"\n",
+                "unknown key pools[0].pasword in test.toml line 3",
+            ),
+            (
+                "[server]\nmax_connections = -5\n",
+                "invalid value for server.max_connections: -5 (invalid value: integer `-5`, expected usize; \
+                 set in test.toml line 2)",
+            ),
+            (
+                "[server]\nidle_timeout = \"soon\"\n",
+                "server.idle_timeout: \"soon\" (invalid type: string \"soon\", expected u64; set in test.toml line 2)",
+            ),
+            (
+                "[server]\nlisten = \"notanaddr\"\n",
+                "server.listen: \"notanaddr\" (invalid socket address syntax; set in",
+            ),
+            ("[log]\nformat = \"xml\"\n", "log.format: \"xml\" (unknown variant `xml`, expected `text` or `json`; set"),
+            (
+                "[server]\nproxy_protocol = \"yes\"\n",
+                "server.proxy_protocol: \"yes\" (invalid type: string \"yes\", expected a",
+            ),
             (
                 "[server]\nproxy_protocol_trusted = \"10.0.0.0/8\"\n",
-                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (expected an array",
+                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (invalid type: string \"10.0.0.0/8\", \
+                 expected a sequence; set in test.toml line 2)",
             ),
-            ("[server]\nproxy_protocol_trusted = [8]\n", "server.proxy_protocol_trusted[0]: 8 (expected a string"),
-            ("[server\n", "cannot parse test.toml"),
-            ("[vardiff]\nmin_difficulty = \"low\"\n", "vardiff.min_difficulty: \"low\" (expected a number"),
-            ("[vardiff]\nmin_difficulty = -1.5\n", "vardiff.min_difficulty: -1.5 (must be a finite number"),
-            ("[upstream]\nmode = \"pooled\"\n", "upstream.mode: \"pooled\""),
+            (
+                "[server]\nproxy_protocol_trusted = [8]\n",
+                "server.proxy_protocol_trusted[0]: 8 (invalid type: integer `8`",
+            ),
+            ("[server\n", "cannot parse test.toml line 1: invalid table header"),
+            (
+                "[vardiff]\nmin_difficulty = \"low\"\n",
+                "vardiff.min_difficulty: \"low\" (invalid type: string \"low\", expected f64",
+            ),
+            ("[upstream]\nmode = \"pooled\"\n", "upstream.mode: \"pooled\" (unknown variant `pooled`"),
         ];
         for (text, expected) in cases {
             let message = from_toml(text).expect_err(text).to_string();
@@ -384,16 +326,31 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Json);
 
         let cases = [
-            (("LOKA_SERVER__MAX_CONNECTIONS", "-5"), "server.max_connections: -5 (must not be negative; set in environment variable LOKA_SERVER__MAX_CONNECTIONS)"),
-            (("LOKA_SERVER__MAX_CONNECTIONS", "many"), "server.max_connections: \"many\" (expected a whole number"),
+            (
+                ("LOKA_SERVER__MAX_CONNECTIONS", "-5"),
+                "server.max_connections: -5 (invalid value: integer `-5`, expected usize; \
+                 set in environment variable LOKA_SERVER__MAX_CONNECTIONS)",
+            ),
+            (
+                ("LOKA_SERVER__MAX_CONNECTIONS", "many"),
+                "server.max_connections: \"many\" (invalid type: string \"many\"",
+            ),
             (("LOKA_SERVER__LISTN", "x"), "unknown key server.listn in environment variable LOKA_SERVER__LISTN"),
-            (("LOKA_SERVER", "x"), "unknown key server in environment variable LOKA_SERVER"),
+            (
+                ("LOKA_SERVER", "x"),
+                "server: \"x\" (invalid type: string \"x\", expected struct ServerConfig; \
+                 set in environment variable LOKA_SERVER)",
+            ),
             (("LOKA_POOLS__0__URL", "x"), "pools cannot be set from the environment"),
-            (("LOKA_HTTP__LISTEN", "nowhere"), "http.listen: \"nowhere\""),
-            (("LOKA_SERVER__PROXY_PROTOCOL", "maybe"), "server.proxy_protocol: \"maybe\" (expected true or false"),
+            (("LOKA_HTTP__LISTEN", "nowhere"), "http.listen: \"nowhere\" (invalid socket address syntax; set in"),
+            // The `config` crate alone would take these for true and 2.
+            (("LOKA_SERVER__PROXY_PROTOCOL", "yes"), "server.proxy_protocol: \"yes\" (invalid type: string"),
+            (("LOKA_SERVER__IDLE_TIMEOUT", "1.5"), "server.idle_timeout: 1.5 (invalid type: floating point `1.5`"),
+            (("LOKA_SERVER__PROXY_PROTOCOL", "maybe"), "server.proxy_protocol: \"maybe\" (invalid type: string"),
             (
                 ("LOKA_SERVER__PROXY_PROTOCOL_TRUSTED", "10.0.0.0/8"),
-                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (lists cannot be set from the environment",
+                "server.proxy_protocol_trusted: \"10.0.0.0/8\" (invalid type: string \"10.0.0.0/8\", \
+                 expected a sequence; set in environment variable LOKA_SERVER__PROXY_PROTOCOL_TRUSTED)",
             ),
         ];
         for ((var, value), expected) in cases {

@@ -173,7 +173,7 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 26] = [
+        let cases: [(Breaker, &str); 27] = [
             (|c| c.aggregate.prefix_bytes = 5, "aggregate.prefix_bytes: 5 (must be 1 to 4)"),
             (
                 |c| c.aggregate.miners_per_upstream = 70_000,
@@ -182,6 +182,7 @@ mod tests {
             (|c| c.aggregate.max_upstreams = 0, "aggregate.max_upstreams: 0"),
             (|c| c.upstream.max_reject_rate = 0.0, "upstream.max_reject_rate: 0 (must be above 0"),
             (|c| c.vardiff.min_difficulty = 0.0, "vardiff.min_difficulty: 0 (must be a number greater than zero)"),
+            (|c| c.vardiff.min_difficulty = -1.5, "vardiff.min_difficulty: -1.5 (must be a number greater than zero)"),
             (|c| c.vardiff.target_shares_per_minute = f64::NAN, "vardiff.target_shares_per_minute: NaN"),
             (|c| c.vardiff.max_difficulty = 1e-6, "vardiff.max_difficulty: 0.000001 (must be at least"),
             (|c| c.pools.clear(), "use --pool URL or a [[pools]] section"),
