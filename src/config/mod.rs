@@ -42,8 +42,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error("cannot read {path}: {source}", path = .path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot parse {path}: {message}", path = .path.display())]
-    Parse { path: PathBuf, message: String },
+    #[error("cannot parse {origin}: {message}")]
+    Parse { origin: String, message: String },
     #[error("unknown key {key} in {origin}")]
     UnknownKey { key: String, origin: String },
     #[error("invalid value for {key}: {value} ({reason})")]
@@ -100,7 +100,7 @@ fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Con
             };
             let message = e.inner().message().trim().replace('\n', "; ");
             match e.path().iter().next() {
-                None => ConfigError::Parse { path: at.into(), message },
+                None => ConfigError::Parse { origin: at, message },
                 Some(_) => rejected(e.path().to_string(), span.map_or("?", |s| text[s].trim()), &message, at),
             }
         })?,
@@ -113,7 +113,8 @@ fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Con
             "pools cannot be set from the environment; use --pool or [[pools]]",
         ));
     }
-    let from_env = |e: config::ConfigError| ConfigError::invalid("environment", "", e.to_string());
+    let from_env =
+        |e: config::ConfigError| ConfigError::Parse { origin: "the environment".into(), message: e.to_string() };
     let merged = config::Config::builder()
         .add_source(config::Config::try_from(&base).expect("Config serializes to a config::Value"))
         .add_source(
@@ -133,10 +134,7 @@ fn layered(file: Option<(&str, &str)>, env: Vec<(String, String)>) -> Result<Con
         // The file's values passed on their own, so the culprit is a variable at or under the key.
         let origin = env
             .iter()
-            .find(|(var, _)| {
-                let var = env_key(var);
-                var == key || var.strip_prefix(&key).is_some_and(|rest| rest.starts_with('.'))
-            })
+            .find(|(var, _)| format!("{}.", env_key(var)).starts_with(&format!("{key}.")))
             .map_or("the environment".into(), |(var, _)| format!("environment variable {var}"));
         let value = match merged.get::<config::Value>(&key).map(|v| v.kind) {
             Ok(config::ValueKind::String(s)) => format!("{s:?}"),
@@ -181,16 +179,7 @@ fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
         config.upstream.mode = mode;
     }
     if !args.pool.is_empty() {
-        config.pools = args
-            .pool
-            .iter()
-            .map(|url| PoolConfig {
-                url: url.clone(),
-                user: String::new(),
-                password: String::new(),
-                ..PoolConfig::default()
-            })
-            .collect();
+        config.pools = args.pool.iter().map(|url| PoolConfig { url: url.clone(), ..PoolConfig::default() }).collect();
     }
     for pool in &mut config.pools {
         if let Some(user) = &args.pool_user {
@@ -391,12 +380,7 @@ mod tests {
         apply_flags(&mut config, &args).unwrap();
         assert_eq!(
             config.pools,
-            [PoolConfig {
-                url: "stratum+tcp://flag:9".into(),
-                user: "fu".into(),
-                password: String::new(),
-                ..PoolConfig::default()
-            }]
+            [PoolConfig { url: "stratum+tcp://flag:9".into(), user: "fu".into(), ..PoolConfig::default() }]
         );
         assert_eq!(config.http.listen, "127.0.0.1:9999".parse().unwrap());
 
@@ -408,12 +392,7 @@ mod tests {
     #[test]
     fn masked_toml_hides_passwords() {
         let mut config = valid();
-        config.pools.push(PoolConfig {
-            url: "stratum+tcp://b:1".into(),
-            user: "b".into(),
-            password: String::new(),
-            ..PoolConfig::default()
-        });
+        config.pools.push(PoolConfig { url: "stratum+tcp://b:1".into(), user: "b".into(), ..PoolConfig::default() });
         let text = config.masked_toml();
         assert!(!text.contains("secret"), "{text}");
         assert!(text.contains("password = \"***\""), "{text}");
