@@ -85,6 +85,23 @@ pub const AGGREGATE_SESSION_MINERS: &str = "loka_aggregate_session_miners";
 /// freed ones waiting until no live job can have used them.
 pub const AGGREGATE_PREFIXES: &str = "loka_aggregate_prefixes";
 
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds the histograms' samples into their buckets until `shutdown`. The recorder holds every
+/// sample until a scrape or an upkeep takes it, so without this, memory would grow with each
+/// pool verdict for as long as nobody scrapes `/metrics`.
+pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
+}
+
 /// Installs the Prometheus recorder once per process and returns the handle that renders it.
 /// Several proxies in one process (as in tests) share it.
 pub fn install() -> PrometheusHandle {

@@ -105,7 +105,7 @@ impl Server {
         let admin_task = tokio::spawn(admin::serve(
             http,
             admin::State {
-                prometheus,
+                prometheus: prometheus.clone(),
                 registry: shared.registry.clone(),
                 pools: shared.pools.clone(),
                 aggregator: shared.aggregator.clone(),
@@ -115,6 +115,7 @@ impl Server {
             admin_stop.clone(),
         ));
         shared.pools.spawn_monitors(&tracker);
+        tracker.spawn(m::upkeep(prometheus.clone(), shared.shutdown.clone()));
         tracker.spawn(cleanup(shared.clone()));
         tracker.spawn(crate::hashrate::sample(shared.registry.clone(), history, shared.shutdown.clone()));
 
