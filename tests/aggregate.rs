@@ -413,3 +413,41 @@ async fn a_pool_reconnect_moves_the_session_without_touching_miners() {
     assert!(!miner.closed);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miners_cut_while_waiting_for_a_seat_give_it_back() {
+    // A pool that accepts and never says a word: the group stays connecting, and miners wait in
+    // admission until the handshake deadline cuts them.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut c = proxy_config(silent_addr);
+    c.upstream.mode = Mode::Aggregate;
+    c.upstream.connect_timeout = 2;
+    c.server.handshake_timeout = 2;
+    let proxy = spawn_proxy(c).await;
+    let mut miners = Vec::new();
+    for _ in 0..3 {
+        let mut miner = proxy.miner().await;
+        miner.request("mining.subscribe", json!(["test/1"])).await;
+        miners.push(miner);
+    }
+    let seats = || async {
+        let (_, body) = proxy.http_get("/api/v1/sessions").await;
+        let sessions: Vec<Value> = serde_json::from_str(&body).unwrap();
+        sessions.iter().map(|s| s["miners"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(eventually(WAIT, || async { seats().await == 3 }).await, "the three miners hold a place");
+    for miner in &mut miners {
+        assert!(miner.expect_closed(WAIT).await, "cut at the handshake deadline");
+    }
+    assert!(eventually(WAIT, || async { seats().await == 0 }).await, "places leaked: {}", seats().await);
+    assert_eq!(proxy.registry.len(), 0);
+    proxy.shutdown().await;
+    held.abort();
+}
