@@ -645,12 +645,21 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
     }
     if let Some(last) = state.last_pool.replace(session.pool.clone()) {
         if !Arc::ptr_eq(&last, &session.pool) {
-            // Back to a pool of higher priority is a failback; leaving a pool a reload removed is not.
+            // Back to a pool of higher priority is a failback. Leaving a pool that a reload took
+            // out of the configuration (or gave new credentials) is neither: nothing failed.
             let pools = group.context.pools.pools();
             let rank = |pool: &Arc<Pool>| pools.iter().position(|p| Arc::ptr_eq(p, pool));
-            let kind = if rank(&session.pool) < rank(&last) { "failback" } else { "failover" };
+            let kind = match (rank(&last), rank(&session.pool)) {
+                (None, _) => "reload",
+                (Some(old), Some(new)) if new < old => "failback",
+                _ => "failover",
+            };
             counter!(m::FAILOVERS, "kind" => kind).increment(1);
-            tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
+            if kind == "reload" {
+                tracing::info!(session = group.index, from = %last.label, to = %session.pool.label, "moved by a reload");
+            } else {
+                tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
+            }
         }
     }
     state.epoch += 1;
