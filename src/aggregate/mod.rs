@@ -43,6 +43,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_reject_rate: f64,
     pub allow_pool_redirect: bool,
+    /// How long a group may take on shutdown to send what miners queued and hear the answers.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -58,6 +60,7 @@ impl Settings {
             connect_timeout: u.connect_timeout(),
             max_reject_rate: u.max_reject_rate,
             allow_pool_redirect: u.allow_pool_redirect,
+            shutdown_grace: config.server.shutdown_grace(),
         }
     }
 }
