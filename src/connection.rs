@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -127,9 +127,9 @@ async fn passthrough(
         Ok(link) => link,
         Err(reason) => return reason,
     };
-    let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
+    let mut outbox = Outbox::new(writer, server);
     let reason = match link {
-        Err(NoUpstream) => refuse(&first, &outbox),
+        Err(NoUpstream) => refuse(&first, &mut outbox),
         Ok(link) => {
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
@@ -139,7 +139,7 @@ async fn passthrough(
                 config: config.clone(),
                 handle,
                 reader,
-                outbox: &outbox,
+                outbox: &mut outbox,
                 link,
                 limiter,
                 out: Output::default(),
@@ -148,7 +148,7 @@ async fn passthrough(
             Box::pin(driver.run(first)).await
         }
     };
-    outbox.close().await;
+    outbox.close(reason).await;
     reason
 }
 
@@ -185,27 +185,135 @@ pub(crate) async fn first_line(
     Ok(first)
 }
 
-/// The miner's outbound queue, bounded in messages and bytes and drained by a writer task, so
-/// that the session never waits on a miner that does not read.
-struct Outbox {
+/// What a session writes to its miner through: passthrough and aggregate mode alike.
+///
+/// While the socket takes everything at once, a push writes straight to it, and an idle miner
+/// costs nothing beyond its write half. Once the socket falls behind, a writer task takes the
+/// write half and drains a queue bounded in messages and bytes, so that the session never waits
+/// on a miner that does not read: past the bounds the miner is closed `slow_reader`, and a write
+/// stalled past `write_timeout` closes it `write_failed`.
+pub(crate) struct Outbox {
+    state: OutboxState,
+    max_messages: usize,
+    max_bytes: usize,
+    write_timeout: Duration,
+}
+
+enum OutboxState {
+    Direct(WriteHalf<MinerStream>),
+    Queued(Queue),
+    /// A direct write failed: the socket is gone.
+    Failed,
+}
+
+struct Queue {
     /// Bounded by `max_queue_messages`.
     tx: mpsc::Sender<Bytes>,
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
-    max_bytes: usize,
     /// Cancelled by the writer when a write fails or stalls past `write_timeout`.
     failed: CancellationToken,
     writer: JoinHandle<()>,
-    write_timeout: Duration,
 }
 
 impl Outbox {
-    fn spawn(
-        mut writer: WriteHalf<MinerStream>,
-        max_messages: usize,
-        max_bytes: usize,
-        write_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(writer: WriteHalf<MinerStream>, server: &crate::config::ServerConfig) -> Self {
+        Outbox {
+            state: OutboxState::Direct(writer),
+            max_messages: server.max_queue_messages,
+            max_bytes: server.max_queue_bytes,
+            write_timeout: server.write_timeout(),
+        }
+    }
+
+    /// Sends `bytes` to the miner, taking the buffer itself: it is freed once written, so an idle
+    /// session holds no output buffer. A miner whose queue is full is too slow to keep.
+    pub(crate) fn push(&mut self, bytes: Vec<u8>) -> Result<(), CloseReason> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let writer = match &mut self.state {
+            OutboxState::Failed => return Err(CloseReason::WriteFailed),
+            OutboxState::Queued(queue) => return queue.push(Bytes::from(bytes), self.max_bytes),
+            OutboxState::Direct(writer) => writer,
+        };
+        // What the socket takes without waiting goes now. Polled once, with no waker to call:
+        // whatever is left, and the wake-up, are the writer task's.
+        let mut written = 0;
+        while written < bytes.len() {
+            match writer.write(&bytes[written..]).now_or_never() {
+                Some(Ok(0)) => return self.fail(None),
+                Some(Ok(n)) => written += n,
+                Some(Err(e)) => return self.fail(Some(e)),
+                None => break,
+            }
+        }
+        // A TLS stream may hold back what it took until flushed.
+        if written == bytes.len() {
+            match writer.flush().now_or_never() {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return self.fail(Some(e)),
+                None => {}
+            }
+        }
+        let OutboxState::Direct(writer) = std::mem::replace(&mut self.state, OutboxState::Failed) else {
+            unreachable!("matched above")
+        };
+        let queue = Queue::spawn(writer, self.max_messages, self.write_timeout);
+        // An empty rest still makes the writer flush.
+        let rest = Bytes::from(bytes).slice(written..);
+        let pushed = queue.push(rest, self.max_bytes);
+        self.state = OutboxState::Queued(queue);
+        pushed
+    }
+
+    fn fail(&mut self, error: Option<std::io::Error>) -> Result<(), CloseReason> {
+        tracing::debug!(error = ?error, "write to miner failed");
+        self.state = OutboxState::Failed;
+        Err(CloseReason::WriteFailed)
+    }
+
+    /// Resolves when the writer task could not write: the miner is gone or stalled. A direct
+    /// write's failure is `push`'s error instead.
+    pub(crate) fn failed(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let failed = match &self.state {
+            OutboxState::Queued(queue) => Some(&queue.failed),
+            OutboxState::Direct(_) | OutboxState::Failed => None,
+        };
+        async move {
+            match failed {
+                Some(failed) => failed.cancelled().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
+    /// A miner closed for not reading (or whose writes fail) is cut at once: what is queued for it
+    /// would only wait out `write_timeout`.
+    pub(crate) async fn close(self, reason: CloseReason) {
+        let cut = matches!(reason, CloseReason::SlowReader | CloseReason::WriteFailed);
+        match self.state {
+            OutboxState::Direct(_) if cut => {}
+            OutboxState::Direct(mut writer) => {
+                let _ = timeout(self.write_timeout, writer.shutdown()).await;
+            }
+            OutboxState::Queued(Queue { writer, .. }) if cut => writer.abort(),
+            OutboxState::Queued(Queue { tx, mut writer, failed, .. }) => {
+                drop(tx);
+                tokio::select! {
+                    _ = &mut writer => {}
+                    _ = failed.cancelled() => writer.abort(),
+                    _ = tokio::time::sleep(self.write_timeout) => writer.abort(),
+                }
+            }
+            OutboxState::Failed => {}
+        }
+    }
+}
+
+impl Queue {
+    fn spawn(mut writer: WriteHalf<MinerStream>, max_messages: usize, write_timeout: Duration) -> Self {
         let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
         let queued = Arc::new(AtomicUsize::new(0));
         let failed = CancellationToken::new();
@@ -213,7 +321,14 @@ impl Outbox {
             let (queued, failed) = (queued.clone(), failed.clone());
             async move {
                 while let Some(bytes) = rx.recv().await {
-                    match timeout(write_timeout, writer.write_all(&bytes)).await {
+                    let write = async {
+                        writer.write_all(&bytes).await?;
+                        if rx.is_empty() {
+                            writer.flush().await?;
+                        }
+                        Ok::<_, std::io::Error>(())
+                    };
+                    match timeout(write_timeout, write).await {
                         Ok(Ok(())) => queued.fetch_sub(bytes.len(), Ordering::AcqRel),
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "write to miner failed");
@@ -228,38 +343,21 @@ impl Outbox {
                 let _ = writer.shutdown().await;
             }
         });
-        Outbox { tx, queued, max_bytes, failed, writer, write_timeout }
+        Queue { tx, queued, failed, writer }
     }
 
-    /// Queues `bytes` for the miner, taking the buffer itself: it is freed once written, so an
-    /// idle session holds no output buffer. A miner whose queue is full is too slow to keep.
-    fn push(&self, bytes: Vec<u8>) -> Result<(), CloseReason> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
+    fn push(&self, bytes: Bytes, max_bytes: usize) -> Result<(), CloseReason> {
         if self.failed.is_cancelled() {
             return Err(CloseReason::WriteFailed);
         }
-        if self.queued.load(Ordering::Acquire) + bytes.len() > self.max_bytes {
+        if self.queued.load(Ordering::Acquire) + bytes.len() > max_bytes {
             return Err(CloseReason::SlowReader);
         }
         self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        self.tx.try_send(Bytes::from(bytes)).map_err(|e| match e {
+        self.tx.try_send(bytes).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => CloseReason::SlowReader,
             mpsc::error::TrySendError::Closed(_) => CloseReason::WriteFailed,
         })
-    }
-
-    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
-    async fn close(self) {
-        let Outbox { tx, writer, failed, write_timeout, .. } = self;
-        drop(tx);
-        let mut writer = writer;
-        tokio::select! {
-            _ = &mut writer => {}
-            _ = failed.cancelled() => writer.abort(),
-            _ = tokio::time::sleep(write_timeout) => writer.abort(),
-        }
     }
 }
 
@@ -289,7 +387,7 @@ impl RateLimiter {
 }
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
-fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
+fn refuse(line: &[u8], outbox: &mut Outbox) -> CloseReason {
     let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"));
     CloseReason::NoUpstream
 }
@@ -319,7 +417,7 @@ struct Driver<'a, U: Upstream> {
     config: Arc<Config>,
     handle: &'a SessionHandle,
     reader: MinerReader,
-    outbox: &'a Outbox,
+    outbox: &'a mut Outbox,
     link: U,
     limiter: RateLimiter,
     out: Output,
@@ -355,7 +453,7 @@ impl<U: Upstream> Driver<'_, U> {
                     _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                         session.on_shutdown_deadline(&mut self.out);
                     }
-                    _ = self.outbox.failed.cancelled() => return CloseReason::WriteFailed,
+                    _ = self.outbox.failed() => return CloseReason::WriteFailed,
                     _ = sleep_until(job_deadline) => {
                         tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
                         session.on_job_timeout(&mut self.out);

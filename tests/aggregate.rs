@@ -451,3 +451,44 @@ async fn miners_cut_while_waiting_for_a_seat_give_it_back() {
     proxy.shutdown().await;
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregated_miner_that_stops_reading_is_dropped_and_others_go_on() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut c = config(&[&pool], 1e-12);
+    // A pool session each, so that the flood reaches only the sleeper.
+    c.aggregate.miners_per_upstream = 1;
+    c.server.max_queue_bytes = 256 * 1024;
+    let proxy = spawn_proxy(c).await;
+    let mut sleeper = proxy.miner().await;
+    sleeper.handshake("farm.sleeper").await;
+    // The monitor's probe connects too: wait until only the session is left.
+    assert!(eventually(WAIT, || async { pool.connections() == 1 }).await);
+    let sleeper_session = pool.newest_connection().unwrap();
+    let mut worker = proxy.miner().await;
+    worker.handshake("farm.worker").await;
+    assert!(eventually(WAIT, || async { pool.connections() == 2 }).await, "a pool session each");
+
+    // Up to ~24 MB of jobs through the sleeper's session, which never reads them.
+    let mut job = sleeper.job.clone().unwrap();
+    job.clean = false;
+    job.coinb1 = vec![0x5a; 30_000];
+    for n in 0..400 {
+        job.id = format!("big{n}");
+        let line = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
+        if !pool.send_to(sleeper_session, &line) {
+            break;
+        }
+    }
+    let closed = eventually(WAIT, || async {
+        let (_, text) = proxy.http_get("/metrics").await;
+        metric(&text, "loka_connections_closed_total", &[("reason", "slow_reader")]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert!(closed, "the slow reader was not dropped");
+    assert!(sleeper.expect_closed(WAIT).await);
+    let share = worker.any_share();
+    accepted(&mut worker, "farm.worker", &share).await;
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await, "the other miner is unaffected");
+    proxy.shutdown().await;
+}

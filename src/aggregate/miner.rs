@@ -8,18 +8,19 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use futures::StreamExt;
 use metrics::{counter, SharedString};
 use serde_json::json;
-use tokio::io::{AsyncWriteExt, WriteHalf};
+use tokio::io::WriteHalf;
 use tokio::sync::oneshot;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::field;
 
-use super::{AggJob, Aggregator, Forward, Refused, Upward, Work};
+use super::{AggJob, Aggregator, Forward, Refused, Seat, Upward, Work};
 use crate::codec::FrameError;
 use crate::config::Config;
-use crate::connection::{first_line, refusal, MinerReader, MinerStream, RateLimiter, Shared};
+use crate::connection::{first_line, refusal, MinerReader, MinerStream, Outbox, RateLimiter, Shared};
 use crate::jobs::ShareKey;
 use crate::metrics as m;
 use crate::protocol::miner::{Call, Submit};
@@ -381,7 +382,7 @@ pub async fn serve(
     config: &Config,
     handle: &SessionHandle,
     mut reader: MinerReader,
-    mut writer: WriteHalf<MinerStream>,
+    writer: WriteHalf<MinerStream>,
 ) -> CloseReason {
     let server = &config.server;
     // A socket that never speaks costs no seat and no prefix.
@@ -404,15 +405,31 @@ pub async fn serve(
                 Refused::NoUpstream => "no_upstream",
                 Refused::Full => "full",
             };
-            let buf = refusal(&first, reason, &refused.to_string());
-            let _ = timeout(server.write_timeout(), async {
-                writer.write_all(&buf).await?;
-                writer.shutdown().await
-            })
-            .await;
+            let mut outbox = Outbox::new(writer, server);
+            let _ = outbox.push(refusal(&first, reason, &refused.to_string()));
+            outbox.close(CloseReason::NoUpstream).await;
             return CloseReason::NoUpstream;
         }
     };
+    let mut outbox = Outbox::new(writer, server);
+    let reason = run(shared, config, handle, reader, &mut outbox, &seat, first).await;
+    // Nothing more goes to the group: the seat is free before the last output is written.
+    drop(seat);
+    outbox.close(reason).await;
+    reason
+}
+
+/// The miner's steps, from its first line on, until it closes.
+async fn run(
+    shared: &Shared,
+    config: &Config,
+    handle: &SessionHandle,
+    mut reader: MinerReader,
+    outbox: &mut Outbox,
+    seat: &Seat,
+    first: BytesMut,
+) -> CloseReason {
+    let server = &config.server;
     let mut work = seat.group.subscribe();
     let now = Instant::now();
     let prefix = seat.prefix.to_bytes(config.aggregate.prefix_bytes);
@@ -431,7 +448,9 @@ pub async fn serve(
             tokio::select! {
                 biased;
                 reason = handle.closed() => close = Some(reason),
+                // No more lines: what was written for the miner goes out, then it is closed.
                 _ = shared.shutdown.cancelled() => close = Some(CloseReason::Shutdown),
+                _ = outbox.failed() => return CloseReason::WriteFailed,
                 changed = work.changed() => match changed {
                     Ok(()) => {
                         let new = work.borrow_and_update().clone();
@@ -498,20 +517,11 @@ pub async fn serve(
             }
         }
         handle.set_phase(session.phase(), shared.registry.now_ms());
-        if !out.to_miner.is_empty() {
-            match timeout(server.write_timeout(), writer.write_all(&out.to_miner)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return CloseReason::WriteFailed,
-                Err(_) => {
-                    tracing::info!("write to miner stalled past write_timeout");
-                    return CloseReason::WriteFailed;
-                }
-            }
-            // Freed, not kept: most miners are idle between jobs, and a kept buffer is per miner.
-            out.to_miner = Vec::new();
+        // The buffer goes with it, not kept: most miners are idle between jobs.
+        if let Err(reason) = outbox.push(std::mem::take(&mut out.to_miner)) {
+            close = close.or(Some(reason));
         }
         if let Some(reason) = close {
-            let _ = timeout(server.write_timeout(), writer.shutdown()).await;
             return reason;
         }
     }
