@@ -22,7 +22,7 @@ use tracing::{field, Instrument};
 use crate::aggregate::Aggregator;
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, ServerConfig};
 use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
@@ -99,7 +99,7 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, regi
     drop(registration);
 }
 
-async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> CloseReason {
+async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) -> CloseReason {
     let config = shared.config();
     let (reader, writer) = tokio::io::split(stream);
     let reader = FramedRead::with_capacity(reader, LineCodec::new(config.server.max_line_bytes), READ_BUFFER);
@@ -113,7 +113,7 @@ async fn run(shared: &Shared, stream: MinerStream, handle: &SessionHandle) -> Cl
 async fn passthrough(
     shared: &Shared,
     config: &Arc<Config>,
-    handle: &SessionHandle,
+    handle: &Arc<SessionHandle>,
     mut reader: MinerReader,
     writer: WriteHalf<MinerStream>,
 ) -> CloseReason {
@@ -127,9 +127,9 @@ async fn passthrough(
         Ok(link) => link,
         Err(reason) => return reason,
     };
-    let mut outbox = Outbox::new(writer, server);
+    let mut outbox = Outbox::new(writer, handle);
     let reason = match link {
-        Err(NoUpstream) => refuse(&first, &mut outbox),
+        Err(NoUpstream) => refuse(&first, &mut outbox, server),
         Ok(link) => {
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
@@ -148,7 +148,7 @@ async fn passthrough(
             Box::pin(driver.run(first)).await
         }
     };
-    outbox.close(reason).await;
+    outbox.close(reason, server).await;
     reason
 }
 
@@ -190,13 +190,12 @@ pub(crate) async fn first_line(
 /// While the socket takes everything at once, a push writes straight to it, and an idle miner
 /// costs nothing beyond its write half. Once the socket falls behind, a writer task takes the
 /// write half and drains a queue bounded in messages and bytes, so that the session never waits
-/// on a miner that does not read: past the bounds the miner is closed `slow_reader`, and a write
-/// stalled past `write_timeout` closes it `write_failed`.
+/// on a miner that does not read: past the bounds the miner is closed `slow_reader`. A write
+/// stalled past `write_timeout` (or failed) closes the session through its handle,
+/// `write_failed`, so the session's one close signal covers it and needs no second branch.
 pub(crate) struct Outbox {
     state: OutboxState,
-    max_messages: usize,
-    max_bytes: usize,
-    write_timeout: Duration,
+    handle: Arc<SessionHandle>,
 }
 
 enum OutboxState {
@@ -211,30 +210,24 @@ struct Queue {
     tx: mpsc::Sender<Bytes>,
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
-    /// Cancelled by the writer when a write fails or stalls past `write_timeout`.
-    failed: CancellationToken,
+    /// Ends early only when a write fails or stalls.
     writer: JoinHandle<()>,
 }
 
 impl Outbox {
-    pub(crate) fn new(writer: WriteHalf<MinerStream>, server: &crate::config::ServerConfig) -> Self {
-        Outbox {
-            state: OutboxState::Direct(writer),
-            max_messages: server.max_queue_messages,
-            max_bytes: server.max_queue_bytes,
-            write_timeout: server.write_timeout(),
-        }
+    pub(crate) fn new(writer: WriteHalf<MinerStream>, handle: &Arc<SessionHandle>) -> Self {
+        Outbox { state: OutboxState::Direct(writer), handle: handle.clone() }
     }
 
     /// Sends `bytes` to the miner, taking the buffer itself: it is freed once written, so an idle
     /// session holds no output buffer. A miner whose queue is full is too slow to keep.
-    pub(crate) fn push(&mut self, bytes: Vec<u8>) -> Result<(), CloseReason> {
+    pub(crate) fn push(&mut self, bytes: Vec<u8>, server: &ServerConfig) -> Result<(), CloseReason> {
         if bytes.is_empty() {
             return Ok(());
         }
         let writer = match &mut self.state {
             OutboxState::Failed => return Err(CloseReason::WriteFailed),
-            OutboxState::Queued(queue) => return queue.push(Bytes::from(bytes), self.max_bytes),
+            OutboxState::Queued(queue) => return queue.push(Bytes::from(bytes), server.max_queue_bytes),
             OutboxState::Direct(writer) => writer,
         };
         // What the socket takes without waiting goes now. Polled once, with no waker to call:
@@ -259,10 +252,10 @@ impl Outbox {
         let OutboxState::Direct(writer) = std::mem::replace(&mut self.state, OutboxState::Failed) else {
             unreachable!("matched above")
         };
-        let queue = Queue::spawn(writer, self.max_messages, self.write_timeout);
+        let queue = Queue::spawn(writer, self.handle.clone(), server.max_queue_messages, server.write_timeout());
         // An empty rest still makes the writer flush.
         let rest = Bytes::from(bytes).slice(written..);
-        let pushed = queue.push(rest, self.max_bytes);
+        let pushed = queue.push(rest, server.max_queue_bytes);
         self.state = OutboxState::Queued(queue);
         pushed
     }
@@ -273,38 +266,21 @@ impl Outbox {
         Err(CloseReason::WriteFailed)
     }
 
-    /// Resolves when the writer task could not write: the miner is gone or stalled. A direct
-    /// write's failure is `push`'s error instead.
-    pub(crate) fn failed(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
-        let failed = match &self.state {
-            OutboxState::Queued(queue) => Some(&queue.failed),
-            OutboxState::Direct(_) | OutboxState::Failed => None,
-        };
-        async move {
-            match failed {
-                Some(failed) => failed.cancelled().await,
-                None => std::future::pending().await,
-            }
-        }
-    }
-
     /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
     /// A miner closed for not reading (or whose writes fail) is cut at once: what is queued for it
     /// would only wait out `write_timeout`.
-    pub(crate) async fn close(self, reason: CloseReason) {
+    pub(crate) async fn close(self, reason: CloseReason, server: &ServerConfig) {
         let cut = matches!(reason, CloseReason::SlowReader | CloseReason::WriteFailed);
         match self.state {
             OutboxState::Direct(_) if cut => {}
             OutboxState::Direct(mut writer) => {
-                let _ = timeout(self.write_timeout, writer.shutdown()).await;
+                let _ = timeout(server.write_timeout(), writer.shutdown()).await;
             }
             OutboxState::Queued(Queue { writer, .. }) if cut => writer.abort(),
-            OutboxState::Queued(Queue { tx, mut writer, failed, .. }) => {
+            OutboxState::Queued(Queue { tx, mut writer, .. }) => {
                 drop(tx);
-                tokio::select! {
-                    _ = &mut writer => {}
-                    _ = failed.cancelled() => writer.abort(),
-                    _ = tokio::time::sleep(self.write_timeout) => writer.abort(),
+                if timeout(server.write_timeout(), &mut writer).await.is_err() {
+                    writer.abort();
                 }
             }
             OutboxState::Failed => {}
@@ -313,12 +289,16 @@ impl Outbox {
 }
 
 impl Queue {
-    fn spawn(mut writer: WriteHalf<MinerStream>, max_messages: usize, write_timeout: Duration) -> Self {
+    fn spawn(
+        mut writer: WriteHalf<MinerStream>,
+        handle: Arc<SessionHandle>,
+        max_messages: usize,
+        write_timeout: Duration,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
         let queued = Arc::new(AtomicUsize::new(0));
-        let failed = CancellationToken::new();
         let writer = tokio::spawn({
-            let (queued, failed) = (queued.clone(), failed.clone());
+            let queued = queued.clone();
             async move {
                 while let Some(bytes) = rx.recv().await {
                     let write = async {
@@ -332,22 +312,22 @@ impl Queue {
                         Ok(Ok(())) => queued.fetch_sub(bytes.len(), Ordering::AcqRel),
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "write to miner failed");
-                            return failed.cancel();
+                            return handle.close(CloseReason::WriteFailed);
                         }
                         Err(_) => {
                             tracing::info!("write to miner stalled past write_timeout");
-                            return failed.cancel();
+                            return handle.close(CloseReason::WriteFailed);
                         }
                     };
                 }
                 let _ = writer.shutdown().await;
             }
         });
-        Queue { tx, queued, failed, writer }
+        Queue { tx, queued, writer }
     }
 
     fn push(&self, bytes: Bytes, max_bytes: usize) -> Result<(), CloseReason> {
-        if self.failed.is_cancelled() {
+        if self.writer.is_finished() {
             return Err(CloseReason::WriteFailed);
         }
         if self.queued.load(Ordering::Acquire) + bytes.len() > max_bytes {
@@ -387,8 +367,8 @@ impl RateLimiter {
 }
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
-fn refuse(line: &[u8], outbox: &mut Outbox) -> CloseReason {
-    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"));
+fn refuse(line: &[u8], outbox: &mut Outbox, server: &ServerConfig) -> CloseReason {
+    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"), server);
     CloseReason::NoUpstream
 }
 
@@ -453,7 +433,6 @@ impl<U: Upstream> Driver<'_, U> {
                     _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                         session.on_shutdown_deadline(&mut self.out);
                     }
-                    _ = self.outbox.failed() => return CloseReason::WriteFailed,
                     _ = sleep_until(job_deadline) => {
                         tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
                         session.on_job_timeout(&mut self.out);
@@ -511,7 +490,7 @@ impl<U: Upstream> Driver<'_, U> {
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
             self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
             close = close.or(self.report());
-            if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner)) {
+            if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner), &self.config.server) {
                 close = close.or(Some(reason));
             }
             if let Some(reason) = close {

@@ -469,7 +469,8 @@ async fn an_aggregated_miner_that_stops_reading_is_dropped_and_others_go_on() {
     worker.handshake("farm.worker").await;
     assert!(eventually(WAIT, || async { pool.connections() == 2 }).await, "a pool session each");
 
-    // Up to ~24 MB of jobs through the sleeper's session, which never reads them.
+    // Up to ~24 MB of jobs through the sleeper's session, which never reads them. Paced: a
+    // miner is sent only the newest of the jobs that arrived since its last step.
     let mut job = sleeper.job.clone().unwrap();
     job.clean = false;
     job.coinb1 = vec![0x5a; 30_000];
@@ -479,6 +480,7 @@ async fn an_aggregated_miner_that_stops_reading_is_dropped_and_others_go_on() {
         if !pool.send_to(sleeper_session, &line) {
             break;
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let closed = eventually(WAIT, || async {
         let (_, text) = proxy.http_get("/metrics").await;
