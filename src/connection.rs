@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics::{counter, gauge};
 use tokio::io::AsyncWriteExt;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -22,7 +22,7 @@ use tracing::{field, Instrument};
 use crate::aggregate::Aggregator;
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, ServerConfig};
 use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
@@ -115,7 +115,7 @@ async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) 
 async fn passthrough(
     shared: &Shared,
     config: &Arc<Config>,
-    handle: &SessionHandle,
+    handle: &Arc<SessionHandle>,
     mut reader: MinerReader,
     writer: WriteHalf<MinerStream>,
 ) -> CloseReason {
@@ -129,9 +129,9 @@ async fn passthrough(
         Ok(link) => link,
         Err(reason) => return reason,
     };
-    let outbox = Outbox::spawn(writer, server.max_queue_messages, server.max_queue_bytes, server.write_timeout());
+    let mut outbox = Outbox::new(writer, handle);
     let reason = match link {
-        Err(NoUpstream) => refuse(&first, &outbox),
+        Err(NoUpstream) => refuse(&first, &mut outbox, server),
         Ok(link) => {
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             handle.info().upstream = Some(link.pool().label.as_str().into());
@@ -141,7 +141,7 @@ async fn passthrough(
                 config: config.clone(),
                 handle,
                 reader,
-                outbox: &outbox,
+                outbox: &mut outbox,
                 link,
                 limiter,
                 out: Output::default(),
@@ -150,7 +150,7 @@ async fn passthrough(
             Box::pin(driver.run(first)).await
         }
     };
-    outbox.close().await;
+    outbox.close(reason, server).await;
     reason
 }
 
@@ -187,81 +187,159 @@ pub(crate) async fn first_line(
     Ok(first)
 }
 
-/// The miner's outbound queue, bounded in messages and bytes and drained by a writer task, so
-/// that the session never waits on a miner that does not read.
-struct Outbox {
+/// What a session writes to its miner through: passthrough and aggregate mode alike.
+///
+/// While the socket takes everything at once, a push writes straight to it, and an idle miner
+/// costs nothing beyond its write half. Once the socket falls behind, a writer task takes the
+/// write half and drains a queue bounded in messages and bytes, so that the session never waits
+/// on a miner that does not read: past the bounds the miner is closed `slow_reader`. A write
+/// stalled past `write_timeout` (or failed) closes the session through its handle,
+/// `write_failed`, so the session's one close signal covers it and needs no second branch.
+pub(crate) struct Outbox {
+    state: OutboxState,
+    handle: Arc<SessionHandle>,
+}
+
+enum OutboxState {
+    Direct(WriteHalf<MinerStream>),
+    Queued(Queue),
+    /// A direct write failed: the socket is gone.
+    Failed,
+}
+
+struct Queue {
     /// Bounded by `max_queue_messages`.
     tx: mpsc::Sender<Bytes>,
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
-    max_bytes: usize,
-    /// Cancelled by the writer when a write fails or stalls past `write_timeout`.
-    failed: CancellationToken,
+    /// Ends early only when a write fails or stalls.
     writer: JoinHandle<()>,
-    write_timeout: Duration,
 }
 
 impl Outbox {
+    pub(crate) fn new(writer: WriteHalf<MinerStream>, handle: &Arc<SessionHandle>) -> Self {
+        Outbox { state: OutboxState::Direct(writer), handle: handle.clone() }
+    }
+
+    /// Sends `bytes` to the miner, taking the buffer itself: it is freed once written, so an idle
+    /// session holds no output buffer. A miner whose queue is full is too slow to keep.
+    pub(crate) fn push(&mut self, bytes: Vec<u8>, server: &ServerConfig) -> Result<(), CloseReason> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let writer = match &mut self.state {
+            OutboxState::Failed => return Err(CloseReason::WriteFailed),
+            OutboxState::Queued(queue) => return queue.push(Bytes::from(bytes), server.max_queue_bytes),
+            OutboxState::Direct(writer) => writer,
+        };
+        // What the socket takes without waiting goes now. Polled once, with no waker to call:
+        // whatever is left, and the wake-up, are the writer task's.
+        let mut written = 0;
+        while written < bytes.len() {
+            match writer.write(&bytes[written..]).now_or_never() {
+                Some(Ok(0)) => return self.fail(None),
+                Some(Ok(n)) => written += n,
+                Some(Err(e)) => return self.fail(Some(e)),
+                None => break,
+            }
+        }
+        // A TLS stream may hold back what it took until flushed.
+        if written == bytes.len() {
+            match writer.flush().now_or_never() {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return self.fail(Some(e)),
+                None => {}
+            }
+        }
+        let OutboxState::Direct(writer) = std::mem::replace(&mut self.state, OutboxState::Failed) else {
+            unreachable!("matched above")
+        };
+        let queue = Queue::spawn(writer, self.handle.clone(), server.max_queue_messages, server.write_timeout());
+        // An empty rest still makes the writer flush.
+        let rest = Bytes::from(bytes).slice(written..);
+        let pushed = queue.push(rest, server.max_queue_bytes);
+        self.state = OutboxState::Queued(queue);
+        pushed
+    }
+
+    fn fail(&mut self, error: Option<std::io::Error>) -> Result<(), CloseReason> {
+        tracing::debug!(error = ?error, "write to miner failed");
+        self.state = OutboxState::Failed;
+        Err(CloseReason::WriteFailed)
+    }
+
+    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
+    /// A miner closed for not reading (or whose writes fail) is cut at once: what is queued for it
+    /// would only wait out `write_timeout`.
+    pub(crate) async fn close(self, reason: CloseReason, server: &ServerConfig) {
+        let cut = matches!(reason, CloseReason::SlowReader | CloseReason::WriteFailed);
+        match self.state {
+            OutboxState::Direct(_) if cut => {}
+            OutboxState::Direct(mut writer) => {
+                let _ = timeout(server.write_timeout(), writer.shutdown()).await;
+            }
+            OutboxState::Queued(Queue { writer, .. }) if cut => writer.abort(),
+            OutboxState::Queued(Queue { tx, mut writer, .. }) => {
+                drop(tx);
+                if timeout(server.write_timeout(), &mut writer).await.is_err() {
+                    writer.abort();
+                }
+            }
+            OutboxState::Failed => {}
+        }
+    }
+}
+
+impl Queue {
     fn spawn(
         mut writer: WriteHalf<MinerStream>,
+        handle: Arc<SessionHandle>,
         max_messages: usize,
-        max_bytes: usize,
         write_timeout: Duration,
     ) -> Self {
         let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
         let queued = Arc::new(AtomicUsize::new(0));
-        let failed = CancellationToken::new();
         let writer = tokio::spawn({
-            let (queued, failed) = (queued.clone(), failed.clone());
+            let queued = queued.clone();
             async move {
                 while let Some(bytes) = rx.recv().await {
-                    match timeout(write_timeout, writer.write_all(&bytes)).await {
+                    let write = async {
+                        writer.write_all(&bytes).await?;
+                        if rx.is_empty() {
+                            writer.flush().await?;
+                        }
+                        Ok::<_, std::io::Error>(())
+                    };
+                    match timeout(write_timeout, write).await {
                         Ok(Ok(())) => queued.fetch_sub(bytes.len(), Ordering::AcqRel),
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "write to miner failed");
-                            return failed.cancel();
+                            return handle.close(CloseReason::WriteFailed);
                         }
                         Err(_) => {
                             tracing::info!("write to miner stalled past write_timeout");
-                            return failed.cancel();
+                            return handle.close(CloseReason::WriteFailed);
                         }
                     };
                 }
                 let _ = writer.shutdown().await;
             }
         });
-        Outbox { tx, queued, max_bytes, failed, writer, write_timeout }
+        Queue { tx, queued, writer }
     }
 
-    /// Queues `bytes` for the miner, taking the buffer itself: it is freed once written, so an
-    /// idle session holds no output buffer. A miner whose queue is full is too slow to keep.
-    fn push(&self, bytes: Vec<u8>) -> Result<(), CloseReason> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        if self.failed.is_cancelled() {
+    fn push(&self, bytes: Bytes, max_bytes: usize) -> Result<(), CloseReason> {
+        if self.writer.is_finished() {
             return Err(CloseReason::WriteFailed);
         }
-        if self.queued.load(Ordering::Acquire) + bytes.len() > self.max_bytes {
+        if self.queued.load(Ordering::Acquire) + bytes.len() > max_bytes {
             return Err(CloseReason::SlowReader);
         }
         self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        self.tx.try_send(Bytes::from(bytes)).map_err(|e| match e {
+        self.tx.try_send(bytes).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => CloseReason::SlowReader,
             mpsc::error::TrySendError::Closed(_) => CloseReason::WriteFailed,
         })
-    }
-
-    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
-    async fn close(self) {
-        let Outbox { tx, writer, failed, write_timeout, .. } = self;
-        drop(tx);
-        let mut writer = writer;
-        tokio::select! {
-            _ = &mut writer => {}
-            _ = failed.cancelled() => writer.abort(),
-            _ = tokio::time::sleep(write_timeout) => writer.abort(),
-        }
     }
 }
 
@@ -291,8 +369,8 @@ impl RateLimiter {
 }
 
 /// No pool is reachable: answer the miner's first request with an error instead of hanging it.
-fn refuse(line: &[u8], outbox: &Outbox) -> CloseReason {
-    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"));
+fn refuse(line: &[u8], outbox: &mut Outbox, server: &ServerConfig) -> CloseReason {
+    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"), server);
     CloseReason::NoUpstream
 }
 
@@ -321,7 +399,7 @@ struct Driver<'a> {
     config: Arc<Config>,
     handle: &'a SessionHandle,
     reader: MinerReader,
-    outbox: &'a Outbox,
+    outbox: &'a mut Outbox,
     link: PoolLink,
     limiter: RateLimiter,
     out: Output,
@@ -357,7 +435,6 @@ impl Driver<'_> {
                     _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
                         session.on_shutdown_deadline(&mut self.out);
                     }
-                    _ = self.outbox.failed.cancelled() => return CloseReason::WriteFailed,
                     _ = sleep_until(job_deadline) => {
                         tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
                         session.on_job_timeout(&mut self.out);
@@ -411,7 +488,7 @@ impl Driver<'_> {
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
             self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
             close = close.or(self.report());
-            if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner)) {
+            if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner), &self.config.server) {
                 close = close.or(Some(reason));
             }
             if let Some(reason) = close {

@@ -71,7 +71,8 @@ pub const UPSTREAM_SHARES: &str = "loka_upstream_shares_total";
 /// Labels `pool` and `reason` (one of [`RejectReason::POOL`](crate::submissions::RejectReason::POOL)):
 /// the pool's rejects, by the error code it gave.
 pub const UPSTREAM_REJECTS: &str = "loka_upstream_rejects_total";
-/// Label `kind` (`failover`, `failback`). Aggregate sessions moved from one pool to another.
+/// Label `kind` (`failover`, `failback`, `reload`). Aggregate sessions moved from one pool to
+/// another; `reload` when a reload changed or removed the pool, which alerts do not count.
 pub const FAILOVERS: &str = "loka_failovers_total";
 /// Label `pool`. Aggregate mode: 1 while some pool session is on the pool.
 pub const POOL_ACTIVE: &str = "loka_pool_active";
@@ -218,7 +219,7 @@ pub fn register(pools: &[String], max_connections: usize) {
     gauge!(READY).increment(0.0);
     counter!(MINERS_REFUSED, "reason" => "no_upstream").increment(0);
     counter!(MINERS_REFUSED, "reason" => "full").increment(0);
-    for kind in ["failover", "failback"] {
+    for kind in ["failover", "failback", "reload"] {
         counter!(FAILOVERS, "kind" => kind).increment(0);
     }
     gauge!(AGGREGATE_SESSIONS).increment(0.0);

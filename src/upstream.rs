@@ -405,11 +405,19 @@ struct Generation {
 }
 
 impl Generation {
-    fn new(config: &Config, retired: CancellationToken) -> Self {
+    /// The pools of `config`. A pool whose [`PoolConfig`] (URL, credentials, TLS settings) is
+    /// unchanged from `previous` is the same `Arc<Pool>`, with its health and verdicts: sessions
+    /// on it, aggregate groups above all, see that nothing moved.
+    fn new(config: &Config, retired: CancellationToken, previous: Option<&Generation>) -> Self {
+        let mut kept: Vec<Option<&Arc<Pool>>> = previous.map_or_else(Vec::new, |g| g.pools.iter().map(Some).collect());
         let pools = config
             .pools
             .iter()
             .map(|p| {
+                let same = kept.iter_mut().find(|k| k.is_some_and(|pool| *pool.config == *p));
+                if let Some(pool) = same.and_then(Option::take) {
+                    return pool.clone();
+                }
                 let url = PoolUrl::parse(&p.url).expect("pool URLs are validated with the config");
                 let tls = url.tls.then(|| {
                     let config = crate::tls::client_config(p)?;
@@ -446,13 +454,17 @@ impl Generation {
 impl PoolSet {
     /// Builds the set from a validated config. Its monitors stop with `shutdown`.
     pub fn new(config: &Config, shutdown: CancellationToken) -> Self {
-        let current = ArcSwap::from_pointee(Generation::new(config, shutdown.child_token()));
+        let current = ArcSwap::from_pointee(Generation::new(config, shutdown.child_token(), None));
         Self { current, shutdown }
     }
 
-    /// Replaces the pools with a reloaded configuration's and starts their monitors.
+    /// Replaces the pools with a reloaded configuration's and starts their monitors. A pool whose
+    /// URL and credentials did not change is kept as it is; the connection settings apply to
+    /// connections opened from now on.
     pub fn replace(&self, config: &Config, tracker: &TaskTracker) {
-        let old = self.current.swap(Arc::new(Generation::new(config, self.shutdown.child_token())));
+        let previous = self.current.load_full();
+        let new = Generation::new(config, self.shutdown.child_token(), Some(&previous));
+        let old = self.current.swap(Arc::new(new));
         old.retired.cancel();
         self.spawn_monitors(tracker);
     }
@@ -691,6 +703,31 @@ mod tests {
         assert_eq!(set.pools()[0].label, b.to_string());
         assert_eq!(old[0].label, a.to_string(), "sessions holding the old pool keep it");
         assert_eq!(set.connect().await.unwrap().pool().label, b.to_string());
+        shutdown.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_each_pool_whose_url_and_credentials_are_unchanged() {
+        let urls = ["stratum+tcp://127.0.0.1:1".to_owned(), "stratum+tcp://127.0.0.1:2".to_owned()];
+        let shutdown = CancellationToken::new();
+        let set = PoolSet::new(&config(&urls), shutdown.clone());
+        let tracker = TaskTracker::new();
+        let old = set.pools();
+        let mut new = config(&urls);
+        new.upstream.keepalive += 1;
+        new.pools[1].password = "changed".into();
+        set.replace(&new, &tracker);
+        let now = set.pools();
+        assert!(Arc::ptr_eq(&old[0], &now[0]), "same URL and credentials: the same pool, health and verdicts");
+        assert!(!Arc::ptr_eq(&old[1], &now[1]), "new credentials: a new pool");
+        assert_eq!(now[1].config.password, "changed");
+        // Reordered, the kept pool is still itself.
+        let mut swapped = new.clone();
+        swapped.pools.reverse();
+        set.replace(&swapped, &tracker);
+        assert!(Arc::ptr_eq(&set.pools()[1], &old[0]) && Arc::ptr_eq(&set.pools()[0], &now[1]));
         shutdown.cancel();
         tracker.close();
         tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");

@@ -423,3 +423,84 @@ async fn a_pool_reconnect_moves_the_session_without_touching_miners() {
     assert!(!miner.closed);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miners_cut_while_waiting_for_a_seat_give_it_back() {
+    // A pool that accepts and never says a word: the group stays connecting, and miners wait in
+    // admission until the handshake deadline cuts them.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut c = proxy_config(silent_addr);
+    c.upstream.mode = Mode::Aggregate;
+    c.upstream.connect_timeout = 2;
+    c.server.handshake_timeout = 2;
+    let proxy = spawn_proxy(c).await;
+    let mut miners = Vec::new();
+    for _ in 0..3 {
+        let mut miner = proxy.miner().await;
+        miner.request("mining.subscribe", json!(["test/1"])).await;
+        miners.push(miner);
+    }
+    let seats = || async {
+        let (_, body) = proxy.http_get("/api/v1/sessions").await;
+        let sessions: Vec<Value> = serde_json::from_str(&body).unwrap();
+        sessions.iter().map(|s| s["miners"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(eventually(WAIT, || async { seats().await == 3 }).await, "the three miners hold a place");
+    for miner in &mut miners {
+        assert!(miner.expect_closed(WAIT).await, "cut at the handshake deadline");
+    }
+    assert!(eventually(WAIT, || async { seats().await == 0 }).await, "places leaked: {}", seats().await);
+    assert_eq!(proxy.registry.len(), 0);
+    proxy.shutdown().await;
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregated_miner_that_stops_reading_is_dropped_and_others_go_on() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut c = config(&[&pool], 1e-12);
+    // A pool session each, so that the flood reaches only the sleeper.
+    c.aggregate.miners_per_upstream = 1;
+    c.server.max_queue_bytes = 256 * 1024;
+    let proxy = spawn_proxy(c).await;
+    let mut sleeper = proxy.miner().await;
+    sleeper.handshake("farm.sleeper").await;
+    // The monitor's probe connects too: wait until only the session is left.
+    assert!(eventually(WAIT, || async { pool.connections() == 1 }).await);
+    let sleeper_session = pool.newest_connection().unwrap();
+    let mut worker = proxy.miner().await;
+    worker.handshake("farm.worker").await;
+    assert!(eventually(WAIT, || async { pool.connections() == 2 }).await, "a pool session each");
+
+    // Up to ~24 MB of jobs through the sleeper's session, which never reads them. Paced: a
+    // miner is sent only the newest of the jobs that arrived since its last step.
+    let mut job = sleeper.job.clone().unwrap();
+    job.clean = false;
+    job.coinb1 = vec![0x5a; 30_000];
+    for n in 0..400 {
+        job.id = format!("big{n}");
+        let line = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
+        if !pool.send_to(sleeper_session, &line) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let closed = eventually(WAIT, || async {
+        let (_, text) = proxy.http_get("/metrics").await;
+        metric(&text, "loka_connections_closed_total", &[("reason", "slow_reader")]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    assert!(closed, "the slow reader was not dropped");
+    assert!(sleeper.expect_closed(WAIT).await);
+    let share = worker.any_share();
+    accepted(&mut worker, "farm.worker", &share).await;
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await, "the other miner is unaffected");
+    proxy.shutdown().await;
+}

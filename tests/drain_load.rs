@@ -1,6 +1,7 @@
 //! A drain under load: 200 miners keep submitting while the proxy shuts down. Every submit the
 //! proxy read and forwarded is answered exactly once; a submit it never forwarded is answered at
-//! most once, and only with an error; and `Server::run` returns.
+//! most once, and only with an error; and `Server::run` returns. In aggregate mode, every share
+//! a miner was told is accepted reaches the pool and is answered before the proxy stops.
 
 mod support;
 
@@ -9,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loka_stratum::config::Mode;
 use serde_json::Value;
 use support::*;
 
@@ -155,4 +157,82 @@ async fn drain_with_200_miners_submitting_answers_each_forwarded_submit_once() {
     assert_eq!(forwarded_total, forwarded.len(), "every share the pool received came from a miner's submit");
     assert_eq!(pool.accepted() as usize, forwarded_total);
     assert!(forwarded_total >= before_trigger);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_drain_with_200_miners_sends_every_accepted_share_to_the_pool() {
+    // At difficulty 1e-12 for both the pool and the miners, every share the proxy accepts is one
+    // the pool wants: each must reach it.
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = proxy_config(pool.addr);
+    config.upstream.mode = Mode::Aggregate;
+    config.vardiff.start_difficulty = 1e-12;
+    config.vardiff.min_difficulty = 1e-12;
+    let mut proxy = spawn_proxy(config).await;
+    let handshakes = (0..MINERS).map(|i| {
+        let proxy = &proxy;
+        async move {
+            let mut miner = proxy.miner().await;
+            miner.handshake(&format!("w{i}")).await;
+            miner
+        }
+    });
+    let miners = futures::future::join_all(handshakes).await;
+    pool.set_submit_replies(SubmitReplies::Delay(POOL_DELAY));
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs: Vec<_> = miners
+        .into_iter()
+        .enumerate()
+        .map(|(i, miner)| {
+            let offset = TRICKLE * i as u32 / MINERS as u32;
+            tokio::spawn(submit_until_stopped(miner, format!("w{i}"), offset, stop.clone()))
+        })
+        .collect();
+    let before_trigger = MINERS * (BURST + 2);
+    assert!(
+        eventually(WAIT, || async { pool.submits().len() >= before_trigger }).await,
+        "the pool got {} of {before_trigger} submits",
+        pool.submits().len()
+    );
+    let answered = |text: &str| {
+        let labels = [("pool", pool.label()), ("result", "accepted".into())];
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        metric(text, "loka_upstream_shares_total", &labels).unwrap_or(0.0) as u64
+    };
+    let at_trigger = (pool.submits().len(), answered(&loka_stratum::metrics::install().render()));
+    let drain_started = Instant::now();
+    proxy.trigger_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, Ordering::Release);
+    let mut told_accepted = 0;
+    for (i, run) in runs.into_iter().enumerate() {
+        let run = run.await.expect("a miner task panicked");
+        assert!(run.closed, "miner {i} is closed after the drain");
+        told_accepted += run.messages.iter().filter(|m| is_reply(m) && m["result"] == Value::Bool(true)).count();
+    }
+    assert!(proxy.stopped_within(WAIT).await, "Server::run returns after the drain");
+    let drain_took = drain_started.elapsed();
+
+    let text = loka_stratum::metrics::install().render();
+    let label = pool.label();
+    let count = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels).unwrap_or(0.0) as u64;
+    let accepted_here = count("loka_shares_accepted_total", &[("pool", &label)]);
+    let submitted = count("loka_shares_submitted_total", &[("pool", &label)]);
+    let upstream = |result: &str| count("loka_upstream_shares_total", &[("pool", &label), ("result", result)]);
+    let dropped = upstream("dropped") + count("loka_upstream_shares_total", &[("pool", "none"), ("result", "dropped")]);
+    eprintln!(
+        "aggregate drain: miners were told {told_accepted} accepted ({accepted_here} counted); the pool had \
+         {at_trigger:?} (received, answered) at the trigger, {} / {} at the end; forwarded {submitted}, \
+         unanswered {}, dropped {dropped}; drain took {drain_took:?}",
+        pool.submits().len(),
+        pool.accepted(),
+        upstream("unanswered"),
+    );
+    assert!(answered(&text) > at_trigger.1, "answers came in during the drain");
+    assert_eq!(pool.submits().len() as u64, submitted, "the pool received each forwarded share");
+    assert_eq!(pool.accepted(), submitted, "the pool answered each forwarded share before the proxy stopped");
+    assert_eq!(upstream("accepted"), submitted, "and the proxy heard each answer");
+    assert_eq!((upstream("unanswered"), dropped), (0, 0), "nothing was left unsent or unanswered");
+    assert_eq!(accepted_here, submitted, "every share accepted here was forwarded");
+    assert_eq!(told_accepted as u64, accepted_here, "every share a miner was told is accepted is counted");
 }

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use loka_stratum::config::{Config, Mode};
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -105,4 +106,99 @@ async fn sighup_reloads_pools_limits_and_log_level_without_dropping_miners() {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// An aggregate proxy in front of `pool`, with `count` miners handshaken on its one session.
+async fn aggregate_with_miners(pool: &MockPool, count: usize) -> (Proxy, Config, Vec<SimMiner>) {
+    let mut config = proxy_config(pool.addr);
+    config.upstream.mode = Mode::Aggregate;
+    let proxy = spawn_proxy(config.clone()).await;
+    let mut miners = Vec::new();
+    for i in 0..count {
+        let mut miner = proxy.miner().await;
+        miner.handshake(&format!("farm.rig{i}")).await;
+        miners.push(miner);
+    }
+    (proxy, config, miners)
+}
+
+fn subscribes(pool: &MockPool) -> usize {
+    pool.recorded_methods().iter().filter(|m| *m == "mining.subscribe").count()
+}
+
+/// Clean jobs a miner reads within `within`.
+async fn clean_jobs(miner: &mut SimMiner, within: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut clean = 0;
+    while let Some(msg) = miner.recv_json(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+        if msg["method"] == "mining.notify" && msg["params"][8] == serde_json::json!(true) {
+            clean += 1;
+        }
+    }
+    clean
+}
+
+async fn submit_accepted(miner: &mut SimMiner, worker: &str) {
+    let share = miner.any_share();
+    let id = miner.submit(worker, &share).await;
+    assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_leaves_the_pools_alone_moves_no_aggregate_session() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let (proxy, config, mut miners) = aggregate_with_miners(&pool, 3).await;
+    assert_eq!(subscribes(&pool), 1);
+
+    let mut new = config.clone();
+    new.upstream.keepalive += 30;
+    new.upstream.job_timeout += 30;
+    new.validate().unwrap();
+    proxy.reloader.reload(new).unwrap();
+    // Several of the groups' pool checks go by.
+    for miner in &mut miners {
+        assert_eq!(clean_jobs(miner, Duration::from_millis(700)).await, 0, "no clean job after the reload");
+    }
+    assert_eq!(subscribes(&pool), 1, "no new pool session");
+    assert_eq!(pool.connections(), 1);
+    for (i, miner) in miners.iter_mut().enumerate() {
+        submit_accepted(miner, &format!("farm.rig{i}")).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || async { pool.accepted() == 3 }).await);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_new_credentials_moves_the_session_make_before_break() {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let (proxy, config, mut miners) = aggregate_with_miners(&pool, 3).await;
+    let old_share = miners[0].any_share();
+
+    let mut new = config.clone();
+    new.pools[0].password = "pw2".into();
+    new.validate().unwrap();
+    proxy.reloader.reload(new).unwrap();
+    for (i, miner) in miners.iter_mut().enumerate() {
+        assert_eq!(clean_jobs(miner, Duration::from_secs(2)).await, 1, "miner {i}: one clean job of the new session");
+        assert!(!miner.closed, "miner {i} keeps its connection");
+    }
+    assert_eq!(subscribes(&pool), 2, "one new pool session");
+    let login = pool
+        .recorded_with_sessions()
+        .into_iter()
+        .find(|(line, _)| line.contains("mining.authorize") && line.contains("\"pw2\""))
+        .expect("the new session logs in with the new password");
+    assert_eq!(login.1, 2, "the old session was still open while the new one logged in: {}", login.0);
+    assert!(eventually(Duration::from_secs(5), || async { pool.connections() == 1 }).await, "the old session closes");
+
+    let id = miners[0].submit("farm.rig0", &old_share).await;
+    assert_eq!(miners[0].wait_reply(&id).await.unwrap()["error"][0], 21, "the old session's job is stale");
+    for (i, miner) in miners.iter_mut().enumerate() {
+        submit_accepted(miner, &format!("farm.rig{i}")).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || async { pool.accepted() == 3 }).await);
+    let (_, text) = proxy.http_get("/metrics").await;
+    assert_eq!(metric(&text, "loka_failovers_total", &[("kind", "failover")]), Some(0.0), "not a failover");
+    assert_eq!(metric(&text, "loka_failovers_total", &[("kind", "reload")]), Some(1.0));
+    proxy.shutdown().await;
 }

@@ -421,9 +421,12 @@ async fn tls_listener_for_miners(mode: Mode) {
     assert!(pool.wait_submits(1).await);
     assert_eq!((pool.accepted(), pool.rejected()), (1, 0), "the pool's own sha256d check");
 
-    // The plain listener still serves miners; this one stays connected, to be listed.
+    // The plain listener still serves miners; this one stays connected, so the API lists it.
     let mut plain = proxy.miner().await;
     plain.handshake("plain.rig1").await;
+    let share = plain.any_share();
+    let id = plain.submit("plain.rig1", &share).await;
+    assert_eq!(plain.wait_reply(&id).await.expect("a submit reply")["result"], json!(true));
 
     let (status, body) = proxy.http_get("/api/v1/workers").await;
     assert_eq!(status, 200, "{body}");

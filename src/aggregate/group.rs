@@ -18,7 +18,7 @@ use futures::StreamExt;
 use metrics::counter;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify as Wake};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use super::{Context, SessionView};
@@ -133,6 +133,8 @@ pub struct Group {
     pub index: usize,
     context: Arc<Context>,
     members: AtomicUsize,
+    /// Wakes the group's task when its last miner leaves: a draining group waits for that.
+    emptied: Wake,
     work: watch::Sender<Arc<Work>>,
     upward: mpsc::Sender<Upward>,
     /// Sequence numbers of the oldest and newest live jobs; 0 for none.
@@ -148,6 +150,7 @@ impl Group {
             index,
             context,
             members: AtomicUsize::new(0),
+            emptied: Wake::new(),
             work: watch::Sender::new(Arc::new(Work::default())),
             upward,
             oldest: AtomicU64::new(0),
@@ -179,7 +182,10 @@ impl Group {
     }
 
     pub fn leave(&self) {
-        self.members.fetch_sub(1, Ordering::AcqRel);
+        if self.members.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // A permit is kept if the task is not waiting: it looks at `members` again anyway.
+            self.emptied.notify_one();
+        }
     }
 
     pub fn oldest_job(&self) -> Option<u64> {
@@ -267,6 +273,8 @@ struct PoolSession {
     difficulty: f64,
     next_id: u64,
     pending: HashMap<u64, Pending>,
+    /// Submits in `pending`: a drain waits for them.
+    submits_pending: usize,
     last_notify: Instant,
     /// Jobs that arrived before the group adopted the session, with their difficulty.
     early_jobs: Vec<(Notify, f64)>,
@@ -310,6 +318,7 @@ impl PoolSession {
             difficulty: 1.0,
             next_id: 1,
             pending: HashMap::new(),
+            submits_pending: 0,
             last_notify: Instant::now(),
             early_jobs: Vec::new(),
             authorized: HashMap::new(),
@@ -416,6 +425,7 @@ impl PoolSession {
                         }
                     }
                     Pending::Submit { sent_at, miner } => {
+                        self.submits_pending -= 1;
                         let rtt = now.saturating_duration_since(sent_at);
                         let verdict = match &ok {
                             Ok(()) => PoolVerdict::Accepted,
@@ -496,6 +506,7 @@ impl PoolSession {
             }
         }
         self.pending.insert(id, Pending::Submit { sent_at: now, miner });
+        self.submits_pending += 1;
         SubmissionManager.forwarded(&self.pool.metric_label);
     }
 
@@ -539,14 +550,14 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
     let context = group.context.clone();
     let mut state = State::default();
     let mut next: Option<PoolSession> = None;
-    loop {
+    'sessions: loop {
         if context.shutdown.is_cancelled() {
-            return;
+            break;
         }
         let session = match next.take() {
             Some(session) => Some(session),
             None => tokio::select! {
-                _ = context.shutdown.cancelled() => return,
+                _ = context.shutdown.cancelled() => break,
                 session = connect(&context) => session,
             },
         };
@@ -555,7 +566,7 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
             let wait = Instant::now() + CHECK_INTERVAL;
             loop {
                 tokio::select! {
-                    _ = context.shutdown.cancelled() => return,
+                    _ = context.shutdown.cancelled() => break 'sessions,
                     _ = sleep_until(wait) => break,
                     Some(up) = rx.recv() => refuse(up),
                 }
@@ -567,7 +578,7 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
         let pool = session.pool.clone();
         session.close();
         match end {
-            End::Shutdown => return,
+            End::Shutdown => break,
             End::Switch(new) => {
                 tracing::info!(session = group.index, from = %pool.label, to = %new.pool.label, "moving to a better pool");
                 next = Some(*new);
@@ -588,6 +599,21 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
                 retire(&group, &mut state);
             }
         }
+    }
+    settle_queue(&group, &mut rx);
+}
+
+/// Shares still queued when the group stops could not be sent: each is counted, none is lost
+/// silently. Miners that try to queue more from now on count theirs as dropped.
+fn settle_queue(group: &Group, rx: &mut mpsc::Receiver<Upward>) {
+    rx.close();
+    let mut dropped = 0;
+    while let Ok(up) = rx.try_recv() {
+        dropped += usize::from(matches!(up, Upward::Share(..)));
+        refuse(up);
+    }
+    if dropped > 0 {
+        tracing::warn!(session = group.index, dropped, "shutting down: shares never sent to the pool");
     }
 }
 
@@ -644,12 +670,21 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
     }
     if let Some(last) = state.last_pool.replace(session.pool.clone()) {
         if !Arc::ptr_eq(&last, &session.pool) {
-            // Back to a pool of higher priority is a failback; leaving a pool a reload removed is not.
+            // Back to a pool of higher priority is a failback. Leaving a pool that a reload took
+            // out of the configuration (or gave new credentials) is neither: nothing failed.
             let pools = group.context.pools.pools();
             let rank = |pool: &Arc<Pool>| pools.iter().position(|p| Arc::ptr_eq(p, pool));
-            let kind = if rank(&session.pool) < rank(&last) { "failback" } else { "failover" };
+            let kind = match (rank(&last), rank(&session.pool)) {
+                (None, _) => "reload",
+                (Some(old), Some(new)) if new < old => "failback",
+                _ => "failover",
+            };
             counter!(m::FAILOVERS, "kind" => kind).increment(1);
-            tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
+            if kind == "reload" {
+                tracing::info!(session = group.index, from = %last.label, to = %session.pool.label, "moved by a reload");
+            } else {
+                tracing::warn!(session = group.index, from = %last.label, to = %session.pool.label, kind, "switched pools");
+            }
         }
     }
     state.epoch += 1;
@@ -716,12 +751,44 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
     let mut written = 0;
     // A TLS stream may keep what it accepted buffered until flushed.
     let mut unflushed = false;
+    // Set when the proxy starts shutting down. The session goes on forwarding what miners queue
+    // until the last of them has left (they stop reading at once), then writes out the rest and
+    // waits for the pool's answers, all within `server.shutdown_grace`.
+    let mut drain: Option<Instant> = None;
+    // The queue is closed and empty: nothing more will come from miners.
+    let mut queue_done = false;
     loop {
         let settings = context.settings();
         let job_deadline = session.last_notify + settings.job_timeout;
+        if let Some(deadline) = drain {
+            if !queue_done && group.members() == 0 {
+                // No miner holds a seat: nothing can be queued after what is queued now.
+                rx.close();
+            }
+            if queue_done && written == buf.len() && !unflushed && session.submits_pending == 0 {
+                tracing::debug!(session = group.index, "drained: every forwarded share answered");
+                return End::Shutdown;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    session = group.index,
+                    pool = %session.pool.label,
+                    unanswered = session.submits_pending,
+                    queued = rx.len(),
+                    "shutdown_grace ran out before the pool answered every forwarded share"
+                );
+                return End::Shutdown;
+            }
+        }
         tokio::select! {
             biased;
-            _ = context.shutdown.cancelled() => return End::Shutdown,
+            _ = context.shutdown.cancelled(), if drain.is_none() => {
+                drain = Some(Instant::now() + settings.shutdown_grace);
+                // No move to another pool now: the shares in flight are this pool's.
+                better = None;
+            }
+            _ = sleep_until(drain.unwrap_or_else(Instant::now)), if drain.is_some() => {}
+            _ = group.emptied.notified(), if drain.is_some() && !queue_done => {}
             // One write, or a flush once everything is written: each is cancel-safe.
             io = async {
                 let writer = &mut session.link.writer;
@@ -787,7 +854,11 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                 }
             }
             // While the pool is slow to read, shares wait in the queue (and past it are refused).
-            Some(up) = rx.recv(), if buf.len() - written < MAX_UNWRITTEN => {
+            up = rx.recv(), if !queue_done && buf.len() - written < MAX_UNWRITTEN => {
+                let Some(up) = up else {
+                    queue_done = true;
+                    continue;
+                };
                 let now = Instant::now();
                 handle(group, state, session, &mut buf, up, now);
                 // Take what else is queued, so that one write carries many shares.
@@ -798,7 +869,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     }
                 }
             }
-            _ = sleep_until(job_deadline) => return End::Fault("no job within job_timeout"),
+            _ = sleep_until(job_deadline), if drain.is_none() => return End::Fault("no job within job_timeout"),
             (pool, opened) = async { better.as_mut().expect("polled only when set").await }, if better.is_some() => {
                 better = None;
                 match opened {
@@ -809,7 +880,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     }
                 }
             }
-            _ = check.tick(), if better.is_none() => {
+            _ = check.tick(), if better.is_none() && drain.is_none() => {
                 if let Some(pool) = better_pool(&context, &session.pool) {
                     tracing::info!(session = group.index, pool = %pool.label, "trying a better pool");
                     let context = context.clone();

@@ -43,6 +43,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub max_reject_rate: f64,
     pub allow_pool_redirect: bool,
+    /// How long a group may take on shutdown to send what miners queued and hear the answers.
+    pub shutdown_grace: Duration,
 }
 
 impl Settings {
@@ -58,6 +60,7 @@ impl Settings {
             connect_timeout: u.connect_timeout(),
             max_reject_rate: u.max_reject_rate,
             allow_pool_redirect: u.allow_pool_redirect,
+            shutdown_grace: config.server.shutdown_grace(),
         }
     }
 }
@@ -120,6 +123,28 @@ impl Drop for Seat {
     }
 }
 
+/// A place `reserve` took in a group, given back when dropped unless it became a [`Seat`] (which
+/// gives it back in turn).
+struct Reservation(Option<Arc<Group>>);
+
+impl Reservation {
+    fn group(&self) -> &Arc<Group> {
+        self.0.as_ref().expect("set until into_seat")
+    }
+
+    fn into_seat(mut self) -> Arc<Group> {
+        self.0.take().expect("set until into_seat")
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            group.leave();
+        }
+    }
+}
+
 impl Aggregator {
     /// Builds the aggregator and opens the first pool session at once, so that the first miner
     /// finds work waiting and `/ready` reflects the pools.
@@ -161,13 +186,16 @@ impl Aggregator {
 
     /// Seats a miner: in the first group with room that has work, else in a new group, and gives
     /// it a prefix. Waits (up to the connect timeout, twice) for a new group's first job.
+    ///
+    /// Cancel-safe: the caller races it against the miner's deadlines, and a place taken and not
+    /// turned into a [`Seat`] is given back wherever the future is dropped.
     pub async fn admit(self: &Arc<Self>) -> Result<Seat, Refused> {
-        let group = self.reserve()?;
+        let reservation = Reservation(Some(self.reserve()?));
+        let group = reservation.group();
         let mut work = group.subscribe();
         let wait = self.context.settings().connect_timeout * 2;
         let ready = tokio::time::timeout(wait, work.wait_for(|w| w.is_ready())).await;
         if !matches!(ready, Ok(Ok(_))) {
-            group.leave();
             return Err(Refused::NoUpstream);
         }
         let groups = self.groups();
@@ -177,11 +205,8 @@ impl Aggregator {
             .unwrap_or_else(|e| e.into_inner())
             .allocate(|g| groups.get(g).and_then(|g| g.oldest_job()));
         match prefix {
-            Some(prefix) => Ok(Seat { group, prefix, aggregator: self.clone() }),
-            None => {
-                group.leave();
-                Err(Refused::Full)
-            }
+            Some(prefix) => Ok(Seat { group: reservation.into_seat(), prefix, aggregator: self.clone() }),
+            None => Err(Refused::Full),
         }
     }
 

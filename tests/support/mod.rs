@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use loka_stratum::config::{Config, Mode, PoolConfig};
 use loka_stratum::registry::ConnectionManager;
-use loka_stratum::server::Server;
+use loka_stratum::server::{Reloader, Server};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -208,6 +208,10 @@ struct PoolState {
     opts: PoolOptions,
     submit_replies: Mutex<SubmitReplies>,
     recorded: Mutex<Vec<String>>,
+    /// Beside each recorded line: how many connections that had sent a line were open then.
+    sessions_at: Mutex<Vec<usize>>,
+    /// Connections that have sent a line and are still open (probes that only connect are not).
+    speaking: Mutex<HashSet<u64>>,
     accepted: AtomicU64,
     rejected: AtomicU64,
     /// Outgoing lines of each live connection, for `broadcast`.
@@ -237,6 +241,8 @@ impl MockPool {
             opts,
             submit_replies: Mutex::new(SubmitReplies::Immediate),
             recorded: Mutex::new(Vec::new()),
+            sessions_at: Mutex::new(Vec::new()),
+            speaking: Mutex::new(HashSet::new()),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -264,6 +270,13 @@ impl MockPool {
     /// Every line received, from every connection, in arrival order.
     pub fn recorded(&self) -> Vec<String> {
         self.state.recorded.lock().unwrap().clone()
+    }
+
+    /// Every line received, with the number of pool sessions (connections that sent a line) open
+    /// when it arrived.
+    pub fn recorded_with_sessions(&self) -> Vec<(String, usize)> {
+        let recorded = self.state.recorded.lock().unwrap();
+        recorded.iter().cloned().zip(self.state.sessions_at.lock().unwrap().iter().copied()).collect()
     }
 
     pub fn recorded_json(&self) -> Vec<Value> {
@@ -393,6 +406,7 @@ struct LiveGuard(Arc<PoolState>, u64);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.conns.lock().unwrap().remove(&self.1);
+        self.0.speaking.lock().unwrap().remove(&self.1);
         self.0.live.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -418,7 +432,13 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
         tokio::select! {
             line = lines.next() => match line {
                 Some(Ok(line)) => {
-                    state.recorded.lock().unwrap().push(line.clone());
+                    {
+                        let mut recorded = state.recorded.lock().unwrap();
+                        let mut speaking = state.speaking.lock().unwrap();
+                        speaking.insert(id);
+                        recorded.push(line.clone());
+                        state.sessions_at.lock().unwrap().push(speaking.len());
+                    }
                     handle_pool_line(&state, &mut conn, &line);
                 }
                 _ => return,
@@ -1013,6 +1033,8 @@ pub struct Proxy {
     pub registry: Arc<ConnectionManager>,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
+    /// Applies a new configuration as SIGHUP would.
+    pub reloader: Reloader,
 }
 
 /// Logs go to the test output when `RUST_LOG` is set.
@@ -1034,10 +1056,11 @@ pub async fn spawn_proxy(config: Config) -> Proxy {
     let http = server.http_addr();
     let tls = server.tls_addr();
     let registry = server.registry();
+    let reloader = server.reloader();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Proxy { addr, http, tls, registry, stop: Some(stop), task }
+    Proxy { addr, http, tls, registry, stop: Some(stop), task, reloader }
 }
 
 impl Proxy {
