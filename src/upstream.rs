@@ -35,9 +35,9 @@ const KEPT_OUTPUT: usize = 4096;
 /// that stops reading fails the link after `write_timeout` instead of holding its session.
 pub struct PoolLink {
     pool: Arc<Pool>,
-    /// Apart, so that a task may read and write at once (see `aggregate::group`).
-    pub(crate) reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
-    pub(crate) writer: WriteHalf<PoolStream>,
+    /// Apart, so that the link may read and write at once.
+    reader: FramedRead<ReadHalf<PoolStream>, LineCodec>,
+    writer: WriteHalf<PoolStream>,
     /// Bytes queued for the pool, of which `written` are written.
     output: Vec<u8>,
     written: usize,
@@ -84,11 +84,6 @@ impl PoolLink {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
-    }
-
-    /// Writes `bytes` at once and waits for them to be taken.
-    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.writer.write_all(bytes).await
     }
 
     /// Queues `bytes` for the pool; they are written while [`next_line`](Self::next_line) waits.
@@ -640,9 +635,10 @@ mod tests {
 
     #[tokio::test]
     async fn connects_in_priority_order_skipping_dead_pools() {
-        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Bound but not listening: refused, and held so no other test takes the port meanwhile.
+        let dead = tokio::net::TcpSocket::new_v4().unwrap();
+        dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let dead_addr = dead.local_addr().unwrap();
-        drop(dead);
         let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let set = PoolSet::new(
             &config(&[
@@ -656,13 +652,15 @@ mod tests {
         assert!(!set.pools()[0].is_up() && set.pools()[1].is_up());
         // The dead pool is now skipped without a connect attempt.
         assert!(set.connect().await.is_ok());
+        drop(dead);
     }
 
     #[tokio::test]
     async fn monitor_brings_a_pool_back() {
-        let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Bound but not listening: refused, and held so no other test takes the port meanwhile.
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = probe.local_addr().unwrap();
-        drop(probe);
         let cancel = CancellationToken::new();
         let set = PoolSet::new(&config(&[format!("stratum+tcp://{addr}")]), cancel.clone());
         let tracker = TaskTracker::new();
@@ -674,7 +672,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(set.connect().await.is_err());
-        let _listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let _listener = probe.listen(16).unwrap();
         let mut up = false;
         for _ in 0..400 {
             if set.any_up() {

@@ -14,10 +14,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use metrics::counter;
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch, Notify as Wake};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
@@ -284,8 +282,6 @@ struct PoolSession {
     verdicts: VecDeque<bool>,
     /// Authorizes in flight, by worker, to their pending id.
     authorizing: HashMap<Arc<str>, u64>,
-    /// Written before anything else once the session is adopted (workers' authorizes).
-    early_write: Vec<u8>,
     subscribed: bool,
     logged_in: bool,
 }
@@ -324,7 +320,6 @@ impl PoolSession {
             authorized: HashMap::new(),
             verdicts: VecDeque::new(),
             authorizing: HashMap::new(),
-            early_write: Vec::new(),
             subscribed: false,
             logged_in: false,
         };
@@ -334,7 +329,7 @@ impl PoolSession {
         s.request(&mut buf, "mining.subscribe", &[VERSION], Pending::Subscribe);
         let login = [pool.config.user.as_str(), pool.config.password.as_str()];
         s.request(&mut buf, "mining.authorize", &login, Pending::Login);
-        s.link.send(&buf).await.map_err(|e| format!("write failed: {e}"))?;
+        s.link.queue(&buf);
         buf.clear();
         let deadline = Instant::now() + context.settings().connect_timeout;
         while !(s.subscribed && s.logged_in && !s.early_jobs.is_empty()) {
@@ -342,10 +337,13 @@ impl PoolSession {
                 Err(_) => return Err("no subscribe, authorize and job within upstream.connect_timeout".into()),
                 Ok(Some(Ok(line))) => line,
                 Ok(Some(Err(FrameError::TooLong(_)))) => return Err("line over upstream.max_line_bytes".into()),
-                Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("read failed: {e}")),
+                Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("connection failed: {e}")),
                 Ok(None) => return Err("the pool closed the connection".into()),
             };
-            match s.on_line(&line, &mut buf, Instant::now()) {
+            let step = s.on_line(&line, &mut buf, Instant::now());
+            s.link.queue(&buf);
+            buf.clear();
+            match step {
                 Ok(Step::Reconnect { .. }) => return Err("the pool asked for a reconnect during the handshake".into()),
                 Ok(Step::Job(n)) => {
                     if n.clean_jobs {
@@ -356,9 +354,6 @@ impl PoolSession {
                 Ok(_) => {}
                 Err(fault) => return Err(fault.to_owned()),
             }
-        }
-        if !buf.is_empty() {
-            s.link.send(&buf).await.map_err(|e| format!("write failed: {e}"))?;
         }
         let prefix = context.settings().prefix_bytes;
         if s.extranonce2_size < prefix + MIN_MINER_EXTRANONCE2 {
@@ -694,7 +689,7 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
     for (worker, password) in &state.workers {
         session.authorize(&group.context, &mut buf, worker.clone(), password, None);
     }
-    session.early_write = buf;
+    session.link.queue(&buf);
     for (notify, difficulty) in std::mem::take(&mut session.early_jobs) {
         add_job(group, state, session, notify, difficulty);
     }
@@ -742,15 +737,12 @@ type Handshake = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<PoolSession, Str
 /// Runs one adopted pool session until it ends.
 async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: &mut mpsc::Receiver<Upward>) -> End {
     let context = group.context.clone();
-    let mut buf = std::mem::take(&mut session.early_write);
+    // What a step writes for the pool; queued on the link, which writes it while the pool is
+    // read: a pool that blocks on writing its replies must still have them read.
+    let mut buf = Vec::new();
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut better: Option<Handshake> = None;
-    // Bytes of `buf` already written. The pool is read while a write waits: a pool that blocks
-    // on writing its replies must still have them read, or both ends would wait forever.
-    let mut written = 0;
-    // A TLS stream may keep what it accepted buffered until flushed.
-    let mut unflushed = false;
     // Set when the proxy starts shutting down. The session goes on forwarding what miners queue
     // until the last of them has left (they stop reading at once), then writes out the rest and
     // waits for the pool's answers, all within `server.shutdown_grace`.
@@ -758,6 +750,8 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
     // The queue is closed and empty: nothing more will come from miners.
     let mut queue_done = false;
     loop {
+        session.link.queue(&buf);
+        buf.clear();
         let settings = context.settings();
         let job_deadline = session.last_notify + settings.job_timeout;
         if let Some(deadline) = drain {
@@ -765,7 +759,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                 // No miner holds a seat: nothing can be queued after what is queued now.
                 rx.close();
             }
-            if queue_done && written == buf.len() && !unflushed && session.submits_pending == 0 {
+            if queue_done && session.link.unwritten() == 0 && session.submits_pending == 0 {
                 tracing::debug!(session = group.index, "drained: every forwarded share answered");
                 return End::Shutdown;
             }
@@ -789,34 +783,19 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
             }
             _ = sleep_until(drain.unwrap_or_else(Instant::now)), if drain.is_some() => {}
             _ = group.emptied.notified(), if drain.is_some() && !queue_done => {}
-            // One write, or a flush once everything is written: each is cancel-safe.
-            io = async {
-                let writer = &mut session.link.writer;
-                if written < buf.len() { writer.write(&buf[written..]).await.map(Some) } else { writer.flush().await.map(|()| None) }
-            }, if written < buf.len() || unflushed => match io {
-                Ok(Some(0)) => return End::Lost("write failed"),
-                Ok(Some(n)) => {
-                    written += n;
-                    unflushed = true;
-                    if written == buf.len() {
-                        buf.clear();
-                        written = 0;
-                    }
-                }
-                Ok(None) => unflushed = false,
-                Err(e) => {
-                    tracing::info!(pool = %session.pool.label, error = %e, "write to pool failed");
-                    return End::Lost("write failed");
-                }
-            },
-            line = session.link.reader.next() => {
+            // Also writes what is queued; a write stalled past write_timeout is an error.
+            line = session.link.next_line() => {
                 let line = match line {
                     Some(Ok(line)) => line,
                     Some(Err(FrameError::TooLong(_))) => {
                         counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
                         return End::Fault("line over max_line_bytes");
                     }
-                    Some(Err(FrameError::Io(_))) | None => return End::Lost("connection closed"),
+                    Some(Err(FrameError::Io(e))) => {
+                        tracing::info!(pool = %session.pool.label, error = %e, "pool connection failed");
+                        return End::Lost("connection failed");
+                    }
+                    None => return End::Lost("connection closed"),
                 };
                 match session.on_line(&line, &mut buf, Instant::now()) {
                     Err(fault) => return End::Fault(fault),
@@ -854,7 +833,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                 }
             }
             // While the pool is slow to read, shares wait in the queue (and past it are refused).
-            up = rx.recv(), if !queue_done && buf.len() - written < MAX_UNWRITTEN => {
+            up = rx.recv(), if !queue_done && session.link.unwritten() < MAX_UNWRITTEN => {
                 let Some(up) = up else {
                     queue_done = true;
                     continue;
