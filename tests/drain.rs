@@ -29,15 +29,16 @@ impl Write for LogWriter {
     }
 }
 
-/// Captures the proxy's warnings into [`LOG`]; once per process.
+/// Captures the proxy's warnings into [`LOG`]; once per process. Each test calls it before it
+/// starts a proxy, so that it comes before `RUST_LOG`'s subscriber in the test support.
 fn capture_logs() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
-        tracing_subscriber::fmt()
+        let _ = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::WARN)
             .with_ansi(false)
             .with_writer(|| LogWriter)
-            .init();
+            .try_init();
     });
 }
 
@@ -74,6 +75,7 @@ async fn miners_with_a_submit_in_flight(proxy: &Proxy, pool: &MockPool, count: u
 
 in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), shutdown_waits_for_in_flight_replies);
 async fn shutdown_waits_for_in_flight_replies(mode: Mode) {
+    capture_logs();
     let pool = MockPool::start(PoolOptions::default()).await;
     let mut proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
     pool.set_submit_replies(SubmitReplies::Delay(Duration::from_millis(300)));
