@@ -107,7 +107,7 @@ async fn a_miner_that_stops_reading_is_dropped_and_others_go_on(mode: Mode) {
     assert!(eventually(WAIT, || async { pool.connections() == 2 }).await, "a pool session each");
     assert_eq!(pool.subscribes(), 2);
 
-    // Up to ~12 MB of jobs to the sleeper's session, which never reads them.
+    // Up to ~24 MB of jobs (coinb1 in hex) to the sleeper's session, which never reads them.
     flood_jobs(&pool, Some(sleeper_session), sleeper.job.as_ref().unwrap(), 400, 30_000).await;
     let closed = eventually(WAIT, || async { slow_readers().await >= before + 1.0 }).await;
     assert!(closed, "the slow reader was not dropped");
