@@ -62,70 +62,85 @@ async fn per_ip_connection_limit(mode: Mode) {
     proxy.shutdown().await;
 }
 
-/// A notify whose coinb1 carries `bytes` bytes: large lines fill a socket quickly.
-fn big_notify(job: &Job, bytes: usize) -> String {
+/// Sends `count` jobs with `coinb1` of `bytes` bytes to one pool connection (or, without one, to
+/// every connection), a new id each, 5 ms apart: an aggregated miner is sent only the newest of
+/// the jobs that arrived since its last step, so a burst would reach it as one job. Stops early
+/// once the connection is gone.
+async fn flood_jobs(pool: &MockPool, conn: Option<u64>, job: &Job, count: usize, bytes: usize) {
     let mut job = job.clone();
-    job.id = "big".into();
     job.clean = false;
     job.coinb1 = vec![0x5a; bytes];
-    json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string()
+    for n in 0..count {
+        job.id = format!("big{n}");
+        let line = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
+        let sent = match conn {
+            Some(conn) => pool.send_to(conn, &line),
+            None => pool.broadcast(&line) > 0,
+        };
+        if !sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_miner_that_stops_reading_is_dropped_and_others_go_on() {
+in_both_modes!(
+    tokio::test(flavor = "multi_thread", worker_threads = 2),
+    a_miner_that_stops_reading_is_dropped_and_others_go_on
+);
+async fn a_miner_that_stops_reading_is_dropped_and_others_go_on(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
+    // A pool session each in aggregate mode too, so that the flood reaches only the sleeper.
+    config.aggregate.miners_per_upstream = 1;
     config.server.max_queue_bytes = 256 * 1024;
     let proxy = spawn_proxy(config).await;
+    let slow_readers = || metric_now(&proxy, "loka_connections_closed_total", &[("reason", "slow_reader")]);
+    let before = slow_readers().await;
     let mut sleeper = proxy.miner().await;
     sleeper.handshake("farm.sleeper").await;
+    // The monitor's probe connects too: wait until only the sleeper's session is left.
+    assert!(eventually(WAIT, || async { pool.connections() == 1 }).await, "{} pool connections", pool.connections());
     let sleeper_session = pool.newest_connection().unwrap();
     let mut worker = proxy.miner().await;
     worker.handshake("farm.worker").await;
+    assert!(eventually(WAIT, || async { pool.connections() == 2 }).await, "a pool session each");
+    assert_eq!(pool.subscribes(), 2);
 
-    // Up to ~24 MB of jobs to the sleeper's session, which never reads them.
-    let line = big_notify(sleeper.job.as_ref().unwrap(), 30_000);
-    for _ in 0..400 {
-        if !pool.send_to(sleeper_session, &line) {
-            break;
-        }
-    }
-    let closed = eventually(Duration::from_secs(10), || async {
-        metric_now(&proxy, "loka_connections_closed_total", &[("reason", "slow_reader")]).await >= 1.0
-    })
-    .await;
+    // Up to ~24 MB of jobs (coinb1 in hex) to the sleeper's session, which never reads them.
+    flood_jobs(&pool, Some(sleeper_session), sleeper.job.as_ref().unwrap(), 400, 30_000).await;
+    let closed = eventually(WAIT, || async { slow_readers().await >= before + 1.0 }).await;
     assert!(closed, "the slow reader was not dropped");
+    assert!(sleeper.expect_closed(WAIT).await);
     let share = worker.any_share();
     let id = worker.submit("farm.worker", &share).await;
     assert_eq!(worker.wait_reply(&id).await.unwrap()["result"], true, "the other miner is unaffected");
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await, "and its share reaches the pool");
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn writes_stalled_past_write_timeout_drop_the_miner() {
+in_both_modes!(tokio::test, writes_stalled_past_write_timeout_drop_the_miner);
+async fn writes_stalled_past_write_timeout_drop_the_miner(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
+    let mut config = mode_config(mode, pool.addr);
     // The queue is large enough that only the stalled write can end the session.
     config.server.max_queue_bytes = 256 * 1024 * 1024;
     config.server.max_queue_messages = 100_000;
     config.server.write_timeout = 30;
     let proxy = spawn_proxy(config).await;
+    let write_failures = || metric_now(&proxy, "loka_connections_closed_total", &[("reason", "write_failed")]);
+    let before = write_failures().await;
     let mut sleeper = proxy.miner().await;
     sleeper.handshake("farm.sleeper").await;
-    let line = big_notify(sleeper.job.as_ref().unwrap(), 30_000);
-    for _ in 0..400 {
-        pool.broadcast(&line);
-    }
     // Let the relay fill every socket buffer on the way, then stop the clock.
+    flood_jobs(&pool, None, sleeper.job.as_ref().unwrap(), 400, 30_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(31)).await;
     tokio::time::resume();
-    let dropped = eventually(Duration::from_secs(10), || async {
-        metric_now(&proxy, "loka_connections_closed_total", &[("reason", "write_failed")]).await >= 1.0
-    })
-    .await;
+    let dropped = eventually(Duration::from_secs(10), || async { write_failures().await >= before + 1.0 }).await;
     assert!(dropped, "a write stalled past write_timeout ends the session");
+    assert!(sleeper.expect_closed(WAIT).await);
     proxy.shutdown().await;
 }
 

@@ -1,19 +1,33 @@
-//! The admin port's numbers against the pool's own count: the proxy's verdicts and the pool's
-//! kept apart. Alone in its binary: the metrics recorder is process-global.
+//! The admin port's numbers against the pool's own count, in both modes: the proxy's verdicts and
+//! the pool's kept apart. Alone in its binary: the metrics recorder is process-global, and the two
+//! modes take turns on it.
 
 mod support;
 
+use loka_stratum::config::Mode;
 use serde_json::{json, Value};
 use support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_port_matches_the_pool() {
+in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), admin_port_matches_the_pool);
+async fn admin_port_matches_the_pool(mode: Mode) {
     const MINERS: usize = 4;
     const SHARES: u64 = 5;
     const DIFFICULTY: f64 = 1e-6;
     let pool = MockPool::start(PoolOptions { validate: true, difficulty: DIFFICULTY, ..PoolOptions::default() }).await;
-    let proxy = spawn_proxy(proxy_config(pool.addr)).await;
+    let mut config = mode_config(mode, pool.addr);
+    // Aggregated miners work at the pool's difficulty, held there: every share the proxy accepts
+    // is forwarded, as in passthrough.
+    config.vardiff.start_difficulty = DIFFICULTY;
+    config.vardiff.min_difficulty = DIFFICULTY;
+    config.vardiff.max_difficulty = DIFFICULTY;
+    let proxy = spawn_proxy(config).await;
     let label = pool.label();
+    // Counters without a pool label are the process's: the twin in the other mode moved them too.
+    let (_, text) = proxy.http_get("/metrics").await;
+    let submits_before =
+        metric(&text, "loka_messages_total", &[("method", "mining.submit"), ("direction", "from_miner")])
+            .unwrap_or(0.0);
+    let connections_before = metric(&text, "loka_connections_active", &[]).unwrap_or(0.0);
 
     let mut miners = Vec::new();
     for i in 0..MINERS {
@@ -45,10 +59,18 @@ async fn admin_port_matches_the_pool() {
     let miner = &mut miners[1];
     let share = miner.grind(None);
     let id = miner.submit("farm.w1", &share).await;
-    assert_eq!(miner.wait_reply(&id).await.unwrap()["error"][0], 23, "the pool's verdict reaches the miner");
+    let reply = miner.wait_reply(&id).await.unwrap();
+    match mode {
+        Mode::Passthrough => assert_eq!(reply["error"][0], 23, "the pool's verdict reaches the miner: {reply}"),
+        // An aggregated miner is answered from the proxy's own check; the pool's verdict is counted.
+        Mode::Aggregate => assert_eq!(reply["result"], true, "the proxy's verdict reaches the miner: {reply}"),
+    }
 
     let total = MINERS as u64 * SHARES;
-    // The low-difficulty share was refused by the proxy: the pool never saw it.
+    // The low-difficulty share was refused by the proxy: the pool never saw it. An aggregate
+    // proxy forwards after answering: wait for the pool's count.
+    assert!(pool.wait_submits(total as usize + 1).await);
+    assert!(eventually(WAIT, || async { pool.rejected() == 1 }).await);
     assert_eq!(pool.submits().len() as u64, total + 1);
     assert_eq!((pool.accepted(), pool.rejected()), (total, 1));
 
@@ -87,10 +109,16 @@ async fn admin_port_matches_the_pool() {
     let work = value("loka_shares_accepted_microdifficulty_total", &pool_label).unwrap();
     assert_eq!(work, ((total + 1) as f64 * DIFFICULTY * 1e6).round(), "{work}");
     assert_eq!(value("loka_pool_up", &pool_label), Some(1.0));
-    assert_eq!(value("loka_upstream_sessions_active", &pool_label), Some(MINERS as f64));
-    assert_eq!(value("loka_connections_active", &[]), Some(MINERS as f64));
+    // A pool session per miner in passthrough; the miners share one in aggregate mode.
+    let sessions = match mode {
+        Mode::Passthrough => MINERS,
+        Mode::Aggregate => 1,
+    };
+    assert_eq!(value("loka_upstream_sessions_active", &pool_label), Some(sessions as f64));
+    assert_eq!(value("loka_connections_active", &[]).map(|v| v - connections_before), Some(MINERS as f64));
     assert_eq!(
-        value("loka_messages_total", &[("method", "mining.submit"), ("direction", "from_miner")]),
+        value("loka_messages_total", &[("method", "mining.submit"), ("direction", "from_miner")])
+            .map(|v| v - submits_before),
         Some((total + 2) as f64)
     );
     assert!(text.contains("# HELP loka_shares_accepted_total"), "{text}");

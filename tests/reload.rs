@@ -12,9 +12,21 @@ use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-fn config_text(listen: std::net::SocketAddr, http: std::net::SocketAddr, pool: &MockPool, extra: &str) -> String {
+fn config_text(
+    mode: Mode,
+    listen: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    pool: &MockPool,
+    extra: &str,
+) -> String {
+    let mode = match mode {
+        Mode::Passthrough => "passthrough",
+        Mode::Aggregate => "aggregate",
+    };
+    // Aggregated miners work at 1e-12, so that `any_share` passes the proxy's check and is forwarded.
     format!(
-        "[server]\nlisten = \"{listen}\"\n{extra}\n[http]\nlisten = \"{http}\"\n\n[[pools]]\nurl = \"{}\"\nuser = \"acct\"\npassword = \"x\"\n",
+        "[server]\nlisten = \"{listen}\"\n{extra}\n[http]\nlisten = \"{http}\"\n\n[upstream]\nmode = \"{mode}\"\n\n\
+         [vardiff]\nstart_difficulty = 1e-12\nmin_difficulty = 1e-12\n\n[[pools]]\nurl = \"{}\"\nuser = \"acct\"\npassword = \"x\"\n",
         pool.url()
     )
 }
@@ -28,14 +40,17 @@ fn hangup(pid: u32) {
     assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_pools_limits_and_log_level_without_dropping_miners() {
+in_both_modes!(
+    tokio::test(flavor = "multi_thread", worker_threads = 2),
+    sighup_reloads_pools_limits_and_log_level_without_dropping_miners
+);
+async fn sighup_reloads_pools_limits_and_log_level_without_dropping_miners(mode: Mode) {
     let a = MockPool::start(PoolOptions::default()).await;
     let b = MockPool::start(PoolOptions::default()).await;
     let (listen, http) = (reserve_port(), reserve_port());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("loka.toml");
-    std::fs::write(&file, config_text(listen, http, &a, "")).unwrap();
+    std::fs::write(&file, config_text(mode, listen, http, &a, "")).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_loka-stratum"))
         .arg("--config")
@@ -63,22 +78,37 @@ async fn sighup_reloads_pools_limits_and_log_level_without_dropping_miners() {
 
     let mut first = SimMiner::connect(listen).await;
     first.handshake("farm.first").await;
-    assert_eq!(a.connections(), 1, "the first miner's session is on pool A");
+    assert_eq!(a.subscribes(), 1, "the first miner's session is on pool A");
+    // The pool monitor's probe may still be open beside it.
+    assert!(eventually(WAIT, || async { a.connections() == 1 }).await, "{} connections", a.connections());
 
     // New pool, a connection limit of 2 and debug logging.
-    std::fs::write(&file, config_text(listen, http, &b, "max_connections = 2\n\n[log]\nlevel = \"debug\"\n")).unwrap();
+    std::fs::write(&file, config_text(mode, listen, http, &b, "max_connections = 2\n\n[log]\nlevel = \"debug\"\n"))
+        .unwrap();
     hangup(pid);
     assert!(logged(&log, "configuration reloaded", 1).await, "{}", log.lock().unwrap());
 
-    // The miner that was there stays, on its pool.
+    // The miner that was there stays: a passthrough miner on its pool session, while an aggregate
+    // session moves to the new pool under its miners (make before break).
+    if mode == Mode::Aggregate {
+        assert!(wait_clean_job(&mut first).await, "the session's first job on pool B");
+        assert!(!first.closed);
+    }
     let share = first.any_share();
     let id = first.submit("farm.first", &share).await;
     assert_eq!(first.wait_reply(&id).await.unwrap()["result"], true);
-    assert_eq!(a.submits().len(), 1);
+    let (on_a, on_b) = match mode {
+        Mode::Passthrough => (&a, &b),
+        Mode::Aggregate => (&b, &a),
+    };
+    assert!(on_a.wait_submits(1).await);
+    assert_eq!((on_a.submits().len(), on_b.submits().len()), (1, 0));
     // A new miner gets the new pool, and the debug level is in force.
     let mut second = SimMiner::connect(listen).await;
     second.handshake("farm.second").await;
-    assert_eq!(b.connections(), 1, "a new session goes to pool B");
+    // Its own session in passthrough; in aggregate mode a seat in the one session, already on B.
+    assert_eq!(b.subscribes(), 1, "a new session goes to pool B");
+    assert!(eventually(WAIT, || async { b.connections() == 1 }).await, "{} connections", b.connections());
     assert!(logged(&log, "DEBUG", 1).await, "debug lines after the reload");
     // The new limit holds.
     let mut third = SimMiner::connect(listen).await;
@@ -93,19 +123,40 @@ async fn sighup_reloads_pools_limits_and_log_level_without_dropping_miners() {
 
     // A new listen address needs a restart: refused, nothing changes.
     let elsewhere = reserve_port();
-    std::fs::write(&file, config_text(elsewhere, http, &a, "")).unwrap();
+    std::fs::write(&file, config_text(mode, elsewhere, http, &a, "")).unwrap();
     hangup(pid);
     assert!(logged(&log, "reload refused", 2).await);
     assert!(log.lock().unwrap().contains("server.listen changed"), "{}", log.lock().unwrap());
     let share = second.any_share();
     let id = second.submit("farm.second", &share).await;
     assert_eq!(second.wait_reply(&id).await.unwrap()["result"], true);
-    assert_eq!(b.submits().len(), 1, "still pool B");
+    // The second miner's share, and in aggregate mode the first's before it.
+    let on_b = match mode {
+        Mode::Passthrough => 1,
+        Mode::Aggregate => 2,
+    };
+    assert!(b.wait_submits(on_b).await, "still pool B");
+    assert_eq!(b.submits().len(), on_b, "still pool B");
     assert!(!first.expect_closed(Duration::from_millis(100)).await, "no miner was dropped");
 
     assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// Reads until a clean job arrives; false if none comes within the wait.
+async fn wait_clean_job(miner: &mut SimMiner) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match miner.recv_json(left).await {
+            Some(msg) if msg["method"] == "mining.notify" && msg["params"][8] == serde_json::json!(true) => {
+                return true
+            }
+            Some(_) => {}
+            None => return false,
+        }
+    }
 }
 
 /// An aggregate proxy in front of `pool`, with `count` miners handshaken on its one session.

@@ -494,6 +494,7 @@ pub async fn serve(
                 Event::ShareRefused(reason) => shared.submissions.refused(handle, label, reason),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
+                    tracing::debug!(%worker, "authorized");
                     handle.info().worker = Some(worker);
                 }
                 Event::Difficulty(d) => handle.info().difficulty = Some(d),
