@@ -26,7 +26,7 @@ use crate::submissions::{self, LocalReject, PoolVerdict, RejectReason, ShareCont
 
 /// Requests in flight to the pool per session. A miner past it gets an error at once, so a
 /// silent pool cannot make the pending map grow.
-pub const MAX_PENDING: usize = 256;
+pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Consecutive malformed lines that close the connection.
 const MALFORMED_STREAK_CLOSE: u8 = 2;
@@ -210,7 +210,7 @@ impl Session {
     pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
         let Some(request) = self.input.parse(line, &mut out.to_miner, &mut out.events) else { return };
 
-        if self.pending.len() >= MAX_PENDING {
+        if self.pending.len() >= MAX_IN_FLIGHT {
             if let Some(id) = (!request.id.is_null()).then_some(&request.id) {
                 write::error(&mut out.to_miner, id, code::OTHER, "too many requests in flight");
             }

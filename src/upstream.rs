@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics::{counter, gauge, SharedString};
 use rand::Rng;
 use rustls::pki_types::ServerName;
@@ -86,15 +86,28 @@ impl PoolLink {
         &self.pool
     }
 
-    /// Queues `bytes` for the pool; they are written while [`next_line`](Self::next_line) waits.
+    /// Sends `bytes` to the pool: at once while nothing waits and the socket takes them, and
+    /// what it does not take is queued, to be written while [`next_line`](Self::next_line) waits.
+    /// A write error here is met again, and reported, by `next_line`.
     pub fn queue(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
+        let mut rest = bytes;
         if self.unwritten() == 0 {
             self.progress_at = Instant::now();
+            while let Some(Ok(n @ 1..)) = self.writer.write(rest).now_or_never() {
+                rest = &rest[n..];
+                self.unflushed = true;
+                if rest.is_empty() {
+                    if let Some(Ok(())) = self.writer.flush().now_or_never() {
+                        self.unflushed = false;
+                    }
+                    return;
+                }
+            }
         }
-        self.output.extend_from_slice(bytes);
+        self.output.extend_from_slice(rest);
     }
 
     /// Bytes queued and not yet taken by the socket.

@@ -10,10 +10,12 @@
 //!
 //! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
 //! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
+//! - `pool_session`: one connection to a pool: handshake, pool messages, requests and answers.
 //! - [`miner`]: one miner's sans-IO session (local answers, vardiff, share checks) and its task.
 
 pub mod group;
 pub mod miner;
+mod pool_session;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};

@@ -298,14 +298,14 @@ fn configure_reply_records_the_mask() {
 #[test]
 fn in_flight_is_bounded() {
     let mut s = ready("");
-    for i in 0..MAX_PENDING as u64 + 5 {
+    for i in 0..MAX_IN_FLIGHT as u64 + 5 {
         let out = miner(&mut s, &valid_submit(i, i as u32));
-        if i >= MAX_PENDING as u64 {
+        if i >= MAX_IN_FLIGHT as u64 {
             assert!(out.to_pool.is_empty());
             assert_eq!(lines(&out.to_miner)[0]["error"][0], 20);
         }
     }
-    assert_eq!(s.pending(), MAX_PENDING);
+    assert_eq!(s.pending(), MAX_IN_FLIGHT);
 }
 
 #[test]
