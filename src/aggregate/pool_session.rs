@@ -149,7 +149,13 @@ impl PoolSession {
         Ok(s)
     }
 
-    pub(super) fn request(&mut self, buf: &mut Vec<u8>, method: &str, params: &impl serde::Serialize, pending: Request) {
+    pub(super) fn request(
+        &mut self,
+        buf: &mut Vec<u8>,
+        method: &str,
+        params: &impl serde::Serialize,
+        pending: Request,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
         write::request(buf, id, method, params);

@@ -1,0 +1,151 @@
+//! Pool links, health and reloads, over sockets on 127.0.0.1.
+
+use super::*;
+
+#[test]
+fn jitter_stays_in_range() {
+    for _ in 0..1000 {
+        let j = jitter(Duration::from_secs(8));
+        assert!(j >= Duration::from_secs(4) && j <= Duration::from_secs(8));
+    }
+}
+
+fn config(urls: &[String]) -> Config {
+    let pools = urls
+        .iter()
+        .map(|u| PoolConfig { url: u.clone(), user: String::new(), password: String::new(), ..PoolConfig::default() })
+        .collect();
+    let mut c = Config { pools, ..Config::default() };
+    c.upstream.retry_initial_ms = 10;
+    c.upstream.retry_max_ms = 40;
+    c
+}
+
+/// A pool that stops reading: its lines are still read while the write waits, and the link
+/// fails once the write has made no progress for `write_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_pool_that_stops_reading_fails_the_link_after_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpSocket::new_v4().unwrap();
+    listener.set_recv_buffer_size(4096).unwrap();
+    listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = listener.listen(1).unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let stream = socket.connect(listener.local_addr().unwrap()).await.unwrap();
+    let (mut peer, _) = listener.accept().await.unwrap();
+    let pool =
+        PoolSet::new(&config(&["stratum+tcp://127.0.0.1:1".into()]), CancellationToken::new()).pools()[0].clone();
+    let timeout = Duration::from_secs(30);
+    let mut link = PoolLink::new(pool, Box::new(stream), 1024, timeout);
+
+    link.queue(&vec![b'x'; 8 << 20]);
+    peer.write_all(b"{\"id\":null,\"method\":\"mining.notify\",\"params\":[]}\n").await.unwrap();
+    let line = link.next_line().await.expect("a line").expect("read while the write waits");
+    assert!(line.starts_with(b"{\"id\":null"));
+    assert!(link.unwritten() > 0, "the peer reads nothing, so the write cannot finish");
+    let started = Instant::now();
+    let failed = tokio::time::timeout(timeout * 2, link.next_line()).await.expect("failed within write_timeout");
+    let Some(Err(FrameError::Io(e))) = failed else { panic!("the link should fail") };
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(started.elapsed() >= timeout);
+    drop(peer);
+}
+
+#[tokio::test]
+async fn connects_in_priority_order_skipping_dead_pools() {
+    // Bound but not listening: refused, and held so no other test takes the port meanwhile.
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let set = PoolSet::new(
+        &config(&[
+            format!("stratum+tcp://{dead_addr}"),
+            format!("stratum+tcp://localhost:{}", live.local_addr().unwrap().port()),
+        ]),
+        CancellationToken::new(),
+    );
+    let link = set.connect().await.unwrap();
+    assert_eq!(link.pool().label, format!("localhost:{}", live.local_addr().unwrap().port()));
+    assert!(!set.pools()[0].is_up() && set.pools()[1].is_up());
+    // The dead pool is now skipped without a connect attempt.
+    assert!(set.connect().await.is_ok());
+    drop(dead);
+}
+
+#[tokio::test]
+async fn monitor_brings_a_pool_back() {
+    // Bound but not listening: refused, and held so no other test takes the port meanwhile.
+    let probe = tokio::net::TcpSocket::new_v4().unwrap();
+    probe.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = probe.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let set = PoolSet::new(&config(&[format!("stratum+tcp://{addr}")]), cancel.clone());
+    let tracker = TaskTracker::new();
+    set.spawn_monitors(&tracker);
+    for _ in 0..200 {
+        if set.pools()[0].health() == Health::Down {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(set.connect().await.is_err());
+    let _listener = probe.listen(16).unwrap();
+    let mut up = false;
+    for _ in 0..400 {
+        if set.any_up() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(up, "the monitor reconnects once the pool listens");
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[tokio::test]
+async fn a_reload_replaces_the_pools_and_retires_their_monitors() {
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let set = PoolSet::new(&config(&[format!("stratum+tcp://{a}")]), shutdown.clone());
+    let tracker = TaskTracker::new();
+    set.spawn_monitors(&tracker);
+    let old = set.pools();
+    set.replace(&config(&[format!("stratum+tcp://{b}")]), &tracker);
+    assert_eq!(set.pools()[0].label, b.to_string());
+    assert_eq!(old[0].label, a.to_string(), "sessions holding the old pool keep it");
+    assert_eq!(set.connect().await.unwrap().pool().label, b.to_string());
+    shutdown.cancel();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_each_pool_whose_url_and_credentials_are_unchanged() {
+    let urls = ["stratum+tcp://127.0.0.1:1".to_owned(), "stratum+tcp://127.0.0.1:2".to_owned()];
+    let shutdown = CancellationToken::new();
+    let set = PoolSet::new(&config(&urls), shutdown.clone());
+    let tracker = TaskTracker::new();
+    let old = set.pools();
+    let mut new = config(&urls);
+    new.upstream.keepalive += 1;
+    new.pools[1].password = "changed".into();
+    set.replace(&new, &tracker);
+    let now = set.pools();
+    assert!(Arc::ptr_eq(&old[0], &now[0]), "same URL and credentials: the same pool, health and verdicts");
+    assert!(!Arc::ptr_eq(&old[1], &now[1]), "new credentials: a new pool");
+    assert_eq!(now[1].config.password, "changed");
+    // Reordered, the kept pool is still itself.
+    let mut swapped = new.clone();
+    swapped.pools.reverse();
+    set.replace(&swapped, &tracker);
+    assert!(Arc::ptr_eq(&set.pools()[1], &old[0]) && Arc::ptr_eq(&set.pools()[0], &now[1]));
+    shutdown.cancel();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");
+}
