@@ -32,6 +32,8 @@ pub struct State {
     pub history: Arc<History>,
     /// When the server started running, for `uptime_s`.
     pub started: Instant,
+    /// Cancelled when the listeners close: a draining proxy is not ready, whatever its pools.
+    pub draining: CancellationToken,
 }
 
 /// The status page: inline CSS and script, no external assets, so it works offline and
@@ -231,14 +233,16 @@ struct PoolReadiness {
     up: bool,
 }
 
-/// Ready when the listener is bound (it is, while this port serves) and some pool is reachable.
+/// Ready when the listener is bound and some pool is reachable; never from the start of the drain,
+/// so that a load balancer sends new miners elsewhere while this proxy finishes its shares.
 async fn ready(Extract(state): Extract<State>) -> impl IntoResponse {
     let pools: Vec<_> =
         state.pools.pools().iter().map(|p| PoolReadiness { pool: p.label.clone(), up: p.is_up() }).collect();
-    let ready = match &state.aggregator {
-        Some(aggregator) => aggregator.ready(),
-        None => pools.iter().any(|p| p.up),
-    };
+    let ready = !state.draining.is_cancelled()
+        && match &state.aggregator {
+            Some(aggregator) => aggregator.ready(),
+            None => pools.iter().any(|p| p.up),
+        };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, pools }))
 }

@@ -101,6 +101,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let Server { listener, http, shared, prometheus, tracker, tls } = self;
         let admin_stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let history = Arc::new(crate::hashrate::History::default());
         let admin_task = tokio::spawn(admin::serve(
             http,
@@ -111,6 +112,7 @@ impl Server {
                 aggregator: shared.aggregator.clone(),
                 history: history.clone(),
                 started: Instant::now(),
+                draining: draining.clone(),
             },
             admin_stop.clone(),
         ));
@@ -128,6 +130,8 @@ impl Server {
             })
         });
         accept_loop(&listener, &shared, &tracker, shutdown, None).await;
+        draining.cancel();
+        gauge!(m::READY).set(0.0);
         stop_accepting.cancel();
         if let Some(tls_loop) = tls_loop {
             let _ = tls_loop.await;

@@ -114,8 +114,14 @@ async fn shutdown_grace_errors_requests_the_pool_never_answers(mode: Mode) {
     pool.set_submit_replies(SubmitReplies::Never);
     let pending = miners_with_a_submit_in_flight(&proxy, &pool, 5).await;
 
+    assert_eq!(proxy.http_get("/ready").await.0, 200, "ready while serving");
     let started = tokio::time::Instant::now();
     proxy.trigger_shutdown();
+    // From the start of the drain, while the proxy still finishes its shares, it is not ready.
+    assert!(
+        eventually(WAIT, || async { proxy.http_get("/ready").await.0 == 503 }).await,
+        "/ready answers 503 during the drain"
+    );
     let drains = pending.into_iter().map(|(mut miner, id)| async move {
         let (messages, closed) = miner.drain_until_closed(WAIT).await;
         (messages, closed, id)
