@@ -74,7 +74,7 @@ impl AuthManager {
     }
 
     /// How long `ip` must still wait before its next authorize is forwarded, if at all.
-    pub fn backoff(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+    fn backoff(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
         let f = self.failures.get(&ip)?;
         (f.until > now).then(|| f.until - now)
     }
