@@ -3,10 +3,10 @@
 //! aggregate-mode submit line from bytes in to the answer out.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use loka_stratum::jobs::{JobBook, Lookup};
 use loka_stratum::protocol::miner::Submit;
 use loka_stratum::protocol::pool::Notify;
-use loka_stratum::submissions::{check, ShareContext};
+use loka_stratum::share::target_from_difficulty;
+use loka_stratum::submissions::{check, JobTarget, ShareContext};
 
 /// A job with a 12-entry merkle branch and a `coinb1_len`-byte coinb1.
 fn job(id: &str, coinb1_len: usize) -> Notify {
@@ -24,11 +24,10 @@ fn job(id: &str, coinb1_len: usize) -> Notify {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut book = JobBook::default();
     // Every hash meets this target, so the bench measures a share that passes every check.
-    book.set_difficulty(1e-12);
-    book.on_notify(job("6b1e", 60));
-    let Lookup::Live(job) = book.lookup("6b1e") else { unreachable!() };
+    let notify = job("6b1e", 60);
+    let target = target_from_difficulty(1e-12);
+    let job = JobTarget { notify: &notify, difficulty: 1e-12, target: &target };
     let miner = ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: 0x1fff_e000 };
     let submit = Submit {
         worker: "acct.rig1".into(),
@@ -39,7 +38,7 @@ fn bench(c: &mut Criterion) {
         version_bits: Some("00a6e000".into()),
     };
     c.bench_function("validate share (12-entry branch)", |b| {
-        b.iter(|| check(black_box(job.as_target()), black_box(miner), black_box(&submit), |_| false).expect("valid"))
+        b.iter(|| check(black_box(job), black_box(miner), black_box(&submit), |_| false).expect("valid"))
     });
 }
 
@@ -48,13 +47,13 @@ fn bench(c: &mut Criterion) {
 fn aggregate_submit(c: &mut Criterion) {
     use std::sync::Arc;
 
-    use loka_stratum::aggregate::miner::{MinerSession, Output};
-    use loka_stratum::aggregate::{AggJob, Work};
-    use loka_stratum::share::target_from_difficulty;
+    use loka_stratum::aggregate::Work;
+    use loka_stratum::jobs::Job;
+    use loka_stratum::session::{MinerSession, Output};
     use loka_stratum::vardiff::VardiffConfig;
     use tokio::time::Instant;
 
-    let job = Arc::new(AggJob {
+    let job = Arc::new(Job {
         seq: 1,
         epoch: 1,
         upstream_id: "6b1e".into(),
@@ -76,7 +75,7 @@ fn aggregate_submit(c: &mut Criterion) {
     let now = Instant::now();
     // A fresh session per input, so that its duplicate set stays as small as a real miner's.
     let setup = || {
-        let mut session = MinerSession::new(vec![0, 7], work.clone(), vardiff, false, now);
+        let mut session = MinerSession::local(vec![0, 7], work.clone(), vardiff, false, now);
         let mut out = Output::default();
         session.on_miner_line(br#"{"id":1,"method":"mining.subscribe","params":[]}"#, now, &mut out);
         session.on_miner_line(br#"{"id":2,"method":"mining.authorize","params":["acct.rig1","x"]}"#, now, &mut out);

@@ -24,10 +24,11 @@ use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, Mode, ServerConfig};
 use crate::metrics as m;
+use crate::passthrough::Passthrough;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
-use crate::session::{Event, Output, Session};
-use crate::submissions::{PoolVerdict, SubmissionManager};
+use crate::session::{Event, Output};
+use crate::submissions::SubmissionManager;
 use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet};
 
 /// What every connection task shares.
@@ -407,14 +408,11 @@ struct Driver<'a> {
 
 impl Driver<'_> {
     async fn run(mut self, first: BytesMut) -> CloseReason {
-        let pool = self.link.pool().config.clone();
-        let mut session = Session::new(self.shared.auth.clone(), pool, self.handle.peer.ip());
+        let mut session = Passthrough::new(self.shared.auth.clone(), self.link.pool().clone(), self.handle.peer.ip());
         let started = Instant::now();
         let job_timeout = self.config.upstream.job_timeout();
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
-        let mut behaved = false;
-        let mut last_notify = None;
         let mut first = Some(first);
         loop {
             let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
@@ -477,14 +475,6 @@ impl Driver<'_> {
             }
             // Written while the pool is awaited; a pool that stops reading fails in `next_line`.
             self.link.queue(&self.out.to_pool);
-            if session.last_notify() != last_notify {
-                last_notify = session.last_notify();
-                self.link.pool().verdicts.notified();
-                if !behaved {
-                    self.link.pool().behaved();
-                    behaved = true;
-                }
-            }
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
             self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
             close = close.or(self.report());
@@ -501,7 +491,7 @@ impl Driver<'_> {
     }
 
     /// One line from the miner, within its rate limit.
-    fn miner_line(&mut self, session: &mut Session, line: &[u8], close: &mut Option<CloseReason>) {
+    fn miner_line(&mut self, session: &mut Passthrough, line: &[u8], close: &mut Option<CloseReason>) {
         let now = Instant::now();
         self.shared.registry.touch(self.handle);
         if self.limiter.allow(now) {
@@ -530,12 +520,8 @@ impl Driver<'_> {
                     pool.reconnect_requested(host.as_deref(), port, self.config.upstream.allow_pool_redirect)
                 }
                 Event::ShareValid(share) => self.shared.submissions.validated(self.handle, &pool.metric_label, &share),
-                Event::ShareForwarded => self.shared.submissions.forwarded(&pool.metric_label),
                 Event::ShareRefused(reason) => self.shared.submissions.refused(self.handle, &pool.metric_label, reason),
                 Event::PoolVerdict(verdict, rtt) => {
-                    if let Some(rtt) = rtt {
-                        pool.verdicts.answered(verdict == PoolVerdict::Accepted, rtt);
-                    }
                     self.shared.submissions.pool_verdict(self.handle, &pool.metric_label, verdict, rtt)
                 }
                 Event::Authorized(worker) => {

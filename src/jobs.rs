@@ -1,45 +1,79 @@
-//! The job manager: the jobs an upstream session announced, decoded, each with the difficulty it
-//! was sent at and the shares already seen on it.
+//! The job book, in both modes: the jobs one miner was sent, each under the id the miner sees,
+//! with the difficulty it was sent at and the shares already taken on it.
 //!
-//! A `mining.set_difficulty` applies to jobs notified after it; shares on earlier jobs keep the
-//! difficulty in force when their job was sent. `clean_jobs` retires every earlier job: shares on
-//! them are stale, not unknown.
+//! A job ([`Job`]) is built once by the pool side and shared by every miner that gets it. In
+//! passthrough a miner sees the pool's job ids; in aggregate mode the proxy's, `seq << 8 | tag`
+//! in hex, where `seq` numbers the proxy's jobs and `tag` counts re-sends of one job to this
+//! miner at a new difficulty. A share is judged at the difficulty its id was sent with, and is a
+//! duplicate of any share taken on the same job under any of its ids.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::protocol::pool::{Notify, MAX_EXTRANONCE1_SIZE, MAX_EXTRANONCE2_SIZE};
 use crate::share::{target_from_difficulty, U256Le};
 
-/// Jobs kept per upstream session; older ones are forgotten first.
+/// Job ids a miner's book holds; older ones are forgotten first, and shares on them are stale.
 pub const MAX_JOBS: usize = 16;
-/// Retired job ids remembered, so that late shares on them are reported stale.
+/// Pool job ids remembered after they left the book, so that late shares on them are reported
+/// stale rather than unknown. The proxy's own ids are ordered and need no such list.
 const MAX_RETIRED: usize = 64;
-/// The difficulty until a pool sends `mining.set_difficulty` (Stratum's default).
-const DEFAULT_DIFFICULTY: f64 = 1.0;
 
-/// One job as the pool announced it.
+/// A pool's job as miners get it.
 #[derive(Debug)]
 pub struct Job {
+    /// The proxy's number for it, unique in the process and rising.
+    pub seq: u64,
+    /// The pool session it belongs to: jobs of an earlier one are stale.
+    pub epoch: u64,
+    /// The pool's job id, which submits carry upstream.
+    pub upstream_id: Box<str>,
+    /// As the miner works it: in aggregate mode coinb1 ‖ E1_up as coinb1 and padding ‖ coinb2 as
+    /// coinb2. Its `job_id` is empty: the book holds the id the miner sees.
     pub notify: Notify,
-    /// The difficulty in force when the job was sent, and its target.
-    pub difficulty: f64,
-    pub target: U256Le,
-    seen: HashSet<ShareKey>,
+    /// The miners' extranonce2 size for this job, and the zero bytes after it.
+    pub en2_size: usize,
+    pub pad: usize,
+    /// The pool's difficulty for this job: shares that meet it go to the pool.
+    pub upstream_difficulty: f64,
+    pub upstream_target: U256Le,
+}
+
+/// The next job number: global, so that jobs of two pools never share an id.
+pub fn next_seq() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Job {
-    /// The job and the difficulty it was sent at, as share checks take them.
-    pub fn as_target(&self) -> crate::submissions::JobTarget<'_> {
-        crate::submissions::JobTarget { notify: &self.notify, difficulty: self.difficulty, target: &self.target }
-    }
-
-    pub fn is_duplicate(&self, key: &ShareKey) -> bool {
-        self.seen.contains(key)
-    }
-
-    /// Records a share that passed; the set is freed with the job.
-    pub fn remember(&mut self, key: ShareKey) {
-        self.seen.insert(key);
+    /// The job a pool sent, as a miner with `en2_size` bytes of extranonce2 gets it: the pool's
+    /// extranonce1 bytes that the miner does not see (`hidden_extranonce1`: none in passthrough,
+    /// all in aggregate mode) join coinb1, and `pad` zero bytes go before coinb2.
+    pub fn new(
+        seq: u64,
+        epoch: u64,
+        mut n: Notify,
+        hidden_extranonce1: &[u8],
+        en2_size: usize,
+        pad: usize,
+        upstream_difficulty: f64,
+    ) -> Job {
+        n.coinb1.extend_from_slice(hidden_extranonce1);
+        if pad > 0 {
+            n.coinb2.splice(0..0, std::iter::repeat_n(0, pad));
+        }
+        let upstream_id = std::mem::take(&mut n.job_id).into_boxed_str();
+        Job {
+            seq,
+            epoch,
+            upstream_id,
+            notify: n,
+            en2_size,
+            pad,
+            upstream_difficulty,
+            upstream_target: target_from_difficulty(upstream_difficulty),
+        }
     }
 }
 
@@ -78,95 +112,196 @@ impl ShareKey {
     }
 }
 
+/// Whose job ids the miner sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobIds {
+    /// The pool's (passthrough).
+    Pool,
+    /// The proxy's (aggregate mode).
+    Proxy,
+}
+
+/// One job as this miner was sent it.
+#[derive(Debug)]
+pub struct Sent {
+    pub job: Arc<Job>,
+    /// Re-sends of the job to this miner before this one (proxy ids only).
+    tag: u8,
+    /// The difficulty the miner was given with it.
+    pub difficulty: f64,
+    /// Shares taken under this id; allocated with the first, freed with the entry. Boxed, so that
+    /// an entry with none costs a pointer, not an empty set's 48 bytes: a book holds 16 entries
+    /// for every idle miner.
+    #[allow(clippy::box_collection)]
+    seen: Option<Box<HashSet<ShareKey>>>,
+}
+
 /// What the book knows of a job id.
 #[derive(Debug)]
-pub enum Lookup<'a> {
-    Live(&'a mut Job),
-    /// Retired by a `clean_jobs` notify or pushed out by newer jobs.
+pub enum Lookup {
+    /// Live: the index of its entry, for [`JobBook::sent`] and [`JobBook::remember`].
+    Live(usize),
+    /// Retired by a clean job, a new pool session, or pushed out by newer jobs.
     Stale,
     Unknown,
 }
 
+/// The jobs one miner was sent, oldest first.
 #[derive(Debug)]
 pub struct JobBook {
-    /// The difficulty for jobs notified from now on.
-    difficulty: f64,
-    /// Oldest first.
-    jobs: VecDeque<Job>,
+    ids: JobIds,
+    sent: VecDeque<Sent>,
+    /// Pool ids that left the book (passthrough only).
     retired: VecDeque<Box<str>>,
-}
-
-impl Default for JobBook {
-    fn default() -> Self {
-        Self { difficulty: DEFAULT_DIFFICULTY, jobs: VecDeque::new(), retired: VecDeque::new() }
-    }
+    /// The newest proxy job number ever sent, to tell a stale proxy id from one never issued.
+    newest_seq: u64,
 }
 
 impl JobBook {
-    pub fn set_difficulty(&mut self, difficulty: f64) {
-        self.difficulty = difficulty;
+    pub fn new(ids: JobIds) -> Self {
+        Self { ids, sent: VecDeque::new(), retired: VecDeque::new(), newest_seq: 0 }
     }
 
-    pub fn difficulty(&self) -> f64 {
-        self.difficulty
-    }
-
-    pub fn on_notify(&mut self, notify: Notify) {
-        if notify.clean_jobs {
-            while let Some(job) = self.jobs.pop_front() {
-                self.retire(job);
+    /// Enters `job`, sent at `difficulty`; a `clean` job retires every earlier one. Returns the
+    /// id the miner sees it under.
+    pub fn push(&mut self, job: Arc<Job>, difficulty: f64, clean: bool) -> JobId {
+        if clean {
+            while let Some(old) = self.sent.pop_front() {
+                self.retire(old);
             }
         }
-        if let Some(i) = self.jobs.iter().position(|j| j.notify.job_id == notify.job_id) {
-            self.jobs.remove(i);
-        }
-        if self.jobs.len() == MAX_JOBS {
-            let oldest = self.jobs.pop_front().expect("the book is full");
+        let tag = match self.ids {
+            JobIds::Pool => {
+                // A pool that sends one id again replaces the job.
+                if let Some(i) = self.sent.iter().position(|s| s.job.upstream_id == job.upstream_id) {
+                    self.sent.remove(i);
+                }
+                self.retired.retain(|id| *id != job.upstream_id);
+                0
+            }
+            JobIds::Proxy => match self.sent.back() {
+                Some(s) if s.job.seq == job.seq => s.tag.wrapping_add(1),
+                _ => 0,
+            },
+        };
+        self.sent.retain(|s| !(s.job.seq == job.seq && s.tag == tag));
+        if self.sent.len() == MAX_JOBS {
+            let oldest = self.sent.pop_front().expect("the book is full");
             self.retire(oldest);
         }
-        self.retired.retain(|id| **id != *notify.job_id);
-        let difficulty = self.difficulty;
-        self.jobs.push_back(Job {
-            notify,
-            difficulty,
-            target: target_from_difficulty(difficulty),
-            seen: HashSet::new(),
-        });
+        self.newest_seq = self.newest_seq.max(job.seq);
+        let id = self.id_of(&job, tag);
+        self.sent.push_back(Sent { job, tag, difficulty, seen: None });
+        id
     }
 
-    fn retire(&mut self, job: Job) {
-        if self.retired.len() == MAX_RETIRED {
-            self.retired.pop_front();
+    fn id_of(&self, job: &Job, tag: u8) -> JobId {
+        match self.ids {
+            JobIds::Pool => JobId::Pool(job.upstream_id.clone()),
+            JobIds::Proxy => JobId::Proxy(job.seq << 8 | u64::from(tag)),
         }
-        self.retired.push_back(job.notify.job_id.into_boxed_str());
     }
 
-    pub fn lookup(&mut self, job_id: &str) -> Lookup<'_> {
-        if let Some(job) = self.jobs.iter_mut().rev().find(|j| j.notify.job_id == job_id) {
-            return Lookup::Live(job);
+    fn retire(&mut self, sent: Sent) {
+        if self.ids == JobIds::Pool {
+            if self.retired.len() == MAX_RETIRED {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(sent.job.upstream_id.clone());
         }
-        if self.retired.iter().any(|id| **id == *job_id) {
-            Lookup::Stale
-        } else {
-            Lookup::Unknown
+    }
+
+    /// Retires the jobs that `keep` refuses (those of an ended pool session).
+    pub fn retain(&mut self, keep: impl Fn(&Job) -> bool) {
+        let (kept, gone): (VecDeque<_>, VecDeque<_>) = self.sent.drain(..).partition(|s| keep(&s.job));
+        self.sent = kept;
+        for sent in gone {
+            self.retire(sent);
         }
+    }
+
+    pub fn lookup(&self, id: &str) -> Lookup {
+        match self.ids {
+            JobIds::Pool => {
+                if let Some(i) = self.sent.iter().rposition(|s| *s.job.upstream_id == *id) {
+                    Lookup::Live(i)
+                } else if self.retired.iter().any(|r| **r == *id) {
+                    Lookup::Stale
+                } else {
+                    Lookup::Unknown
+                }
+            }
+            JobIds::Proxy => {
+                let Some((seq, tag)) = parse_proxy_id(id) else { return Lookup::Unknown };
+                if let Some(i) = self.sent.iter().rposition(|s| s.job.seq == seq && s.tag == tag) {
+                    Lookup::Live(i)
+                } else if seq <= self.newest_seq && seq > 0 {
+                    Lookup::Stale
+                } else {
+                    Lookup::Unknown
+                }
+            }
+        }
+    }
+
+    pub fn sent(&self, index: usize) -> &Sent {
+        &self.sent[index]
+    }
+
+    /// A share with `key` was taken on this job, under any id.
+    pub fn is_duplicate(&self, index: usize, key: &ShareKey) -> bool {
+        let seq = self.sent[index].job.seq;
+        self.sent.iter().any(|s| s.job.seq == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(key)))
+    }
+
+    /// Records a share that passed; the set is freed with its entry.
+    pub fn remember(&mut self, index: usize, key: ShareKey) {
+        self.sent[index].seen.get_or_insert_with(Default::default).insert(key);
+    }
+
+    pub fn newest(&self) -> Option<&Sent> {
+        self.sent.back()
     }
 
     pub fn len(&self) -> usize {
-        self.jobs.len()
+        self.sent.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
+        self.sent.is_empty()
     }
+}
+
+/// The id a miner sees a job under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobId {
+    Pool(Box<str>),
+    Proxy(u64),
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobId::Pool(id) => f.write_str(id),
+            JobId::Proxy(n) => write!(f, "{n:x}"),
+        }
+    }
+}
+
+fn parse_proxy_id(id: &str) -> Option<(u64, u8)> {
+    if id.is_empty() || id.len() > 16 {
+        return None;
+    }
+    let n = u64::from_str_radix(id, 16).ok()?;
+    Some((n >> 8, n as u8))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn notify(id: &str, clean: bool) -> Notify {
-        Notify {
+    fn job(seq: u64, id: &str) -> Arc<Job> {
+        let notify = Notify {
             job_id: id.into(),
             prevhash: [0; 32],
             coinb1: vec![],
@@ -175,28 +310,26 @@ mod tests {
             version: 0x2000_0000,
             nbits: 0x1d00_ffff,
             ntime: 0,
-            clean_jobs: clean,
-        }
+            clean_jobs: false,
+        };
+        Arc::new(Job::new(seq, 1, notify, &[], 4, 0, 1.0))
     }
 
-    fn difficulty(b: &mut JobBook, id: &str) -> Option<f64> {
+    fn difficulty(b: &JobBook, id: &str) -> Option<f64> {
         match b.lookup(id) {
-            Lookup::Live(j) => Some(j.difficulty),
+            Lookup::Live(i) => Some(b.sent(i).difficulty),
             _ => None,
         }
     }
 
     #[test]
-    fn difficulty_is_bound_to_the_job() {
-        let mut b = JobBook::default();
-        b.on_notify(notify("a", true));
-        assert_eq!(difficulty(&mut b, "a"), Some(1.0));
-        b.set_difficulty(2.0);
-        assert_eq!(difficulty(&mut b, "a"), Some(1.0));
-        b.on_notify(notify("b", false));
-        assert_eq!(difficulty(&mut b, "a"), Some(1.0));
-        assert_eq!(difficulty(&mut b, "b"), Some(2.0));
-        b.on_notify(notify("c", true));
+    fn difficulty_is_bound_to_the_id() {
+        let mut b = JobBook::new(JobIds::Pool);
+        b.push(job(1, "a"), 1.0, true);
+        b.push(job(2, "b"), 2.0, false);
+        assert_eq!(difficulty(&b, "a"), Some(1.0));
+        assert_eq!(difficulty(&b, "b"), Some(2.0));
+        b.push(job(3, "c"), 2.0, true);
         assert!(matches!(b.lookup("a"), Lookup::Stale));
         assert!(matches!(b.lookup("b"), Lookup::Stale));
         assert!(matches!(b.lookup("c"), Lookup::Live(_)));
@@ -205,31 +338,88 @@ mod tests {
 
     #[test]
     fn bounded() {
-        let mut b = JobBook::default();
-        for i in 0..100 {
-            b.on_notify(notify(&i.to_string(), false));
+        for ids in [JobIds::Pool, JobIds::Proxy] {
+            let mut b = JobBook::new(ids);
+            let mut issued = Vec::new();
+            for i in 1..=100 {
+                issued.push(b.push(job(i, &i.to_string()), 1.0, false).to_string());
+            }
+            assert_eq!(b.len(), MAX_JOBS);
+            assert!(matches!(b.lookup(&issued[99]), Lookup::Live(_)));
+            assert!(matches!(b.lookup(&issued[100 - MAX_JOBS]), Lookup::Live(_)));
+            assert!(matches!(b.lookup(&issued[99 - MAX_JOBS]), Lookup::Stale));
         }
-        assert_eq!(b.len(), MAX_JOBS);
-        assert_eq!(b.retired.len(), 84.min(MAX_RETIRED));
-        assert!(matches!(b.lookup("99"), Lookup::Live(_)));
-        assert!(matches!(b.lookup("83"), Lookup::Stale));
-        assert!(matches!(b.lookup("84"), Lookup::Live(_)));
+        let mut b = JobBook::new(JobIds::Pool);
+        for i in 1..=100 {
+            b.push(job(i, &i.to_string()), 1.0, false);
+        }
+        assert_eq!(b.retired.len(), MAX_RETIRED);
+        assert!(matches!(b.lookup("1"), Lookup::Unknown), "forgotten past the retired list");
     }
 
     #[test]
-    fn duplicates_are_per_job_and_freed_with_it() {
-        let mut b = JobBook::default();
-        b.on_notify(notify("a", true));
+    fn proxy_ids_count_re_sends_and_share_duplicates() {
+        let mut b = JobBook::new(JobIds::Proxy);
+        let j = job(7, "up");
+        assert_eq!(b.push(j.clone(), 1.0, true), JobId::Proxy(0x700));
+        assert_eq!(b.push(j.clone(), 2.0, false), JobId::Proxy(0x701));
+        assert_eq!(difficulty(&b, "700"), Some(1.0));
+        assert_eq!(difficulty(&b, "701"), Some(2.0));
         let key = ShareKey::new(&[1, 2], &[0, 0, 0, 1], 5, 6, 7);
-        let Lookup::Live(job) = b.lookup("a") else { panic!() };
-        assert!(!job.is_duplicate(&key));
-        job.remember(key);
-        assert!(job.is_duplicate(&key));
-        assert!(!job.is_duplicate(&ShareKey::new(&[1, 2], &[0, 0, 0, 2], 5, 6, 7)));
+        let Lookup::Live(first) = b.lookup("700") else { panic!() };
+        b.remember(first, key);
+        let Lookup::Live(second) = b.lookup("701") else { panic!() };
+        assert!(b.is_duplicate(second, &key), "one job under two ids is one job");
+        assert!(!b.is_duplicate(second, &ShareKey::new(&[1, 2], &[0, 0, 0, 2], 5, 6, 7)));
         // Same bytes split differently between the extranonces is another share.
-        assert!(!job.is_duplicate(&ShareKey::new(&[1], &[2, 0, 0, 0, 1], 5, 6, 7)));
-        b.on_notify(notify("a", true));
-        let Lookup::Live(job) = b.lookup("a") else { panic!() };
-        assert!(!job.is_duplicate(&key));
+        assert!(!b.is_duplicate(second, &ShareKey::new(&[1], &[2, 0, 0, 0, 1], 5, 6, 7)));
+        assert!(matches!(b.lookup("600"), Lookup::Stale), "an older number");
+        assert!(matches!(b.lookup("800"), Lookup::Unknown), "never issued");
+        assert!(matches!(b.lookup("not hex"), Lookup::Unknown));
+        b.retain(|j| j.epoch != 1);
+        assert!(matches!(b.lookup("701"), Lookup::Stale));
+    }
+
+    #[test]
+    fn proxy_ids_round_trip() {
+        for (seq, tag) in [(1, 0), (0x00ab_cdef, 7), (u64::MAX >> 8, 255)] {
+            assert_eq!(parse_proxy_id(&JobId::Proxy(seq << 8 | tag as u64).to_string()), Some((seq, tag)));
+        }
+        assert_eq!(parse_proxy_id(""), None);
+        assert_eq!(parse_proxy_id("xyz"), None);
+        assert_eq!(parse_proxy_id("11112222333344445"), None);
+    }
+
+    #[test]
+    fn a_pool_id_sent_again_replaces_its_job() {
+        let mut b = JobBook::new(JobIds::Pool);
+        b.push(job(1, "a"), 1.0, true);
+        let key = ShareKey::new(&[1, 2], &[0, 0, 0, 1], 5, 6, 7);
+        let Lookup::Live(i) = b.lookup("a") else { panic!() };
+        b.remember(i, key);
+        b.push(job(2, "a"), 1.0, false);
+        assert_eq!(b.len(), 1);
+        let Lookup::Live(i) = b.lookup("a") else { panic!() };
+        assert!(!b.is_duplicate(i, &key));
+    }
+
+    #[test]
+    fn jobs_carry_the_hidden_extranonce1_and_padding() {
+        let n = Notify {
+            job_id: "up".into(),
+            prevhash: [0; 32],
+            coinb1: vec![1],
+            coinb2: vec![2],
+            merkle_branch: vec![],
+            version: 1,
+            nbits: 1,
+            ntime: 1,
+            clean_jobs: true,
+        };
+        let j = Job::new(1, 1, n, &[0xe1, 0xe2], 2, 3, 4.0);
+        assert_eq!(j.notify.coinb1, [1, 0xe1, 0xe2]);
+        assert_eq!(j.notify.coinb2, [0, 0, 0, 2]);
+        assert_eq!(&*j.upstream_id, "up");
+        assert!(j.notify.job_id.is_empty());
     }
 }

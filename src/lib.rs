@@ -36,6 +36,8 @@ pub mod hashrate;
 pub mod jobs;
 pub mod logging;
 pub mod metrics;
+pub mod passthrough;
+pub mod pool_session;
 pub mod prefix;
 pub mod protocol;
 pub mod proxy_protocol;

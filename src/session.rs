@@ -1,87 +1,57 @@
-//! The sans-IO state machine of one passthrough session: a miner line or a pool line goes in;
-//! bytes for the miner, bytes for the pool and events come out. Sockets, timers and metrics of
-//! share outcomes live around it, in [`connection`](crate::connection).
+//! The miner side, in both modes: the sans-IO session of one miner connection. A miner line (or
+//! news from its pool side) goes in; bytes for the miner, requests for the pool side and events
+//! come out. Sockets, timers and accounting live around it.
 //!
-//! Every miner request is relayed upstream under the proxy's own id, so that replies always
-//! correlate, and every request that expects a reply gets exactly one: the pool's, or an error
-//! when the pool goes away or the proxy shuts down.
+//! What the mode decides is the session's [`Policy`]:
+//! - **Relay** (passthrough): the miner's subscribe, authorize, configure and other requests are
+//!   its own pool session's, and the pool's replies answer them; the pool's difficulty, job ids
+//!   and extranonce1 are the miner's; every share that passes the local checks goes to the pool,
+//!   whose verdict answers it.
+//! - **Local** (aggregate mode): the session answers the miner itself; the difficulty is its
+//!   vardiff's (never above the pool's); the extranonce1 is the miner's prefix; the job ids are
+//!   the proxy's; a share is answered at once, and goes to the pool when it meets the pool's
+//!   difficulty.
+//!
+//! Both judge shares the same way, against the same [`JobBook`].
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::counter;
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::auth::{AuthManager, Rewrite};
-use crate::config::PoolConfig;
-use crate::jobs::{JobBook, Lookup};
+use crate::aggregate::Work;
+use crate::jobs::{Job, JobBook, JobIds, Lookup};
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
-use crate::protocol::pool::{self, PoolMessage};
-use crate::protocol::{code, verdict, write, Id};
+use crate::protocol::pool::MAX_EXTRANONCE2_SIZE;
+use crate::protocol::{code, parse_hex_u32, write, Id};
 use crate::registry::{CloseReason, Phase};
-use crate::submissions::{self, LocalReject, PoolVerdict, RejectReason, ShareContext, ValidShare};
+use crate::share::{meets, target_from_difficulty};
+use crate::submissions::{self, JobTarget, LocalReject, PoolVerdict, RejectReason, ShareContext, ValidShare};
+use crate::vardiff::{Vardiff, VardiffConfig};
 
-/// Requests in flight to the pool per session. A miner past it gets an error at once, so a
-/// silent pool cannot make the pending map grow.
+/// Requests in flight to the pool per passthrough session. A miner past it gets an error at
+/// once, so a silent pool cannot make the pending map grow.
 pub const MAX_IN_FLIGHT: usize = 256;
-
+/// Workers one connection may authorize.
+const MAX_CONNECTION_WORKERS: usize = 16;
 /// Consecutive malformed lines that close the connection.
 const MALFORMED_STREAK_CLOSE: u8 = 2;
-
-/// The first step of every miner line, in either mode: parse it, count it, and answer a
-/// malformed one, closing on the second in a row.
-#[derive(Debug, Default)]
-pub struct MinerInput {
-    malformed_streak: u8,
-}
-
-impl MinerInput {
-    /// The request in `line`, if it is one. A reply (a line without a method) is ignored; a
-    /// malformed line gets error 20, with its id when that could be read.
-    pub fn parse<'a>(
-        &mut self,
-        line: &'a [u8],
-        to_miner: &mut Vec<u8>,
-        events: &mut Vec<Event>,
-    ) -> Option<miner::Request<'a>> {
-        match miner::parse(line) {
-            Ok(MinerMessage::Request(request)) => {
-                self.malformed_streak = 0;
-                let method = m::method_label(&request.method);
-                counter!(m::MESSAGES, "method" => method, "direction" => "from_miner").increment(1);
-                Some(request)
-            }
-            Ok(MinerMessage::Response { .. }) => None,
-            Err(e) => {
-                counter!(m::MALFORMED, "source" => "miner").increment(1);
-                write::error(to_miner, &e.id.unwrap_or_else(Id::null), code::OTHER, &e.kind.to_string());
-                self.malformed_streak += 1;
-                if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
-                    events.push(Event::Close(CloseReason::Malformed));
-                }
-                None
-            }
-        }
-    }
-}
 
 pub const VERSION: &str = concat!("loka-stratum/", env!("CARGO_PKG_VERSION"));
 
 /// Something the session's driver has to act on besides moving bytes.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A share passed the proxy's checks (in passthrough mode it is forwarded next).
+    /// A share passed the proxy's checks.
     ShareValid(ValidShare),
     /// The proxy's checks refused a share; the miner got an error.
     ShareRefused(RejectReason),
-    /// A share was sent to the pool.
-    ShareForwarded,
     /// The pool's verdict on a forwarded share, with the time to its reply if it came.
-    PoolVerdict(PoolVerdict, Option<Duration>),
-    /// The pool accepted an authorize for this worker (the name the miner uses).
+    PoolVerdict(PoolVerdict, Option<std::time::Duration>),
+    /// A worker was authorized (the name the miner uses).
     Authorized(String),
     Difficulty(f64),
     /// The pool broke the protocol (a job, difficulty or reply it could not have meant): it is
@@ -96,11 +66,57 @@ pub enum Event {
     Close(CloseReason),
 }
 
-/// What one step produced. The driver writes the buffers out and handles the events, then clears it.
+/// What the session asks of its pool side.
+#[derive(Debug)]
+pub enum Up {
+    /// A share for the pool.
+    Share(Forward),
+    /// Authorize this worker upstream: always in passthrough, with `worker_passthrough` in
+    /// aggregate mode. The answer comes back through [`MinerSession::authorized`] (and, relayed,
+    /// as the pool's own reply).
+    Authorize { id: Id, user: String, password: String },
+    /// Passthrough: a request relayed as the miner sent it, answered by the pool's reply.
+    Relay { id: Id, kind: Relayed, method: Box<str>, params: Option<Box<RawValue>> },
+}
+
+/// What a relayed request is, for the pool side to learn from its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    Subscribe,
+    Configure,
+    Other,
+}
+
+/// A share that passed the local checks, ready to submit.
+#[derive(Debug)]
+pub struct Forward {
+    pub job: Arc<Job>,
+    /// The worker it was submitted under; `None` submits as the pool's user (aggregate mode
+    /// without `worker_passthrough`).
+    pub worker: Option<Arc<str>>,
+    /// The pool's extranonce2: the miner's prefix (if any) ‖ its extranonce2 ‖ padding.
+    extranonce2: [u8; MAX_EXTRANONCE2_SIZE],
+    extranonce2_len: u8,
+    pub ntime: u32,
+    pub nonce: u32,
+    pub version_bits: Option<u32>,
+    /// The miner's request, when the pool's verdict answers it (passthrough).
+    pub reply_to: Option<Id>,
+}
+
+impl Forward {
+    pub fn extranonce2(&self) -> &[u8] {
+        &self.extranonce2[..usize::from(self.extranonce2_len)]
+    }
+}
+
+/// What one step produced. The driver writes the buffers out and handles the rest, then clears it.
 #[derive(Debug, Default)]
 pub struct Output {
     pub to_miner: Vec<u8>,
+    /// Bytes for the pool (passthrough's pool session writes here).
     pub to_pool: Vec<u8>,
+    pub up: Vec<Up>,
     pub events: Vec<Event>,
 }
 
@@ -108,6 +124,7 @@ impl Output {
     pub fn clear(&mut self) {
         self.to_miner.clear();
         self.to_pool.clear();
+        self.up.clear();
         self.events.clear();
     }
 
@@ -119,348 +136,451 @@ impl Output {
     }
 }
 
+/// Where a session's difficulty, answers and extranonce1 come from.
 #[derive(Debug)]
-enum Pending {
-    Subscribe,
-    Authorize { miner_user: String },
-    Configure,
-    Submit,
-    Other,
+pub enum Policy {
+    /// Passthrough: the pool's.
+    Relay,
+    /// Aggregate mode: the proxy's.
+    Local(Local),
+}
+
+/// Aggregate mode's part of a session.
+#[derive(Debug)]
+pub struct Local {
+    vardiff: Vardiff,
+    /// The group's work as of the last step.
+    work: Arc<Work>,
+    /// Workers are authorized upstream under their own names.
+    worker_passthrough: bool,
+    /// The mask the miner asked for in `mining.configure`.
+    requested_mask: Option<u32>,
+    extranonce_subscribed: bool,
 }
 
 #[derive(Debug)]
-struct InFlight {
-    /// The miner's id; `None` for a notification, whose reply is not passed on.
-    miner_id: Option<Id>,
-    kind: Pending,
-    sent_at: Instant,
+struct Worker {
+    name: Box<str>,
+    /// Submitted under its own name upstream (passthrough, `worker_passthrough`).
+    upstream: Option<Arc<str>>,
 }
 
-/// One miner's session with its own upstream pool session.
+/// One miner connection's session.
 #[derive(Debug)]
-pub struct Session {
-    auth: Arc<AuthManager>,
-    /// The credential rewrite in force when the session began.
-    rewrite: Arc<Rewrite>,
-    pool: Arc<PoolConfig>,
-    /// The miner's address, for the auth backoff.
-    peer: IpAddr,
-    /// When the pool last sent a job.
-    last_notify: Option<Instant>,
+pub struct MinerSession {
+    policy: Policy,
+    malformed_streak: u8,
     subscribed: bool,
-    next_id: u64,
-    pending: HashMap<u64, InFlight>,
-    jobs: JobBook,
-    /// Workers the pool accepted on this connection.
-    workers: Vec<String>,
-    extranonce1: Vec<u8>,
-    extranonce2_size: usize,
-    version_mask: Option<u32>,
-    input: MinerInput,
+    workers: Vec<Worker>,
+    /// The extranonce1 the miner works with: the pool's, or its prefix.
+    extranonce1: Box<[u8]>,
+    en2_size: usize,
+    /// The version-rolling mask the miner was granted.
+    mask: Option<u32>,
+    /// The difficulty the miner was last told.
+    sent_difficulty: Option<f64>,
+    book: JobBook,
 }
 
-impl Session {
-    pub fn new(auth: Arc<AuthManager>, pool: Arc<PoolConfig>, peer: IpAddr) -> Self {
+impl MinerSession {
+    /// A passthrough session: everything it is told comes from its pool session.
+    pub fn relay() -> Self {
+        Self::new(Policy::Relay, Box::default(), 0, JobIds::Pool)
+    }
+
+    /// An aggregated miner's session, with its prefix as extranonce1 and the group's work.
+    pub fn local(
+        prefix: Vec<u8>,
+        work: Arc<Work>,
+        vardiff: VardiffConfig,
+        worker_passthrough: bool,
+        now: Instant,
+    ) -> Self {
+        let en2_size = work.en2_size;
+        let local = Local {
+            vardiff: Vardiff::new(vardiff, now),
+            work,
+            worker_passthrough,
+            requested_mask: None,
+            extranonce_subscribed: false,
+        };
+        Self::new(Policy::Local(local), prefix.into_boxed_slice(), en2_size, JobIds::Proxy)
+    }
+
+    fn new(policy: Policy, extranonce1: Box<[u8]>, en2_size: usize, ids: JobIds) -> Self {
         Self {
-            rewrite: auth.rewrite(),
-            auth,
-            pool,
-            peer,
-            last_notify: None,
+            policy,
+            malformed_streak: 0,
             subscribed: false,
-            next_id: 1,
-            pending: HashMap::new(),
-            jobs: JobBook::default(),
             workers: Vec::new(),
-            extranonce1: Vec::new(),
-            extranonce2_size: 0,
-            version_mask: None,
-            input: MinerInput::default(),
+            extranonce1,
+            en2_size,
+            mask: None,
+            sent_difficulty: None,
+            book: JobBook::new(ids),
         }
     }
 
-    /// Subscribed once the pool accepted a subscribe; authorized once it also accepted a worker.
+    /// Subscribed once the subscribe was answered; authorized once a worker also was.
     pub fn phase(&self) -> Phase {
         Phase::of(self.subscribed, !self.workers.is_empty())
     }
 
     pub fn extranonce(&self) -> (&[u8], usize) {
-        (&self.extranonce1, self.extranonce2_size)
+        (&self.extranonce1, self.en2_size)
     }
 
     pub fn version_mask(&self) -> Option<u32> {
-        self.version_mask
+        self.mask
     }
 
-    pub fn difficulty(&self) -> f64 {
-        self.jobs.difficulty()
+    /// The difficulty the miner was last told, if any.
+    pub fn difficulty(&self) -> Option<f64> {
+        self.sent_difficulty
     }
 
-    /// When the pool last sent a job, if it has.
-    pub fn last_notify(&self) -> Option<Instant> {
-        self.last_notify
+    /// The group's work (aggregate mode).
+    pub fn work(&self) -> Option<&Arc<Work>> {
+        match &self.policy {
+            Policy::Local(local) => Some(&local.work),
+            Policy::Relay => None,
+        }
     }
 
-    /// Requests relayed upstream that still wait for the pool's reply.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
+    /// When the vardiff wants its next look (aggregate mode).
+    pub fn next_check(&self) -> Option<Instant> {
+        match &self.policy {
+            Policy::Local(local) => Some(local.vardiff.next_check()),
+            Policy::Relay => None,
+        }
+    }
+
+    /// The request in `line`, if it is one, counted. A reply (a line without a method) is
+    /// ignored; a malformed line gets error 20, with its id when that could be read, and the
+    /// second in a row closes the connection.
+    fn parse<'a>(&mut self, line: &'a [u8], out: &mut Output) -> Option<miner::Request<'a>> {
+        match miner::parse(line) {
+            Ok(MinerMessage::Request(request)) => {
+                self.malformed_streak = 0;
+                let method = m::method_label(&request.method);
+                counter!(m::MESSAGES, "method" => method, "direction" => "from_miner").increment(1);
+                Some(request)
+            }
+            Ok(MinerMessage::Response { .. }) => None,
+            Err(e) => {
+                counter!(m::MALFORMED, "source" => "miner").increment(1);
+                write::error(&mut out.to_miner, &e.id.unwrap_or_else(Id::null), code::OTHER, &e.kind.to_string());
+                self.malformed_streak += 1;
+                if self.malformed_streak >= MALFORMED_STREAK_CLOSE {
+                    out.events.push(Event::Close(CloseReason::Malformed));
+                }
+                None
+            }
+        }
+    }
+
+    /// Answers a request in `line` with `message` instead of handling it (the pool side is full).
+    pub fn refuse_line(&mut self, line: &[u8], message: &str, out: &mut Output) {
+        if let Some(request) = self.parse(line, out) {
+            reply_error(out, &request.id, code::OTHER, message);
+        }
     }
 
     /// One line from the miner.
     pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
-        let Some(request) = self.input.parse(line, &mut out.to_miner, &mut out.events) else { return };
-
-        if self.pending.len() >= MAX_IN_FLIGHT {
-            if let Some(id) = (!request.id.is_null()).then_some(&request.id) {
-                write::error(&mut out.to_miner, id, code::OTHER, "too many requests in flight");
-            }
-            return;
-        }
-        let miner_id = (!request.id.is_null()).then(|| request.id.clone());
-        if let Call::Submit(submit) = &request.call {
-            match self.judge(submit) {
-                Ok(valid) => out.events.push(Event::ShareValid(valid)),
-                Err(reject) => {
-                    // Refused here, answered at once, and never sent to the pool.
-                    if let Some(id) = &miner_id {
-                        write::error(&mut out.to_miner, id, reject.code, &reject.message);
-                    }
-                    out.events.push(Event::ShareRefused(reject.reason));
-                    return;
-                }
-            }
-        }
-        let upstream_id = self.next_id;
-        self.next_id += 1;
-        let kind = match request.call {
-            Call::Subscribe { .. } => Pending::Subscribe,
-            Call::Authorize { user, password } => {
-                if let Some(message) = self.auth.refusal(self.peer, now) {
-                    if let Some(id) = &miner_id {
-                        write::error(&mut out.to_miner, id, code::UNAUTHORIZED, &message);
-                    }
-                    return;
-                }
-                let creds = self.rewrite.credentials(&user, &password, &self.pool);
-                write::request(&mut out.to_pool, upstream_id, miner::AUTHORIZE, &[&creds.user, &creds.password]);
-                self.track(upstream_id, miner_id, Pending::Authorize { miner_user: user }, now);
-                return;
-            }
-            Call::Configure(_) => Pending::Configure,
-            Call::Submit(s) => {
-                if self.rewrite.rewrites() {
-                    let worker = self.rewrite.upstream_user(&s.worker, &self.pool);
-                    let mut params = vec![&worker, &s.job_id, &s.extranonce2, &s.ntime, &s.nonce];
-                    params.extend(s.version_bits.as_ref());
-                    write::request(&mut out.to_pool, upstream_id, miner::SUBMIT, &params);
-                    self.track(upstream_id, miner_id, Pending::Submit, now);
-                    out.events.push(Event::ShareForwarded);
-                    return;
-                }
-                out.events.push(Event::ShareForwarded);
-                Pending::Submit
-            }
-            Call::ExtranonceSubscribe | Call::SuggestDifficulty(_) | Call::Unknown => Pending::Other,
+        let Some(request) = self.parse(line, out) else { return };
+        let id = request.id;
+        let relay = |out: &mut Output, kind| {
+            let params = request.params.map(|p| p.to_owned());
+            out.up.push(Up::Relay { id: id.clone(), kind, method: request.method.as_ref().into(), params });
         };
-        write::request_raw(&mut out.to_pool, upstream_id, &request.method, request.params);
-        self.track(upstream_id, miner_id, kind, now);
+        match (request.call, &mut self.policy) {
+            (Call::Submit(submit), _) => self.submit(id, &submit, now, out),
+            (Call::Authorize { user, password }, _) => {
+                if self.workers.iter().any(|w| *w.name == user) && matches!(self.policy, Policy::Local(_)) {
+                    reply(out, &id, &true);
+                } else if self.workers.len() >= MAX_CONNECTION_WORKERS {
+                    reply_error(out, &id, code::OTHER, "too many workers on this connection");
+                } else if matches!(&self.policy, Policy::Local(l) if !l.worker_passthrough) {
+                    reply(out, &id, &true);
+                    self.authorized(user, out);
+                } else {
+                    out.up.push(Up::Authorize { id, user, password });
+                }
+            }
+            (Call::Subscribe { .. }, Policy::Relay) => relay(out, Relayed::Subscribe),
+            (Call::Configure(_), Policy::Relay) => relay(out, Relayed::Configure),
+            (Call::ExtranonceSubscribe | Call::SuggestDifficulty(_) | Call::Unknown, Policy::Relay) => {
+                relay(out, Relayed::Other)
+            }
+            (Call::Subscribe { .. }, Policy::Local(local)) => {
+                self.subscribed = true;
+                self.en2_size = local.work.en2_size;
+                let sid = hex::encode(&self.extranonce1);
+                let subscriptions = json!([["mining.set_difficulty", sid], ["mining.notify", sid]]);
+                reply(out, &id, &json!([subscriptions, sid, self.en2_size]));
+                self.send_job(true, now, out);
+            }
+            (Call::Configure(c), Policy::Local(local)) => {
+                let mut result = serde_json::Map::new();
+                for extension in &c.extensions {
+                    if extension == "version-rolling" {
+                        let requested = c.version_rolling_mask.unwrap_or(u32::MAX);
+                        local.requested_mask = Some(requested);
+                        let mask = requested & local.work.pool_mask();
+                        self.mask = Some(mask);
+                        result.insert("version-rolling".into(), true.into());
+                        result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                    } else {
+                        result.insert(extension.clone(), false.into());
+                    }
+                }
+                reply(out, &id, &result);
+            }
+            (Call::ExtranonceSubscribe, Policy::Local(local)) => {
+                local.extranonce_subscribed = true;
+                reply(out, &id, &true);
+            }
+            (Call::SuggestDifficulty(d), Policy::Local(local)) => {
+                local.vardiff.suggest(d, now);
+                reply(out, &id, &true);
+                self.retarget(now, out);
+            }
+            (Call::Unknown, Policy::Local(_)) => reply_error(out, &id, code::OTHER, "unsupported method"),
+        }
     }
 
-    /// The local checks, in order: subscribed, an authorized worker, a known job, then the share
-    /// itself.
-    fn judge(&mut self, submit: &Submit) -> Result<ValidShare, LocalReject> {
+    /// A worker the pool side (or, in aggregate mode without `worker_passthrough`, the proxy)
+    /// accepted. In aggregate mode the miner is answered here; in passthrough the pool's reply
+    /// was relayed.
+    pub fn authorized(&mut self, user: String, out: &mut Output) {
+        if self.workers.iter().any(|w| *w.name == *user) {
+            return;
+        }
+        let upstream = match &self.policy {
+            Policy::Local(local) if !local.worker_passthrough => None,
+            _ => Some(Arc::from(user.as_str())),
+        };
+        self.workers.reserve_exact(1);
+        self.workers.push(Worker { name: user.clone().into_boxed_str(), upstream });
+        out.events.push(Event::Authorized(user));
+    }
+
+    /// The pool side's answer to an [`Up::Authorize`] in aggregate mode.
+    pub fn on_authorize_answer(&mut self, id: &Id, user: String, ok: bool, out: &mut Output) {
+        if ok {
+            reply(out, id, &true);
+            self.authorized(user, out);
+        } else {
+            reply_error(out, id, code::UNAUTHORIZED, "Unauthorized worker");
+        }
+    }
+
+    /// Passthrough: the pool accepted the miner's subscribe.
+    pub fn subscribed(&mut self, extranonce1: &[u8], extranonce2_size: usize) {
+        self.set_extranonce(extranonce1, extranonce2_size);
+        self.subscribed = true;
+    }
+
+    /// Passthrough: the pool's extranonce, from its subscribe reply or `mining.set_extranonce`.
+    pub fn set_extranonce(&mut self, extranonce1: &[u8], extranonce2_size: usize) {
+        self.extranonce1 = extranonce1.into();
+        self.en2_size = extranonce2_size;
+    }
+
+    /// Passthrough: the mask the pool granted (relayed to the miner as it came).
+    pub fn set_version_mask(&mut self, mask: Option<u32>) {
+        self.mask = mask;
+    }
+
+    /// Passthrough: the pool's difficulty, relayed as it came; it applies from the next job.
+    pub fn set_difficulty(&mut self, difficulty: f64, out: &mut Output) {
+        self.sent_difficulty = Some(difficulty);
+        out.events.push(Event::Difficulty(difficulty));
+    }
+
+    /// Passthrough: a job from the pool, relayed as it came, at the pool's difficulty.
+    pub fn on_job(&mut self, job: Arc<Job>, clean: bool) {
+        let difficulty = job.upstream_difficulty;
+        self.book.push(job, difficulty, clean);
+    }
+
+    /// Aggregate mode: the group's work changed (a job, a pool switch, a mask or an extranonce
+    /// change).
+    pub fn on_work(&mut self, work: Arc<Work>, now: Instant, out: &mut Output) {
+        let Policy::Local(local) = &mut self.policy else { return };
+        let epoch_changed = work.epoch != local.work.epoch;
+        local.work = work;
+        if epoch_changed {
+            // Jobs of an ended pool session are stale from now on.
+            let epoch = local.work.epoch;
+            self.book.retain(|job| job.epoch == epoch);
+        }
+        if !self.subscribed {
+            self.en2_size = local.work.en2_size;
+            return;
+        }
+        if local.work.en2_size != self.en2_size {
+            if !local.extranonce_subscribed {
+                // The miner cannot be told its new extranonce2 size: it must subscribe again.
+                write::notification(&mut out.to_miner, "client.reconnect", &json!([]));
+                out.events.push(Event::Close(CloseReason::PoolReconnect));
+                return;
+            }
+            self.en2_size = local.work.en2_size;
+            let params = json!([hex::encode(&self.extranonce1), self.en2_size]);
+            write::notification(&mut out.to_miner, "mining.set_extranonce", &params);
+        }
+        if let Some(requested) = local.requested_mask {
+            let mask = requested & local.work.pool_mask();
+            if Some(mask) != self.mask {
+                self.mask = Some(mask);
+                write::notification(&mut out.to_miner, "mining.set_version_mask", &[format!("{mask:08x}")]);
+            }
+        }
+        let last_sent = self.book.newest().map(|s| s.job.seq);
+        if let Some(newest) = local.work.newest() {
+            if last_sent.is_none_or(|s| newest.seq > s) || epoch_changed {
+                let after = last_sent.unwrap_or(0);
+                let clean = epoch_changed || local.work.jobs.iter().any(|j| j.seq > after && j.notify.clean_jobs);
+                self.send_job(clean, now, out);
+            }
+        }
+    }
+
+    /// Aggregate mode: the vardiff's timer.
+    pub fn on_tick(&mut self, now: Instant, out: &mut Output) {
+        if let Policy::Local(local) = &mut self.policy {
+            if local.vardiff.tick(now).is_some() {
+                self.retarget(now, out);
+            }
+        }
+    }
+
+    /// The miner's difficulty moved: tell it, and send the newest job again under a new id, so
+    /// that the new difficulty applies from that job on.
+    fn retarget(&mut self, now: Instant, out: &mut Output) {
+        let Policy::Local(local) = &mut self.policy else { return };
+        let Some(job) = local.work.newest() else { return };
+        let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
+        if self.subscribed && self.sent_difficulty.is_some_and(|d| d != difficulty) {
+            self.send_job(false, now, out);
+        }
+    }
+
+    /// Aggregate mode: sends the newest job, with `mining.set_difficulty` first when the
+    /// difficulty changed. The miner's difficulty never exceeds the pool's, so every share the
+    /// pool would take is found.
+    fn send_job(&mut self, clean: bool, now: Instant, out: &mut Output) {
+        let Policy::Local(local) = &mut self.policy else { return };
+        let Some(job) = local.work.newest().cloned() else { return };
+        let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
+        if self.sent_difficulty != Some(difficulty) {
+            write::notification(&mut out.to_miner, "mining.set_difficulty", &[difficulty]);
+            self.sent_difficulty = Some(difficulty);
+            out.events.push(Event::Difficulty(difficulty));
+        }
+        let id = self.book.push(job.clone(), difficulty, clean);
+        job.notify.write_as(&mut out.to_miner, &id.to_string(), clean);
+    }
+
+    fn submit(&mut self, id: Id, submit: &Submit, now: Instant, out: &mut Output) {
+        let (index, share) = match self.judge(submit) {
+            Ok(valid) => valid,
+            Err(reject) => {
+                // Refused here, answered at once, and never sent to the pool.
+                reply_error(out, &id, reject.code, &reject.message);
+                out.events.push(Event::ShareRefused(reject.reason));
+                return;
+            }
+        };
+        self.book.remember(index, share.key);
+        let sent = self.book.sent(index);
+        let job = sent.job.clone();
+        let sent_difficulty = sent.difficulty;
+        let worker = self.workers.iter().find(|w| *w.name == submit.worker).and_then(|w| w.upstream.clone());
+        // In aggregate mode the miner's extranonce1 is its prefix, the start of the pool's extranonce2.
+        let prefix: &[u8] = if matches!(self.policy, Policy::Local(_)) { &self.extranonce1 } else { &[] };
+        let forward = |reply_to| {
+            let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
+            let len = prefix.len() + self.en2_size + job.pad;
+            extranonce2[..prefix.len()].copy_from_slice(prefix);
+            extranonce2[prefix.len()..prefix.len() + self.en2_size].copy_from_slice(share.key.extranonce2());
+            Forward {
+                job: job.clone(),
+                worker,
+                extranonce2,
+                extranonce2_len: len as u8,
+                ntime: parse_hex_u32(&submit.ntime).unwrap_or_default(),
+                nonce: parse_hex_u32(&submit.nonce).unwrap_or_default(),
+                version_bits: submit.version_bits.as_deref().and_then(parse_hex_u32),
+                reply_to,
+            }
+        };
+        match &mut self.policy {
+            Policy::Relay => {
+                let reply_to = (!id.is_null()).then_some(id);
+                out.up.push(Up::Share(forward(reply_to)));
+                out.events.push(Event::ShareValid(share));
+            }
+            Policy::Local(local) => {
+                reply(out, &id, &true);
+                if meets(&share.hash, &job.upstream_target) {
+                    out.up.push(Up::Share(forward(None)));
+                } else if let Some(pool) = &local.work.pool {
+                    counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);
+                }
+                out.events.push(Event::ShareValid(share));
+                if sent_difficulty == local.vardiff.difficulty() && local.vardiff.on_share(now).is_some() {
+                    self.retarget(now, out);
+                }
+            }
+        }
+    }
+
+    /// The local checks, in order: subscribed, an authorized worker, a job this miner was sent
+    /// and that is still live, then the share itself at the difficulty the job was sent with.
+    fn judge(&self, submit: &Submit) -> Result<(usize, ValidShare), LocalReject> {
         if !self.subscribed {
             return Err(LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed));
         }
-        if !self.workers.contains(&submit.worker) {
+        if !self.workers.iter().any(|w| *w.name == submit.worker) {
             return Err(LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized));
         }
+        let stale = || LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale);
+        let index = match self.book.lookup(&submit.job_id) {
+            Lookup::Live(index) => index,
+            Lookup::Stale => return Err(stale()),
+            Lookup::Unknown => {
+                return Err(LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob));
+            }
+        };
+        let sent = self.book.sent(index);
+        if sent.job.en2_size != self.en2_size {
+            return Err(stale());
+        }
+        let target = target_from_difficulty(sent.difficulty);
+        let job = JobTarget { notify: &sent.job.notify, difficulty: sent.difficulty, target: &target };
         let miner = ShareContext {
             extranonce1: &self.extranonce1,
-            extranonce2_size: self.extranonce2_size,
-            version_mask: self.version_mask.unwrap_or(0),
+            extranonce2_size: self.en2_size,
+            version_mask: self.mask.unwrap_or(0),
         };
-        match self.jobs.lookup(&submit.job_id) {
-            Lookup::Live(job) => {
-                let valid = submissions::check(job.as_target(), miner, submit, |k| job.is_duplicate(k))?;
-                job.remember(valid.key);
-                Ok(valid)
-            }
-            Lookup::Stale => Err(LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale)),
-            Lookup::Unknown => Err(LocalReject::new(code::JOB_NOT_FOUND, "Job not found", RejectReason::BadJob)),
-        }
+        let share = submissions::check(job, miner, submit, |k| self.book.is_duplicate(index, k))?;
+        Ok((index, share))
     }
+}
 
-    fn track(&mut self, upstream_id: u64, miner_id: Option<Id>, kind: Pending, now: Instant) {
-        self.pending.insert(upstream_id, InFlight { miner_id, kind, sent_at: now });
+/// A reply, unless the request was a notification (a null id).
+fn reply(out: &mut Output, id: &Id, result: &impl serde::Serialize) {
+    if !id.is_null() {
+        write::result(&mut out.to_miner, id, result);
     }
+}
 
-    /// One line from the pool.
-    pub fn on_pool_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
-        let message = match pool::parse(line) {
-            Ok(msg) => msg,
-            Err(e) => {
-                // A pool that sends what it cannot have meant is not trusted with miners' work.
-                counter!(m::MALFORMED, "source" => "pool").increment(1);
-                tracing::warn!(error = %e, "unparseable line from the pool");
-                return self.pool_fault("unparseable message", out);
-            }
-        };
-        let method = match &message {
-            PoolMessage::Response { .. } => None,
-            PoolMessage::Notify(_) => Some(pool::NOTIFY),
-            PoolMessage::SetDifficulty(_) => Some(pool::SET_DIFFICULTY),
-            PoolMessage::SetExtranonce { .. } => Some(pool::SET_EXTRANONCE),
-            PoolMessage::SetVersionMask(_) => Some(pool::SET_VERSION_MASK),
-            PoolMessage::Reconnect { .. } => Some(pool::RECONNECT),
-            PoolMessage::ShowMessage(_) => Some(pool::SHOW_MESSAGE),
-            PoolMessage::GetVersion { .. } => Some(pool::GET_VERSION),
-            PoolMessage::Unknown { .. } => Some("other"),
-        };
-        if let Some(method) = method {
-            counter!(m::MESSAGES, "method" => method, "direction" => "from_pool").increment(1);
-        }
-        let relay = |out: &mut Output| {
-            out.to_miner.extend_from_slice(line);
-            out.to_miner.push(b'\n');
-        };
-        match message {
-            PoolMessage::Response { id, result, error } => {
-                let Some(flight) = id.as_u64().and_then(|id| self.pending.remove(&id)) else {
-                    tracing::debug!(?id, "reply to no request in flight dropped");
-                    return;
-                };
-                let subscribed = match flight.kind {
-                    Pending::Subscribe if error.is_none() => {
-                        let sub = result.and_then(pool::parse_subscribe_result);
-                        if sub.is_none() {
-                            // Relaying an extranonce the miner cannot use would only waste its work.
-                            self.pending.insert(id.as_u64().unwrap_or_default(), flight);
-                            return self.pool_fault("invalid subscribe reply", out);
-                        }
-                        sub
-                    }
-                    _ => None,
-                };
-                if let Some(miner_id) = &flight.miner_id {
-                    write::relayed_reply(&mut out.to_miner, miner_id, result, error);
-                }
-                let ok = verdict(result, error);
-                match flight.kind {
-                    Pending::Subscribe => {
-                        if let Some(sub) = subscribed {
-                            self.extranonce1 = sub.extranonce1;
-                            self.extranonce2_size = sub.extranonce2_size;
-                            self.subscribed = true;
-                        }
-                    }
-                    Pending::Authorize { miner_user } => {
-                        if ok.is_ok() {
-                            self.auth.succeeded(self.peer);
-                            if !self.workers.contains(&miner_user) {
-                                self.workers.push(miner_user.clone());
-                            }
-                            out.events.push(Event::Authorized(miner_user));
-                        } else {
-                            self.auth.failed(self.peer, now);
-                        }
-                    }
-                    Pending::Configure => {
-                        if let Some(mask) = result.filter(|_| error.is_none()).and_then(pool::parse_configure_result) {
-                            self.version_mask = Some(mask);
-                        }
-                    }
-                    Pending::Submit => {
-                        let verdict = match ok {
-                            Ok(()) => PoolVerdict::Accepted,
-                            Err((code, _)) => PoolVerdict::Rejected(RejectReason::from_code(code)),
-                        };
-                        let rtt = Some(now.saturating_duration_since(flight.sent_at));
-                        out.events.push(Event::PoolVerdict(verdict, rtt));
-                    }
-                    Pending::Other => {}
-                }
-            }
-            PoolMessage::Notify(n) => {
-                self.last_notify = Some(now);
-                relay(out);
-                self.jobs.on_notify(n);
-            }
-            PoolMessage::SetDifficulty(d) => {
-                self.jobs.set_difficulty(d);
-                out.events.push(Event::Difficulty(d));
-                relay(out);
-            }
-            PoolMessage::SetExtranonce { extranonce1, extranonce2_size } => {
-                self.extranonce1 = extranonce1;
-                self.extranonce2_size = extranonce2_size;
-                relay(out);
-            }
-            PoolMessage::SetVersionMask(mask) => {
-                self.version_mask = Some(mask);
-                relay(out);
-            }
-            PoolMessage::Reconnect { host, port, .. } => {
-                // The miner reconnects to the proxy, which picks the pool; the pool's target is
-                // never relayed to miners.
-                self.fail_pending("upstream reconnecting", out);
-                out.events.push(Event::PoolReconnect { host, port });
-                out.events.push(Event::Close(CloseReason::PoolReconnect));
-            }
-            PoolMessage::ShowMessage(_) => relay(out),
-            PoolMessage::GetVersion { id } => write::result(&mut out.to_pool, &id, &VERSION),
-            PoolMessage::Unknown { method } => {
-                tracing::debug!(%method, "unknown pool notification relayed");
-                relay(out);
-            }
-        }
-    }
-
-    fn pool_fault(&mut self, reason: &'static str, out: &mut Output) {
-        self.fail_pending("upstream unavailable", out);
-        out.events.push(Event::PoolFault(reason));
-        out.events.push(Event::Close(CloseReason::PoolFault));
-    }
-
-    /// The pool sent a line over the cap: no pool means that.
-    pub fn on_pool_line_too_long(&mut self, out: &mut Output) {
-        self.pool_fault("line over max_line_bytes", out);
-    }
-
-    /// The pool sent no job within the job timeout: it is judged dead.
-    pub fn on_job_timeout(&mut self, out: &mut Output) {
-        self.pool_fault("no job within job_timeout", out);
-    }
-
-    /// The pool connection is gone: every request in flight gets an error, then the session ends.
-    pub fn on_pool_lost(&mut self, out: &mut Output) {
-        self.fail_pending("upstream unavailable", out);
-        out.events.push(Event::Close(CloseReason::UpstreamLost));
-    }
-
-    /// The miner is leaving or being closed (evicted, over a limit): requests in flight get an
-    /// error if it can still read one, and their shares are counted as closed.
-    pub fn on_miner_closing(&mut self, out: &mut Output) {
-        self.fail_pending("connection closing", out);
-    }
-
-    /// The shutdown grace period is over: requests still in flight get an error.
-    pub fn on_shutdown_deadline(&mut self, out: &mut Output) {
-        self.fail_pending("proxy shutting down", out);
-        out.events.push(Event::Close(CloseReason::Shutdown));
-    }
-
-    fn fail_pending(&mut self, message: &str, out: &mut Output) {
-        let mut flights: Vec<_> = self.pending.drain().collect();
-        flights.sort_by_key(|(id, _)| *id);
-        for (_, flight) in flights {
-            if let Some(miner_id) = &flight.miner_id {
-                write::error(&mut out.to_miner, miner_id, code::OTHER, message);
-            }
-            if let Pending::Submit = flight.kind {
-                out.events.push(Event::PoolVerdict(PoolVerdict::Unanswered, None));
-            }
-        }
+pub(crate) fn reply_error(out: &mut Output, id: &Id, code: i64, message: &str) {
+    if !id.is_null() {
+        write::error(&mut out.to_miner, id, code, message);
     }
 }
 

@@ -403,15 +403,12 @@ impl WorkerView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobBook, Lookup};
     use crate::protocol::pool::Notify;
     use proptest::prelude::*;
 
     const MASK: u32 = 0x1fff_e000;
 
-    fn book(coinb1: Vec<u8>, coinb2: Vec<u8>, branch: Vec<[u8; 32]>, difficulty: f64) -> JobBook {
-        let mut book = JobBook::default();
-        book.set_difficulty(difficulty);
+    fn book(coinb1: Vec<u8>, coinb2: Vec<u8>, branch: Vec<[u8; 32]>, difficulty: f64) -> (Notify, f64) {
         let notify = Notify {
             job_id: "j".into(),
             prevhash: [0x11; 32],
@@ -423,8 +420,7 @@ mod tests {
             ntime: 0x6745_a1b0,
             clean_jobs: true,
         };
-        book.on_notify(notify);
-        book
+        (notify, difficulty)
     }
 
     fn submit(en2: u32, ntime: u32, nonce: u32, bits: u32) -> Submit {
@@ -438,10 +434,11 @@ mod tests {
         }
     }
 
-    fn judge(book: &mut JobBook, s: &Submit) -> Result<ValidShare, LocalReject> {
-        let Lookup::Live(job) = book.lookup("j") else { unreachable!() };
+    fn judge(book: &mut (Notify, f64), s: &Submit) -> Result<ValidShare, LocalReject> {
+        let target = share::target_from_difficulty(book.1);
+        let job = JobTarget { notify: &book.0, difficulty: book.1, target: &target };
         let miner = ShareContext { extranonce1: &[8, 0, 0, 2], extranonce2_size: 4, version_mask: MASK };
-        check(job.as_target(), miner, s, |k| job.is_duplicate(k))
+        check(job, miner, s, |_| false)
     }
 
     proptest! {

@@ -251,6 +251,28 @@ impl Verdicts {
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 impl Pool {
+    /// A pool from its validated configuration, not tried yet.
+    pub fn new(p: &PoolConfig) -> Arc<Pool> {
+        let url = PoolUrl::parse(&p.url).expect("pool URLs are validated with the config");
+        let tls = url.tls.then(|| {
+            let config = crate::tls::client_config(p)?;
+            Ok(TlsTarget { connector: TlsConnector::from(config), name: crate::tls::server_name(&url.host)? })
+        });
+        Arc::new(Pool {
+            metric_label: SharedString::from_shared(Arc::from(url.to_string())),
+            label: url.to_string(),
+            tls,
+            url,
+            config: Arc::new(p.clone()),
+            health: AtomicU8::new(Health::Unknown as u8),
+            failed: Notify::new(),
+            faults: AtomicU32::new(0),
+            redirect_port: AtomicU16::new(0),
+            up_since: std::sync::Mutex::new(None),
+            verdicts: Verdicts::default(),
+        })
+    }
+
     fn health(&self) -> Health {
         match self.health.load(Ordering::Acquire) {
             0 => Health::Unknown,
@@ -426,24 +448,7 @@ impl Generation {
                 if let Some(pool) = same.and_then(Option::take) {
                     return pool.clone();
                 }
-                let url = PoolUrl::parse(&p.url).expect("pool URLs are validated with the config");
-                let tls = url.tls.then(|| {
-                    let config = crate::tls::client_config(p)?;
-                    Ok(TlsTarget { connector: TlsConnector::from(config), name: crate::tls::server_name(&url.host)? })
-                });
-                Arc::new(Pool {
-                    metric_label: SharedString::from_shared(Arc::from(url.to_string())),
-                    label: url.to_string(),
-                    tls,
-                    url,
-                    config: Arc::new(p.clone()),
-                    health: AtomicU8::new(Health::Unknown as u8),
-                    failed: Notify::new(),
-                    faults: AtomicU32::new(0),
-                    redirect_port: AtomicU16::new(0),
-                    up_since: std::sync::Mutex::new(None),
-                    verdicts: Verdicts::default(),
-                })
+                Pool::new(p)
             })
             .collect();
         Self {

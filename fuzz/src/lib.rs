@@ -12,10 +12,12 @@ use bytes::BytesMut;
 use loka_stratum::auth::AuthManager;
 use loka_stratum::codec::LineCodec;
 use loka_stratum::config::PoolConfig;
+use loka_stratum::passthrough::Passthrough as Session;
 use loka_stratum::protocol::miner::{self, Call, MinerMessage};
 use loka_stratum::protocol::pool::{self, PoolMessage};
 use loka_stratum::protocol::{verdict, write, Id};
-use loka_stratum::session::{Event, Output, Session};
+use loka_stratum::session::{Event, Output};
+use loka_stratum::upstream::Pool;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -442,7 +444,7 @@ pub fn session_stats(data: &[u8]) -> SessionStats {
     // A failed authorize makes the next ones wait, or (backoff zero) not.
     let backoff = Duration::from_secs(u64::from(input.u8() % 2));
     let auth = AuthManager::new(template, backoff, backoff * 4);
-    let mut s = Session::new(Arc::new(auth), Arc::new(pool_config), IpAddr::from([127, 0, 0, 1]));
+    let mut s = Session::new(Arc::new(auth), Pool::new(&pool_config), IpAddr::from([127, 0, 0, 1]));
     let mut o = Oracle::default();
     let mut stats = SessionStats::default();
     let mut out = Output::default();

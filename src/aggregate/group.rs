@@ -16,17 +16,18 @@ use std::time::Duration;
 
 use metrics::counter;
 use tokio::sync::{mpsc, oneshot, watch, Notify as Wake};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, timeout_at, Instant};
 
-use super::pool_session::{PoolSession, Step};
 use super::{Context, SessionView};
 use crate::codec::FrameError;
-use crate::jobs::MAX_JOBS;
+use crate::jobs::{next_seq, Job, MAX_JOBS};
 use crate::metrics as m;
+use crate::pool_session::{PoolOutput, PoolSession, Step};
 use crate::protocol::pool::Notify;
 use crate::registry::SessionHandle;
-use crate::share::{target_from_difficulty, U256Le};
-use crate::upstream::Pool;
+use crate::session::Forward;
+use crate::submissions::{PoolVerdict, SubmissionManager};
+use crate::upstream::{Pool, PoolLink};
 
 /// The version-rolling mask miners may use when the pool grants none (BIP310's default).
 pub const DEFAULT_VERSION_MASK: u32 = 0x1fff_ffe0;
@@ -57,7 +58,7 @@ pub struct Work {
     /// The pool's version-rolling mask, if it granted one.
     pub version_mask: Option<u32>,
     /// Live jobs, oldest first.
-    pub jobs: Vec<Arc<AggJob>>,
+    pub jobs: Vec<Arc<Job>>,
 }
 
 impl Work {
@@ -71,30 +72,9 @@ impl Work {
         self.version_mask.unwrap_or(DEFAULT_VERSION_MASK)
     }
 
-    pub fn job(&self, seq: u64) -> Option<&Arc<AggJob>> {
-        self.jobs.iter().rev().find(|j| j.seq == seq)
-    }
-
-    pub fn newest(&self) -> Option<&Arc<AggJob>> {
+    pub fn newest(&self) -> Option<&Arc<Job>> {
         self.jobs.last()
     }
-}
-
-/// A pool's job as miners of the group get it.
-#[derive(Debug)]
-pub struct AggJob {
-    /// The proxy's job number; miners see it in hex.
-    pub seq: u64,
-    pub epoch: u64,
-    pub upstream_id: Box<str>,
-    /// coinb1 ‖ E1_up as coinb1, padding ‖ coinb2 as coinb2.
-    pub notify: Notify,
-    /// The miners' extranonce2 size for this job, and the zero bytes after it.
-    pub en2_size: usize,
-    pub pad: usize,
-    /// The pool's difficulty for this job: shares that meet it are forwarded.
-    pub upstream_difficulty: f64,
-    pub upstream_target: U256Le,
 }
 
 /// What a miner's task hands its group.
@@ -104,19 +84,6 @@ pub enum Upward {
     Share(Forward, Arc<SessionHandle>),
     /// Authorize this worker upstream (`worker_passthrough`); the answer goes to `reply`.
     Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<bool> },
-}
-
-/// A share that met the pool's difficulty, ready to submit.
-#[derive(Debug)]
-pub struct Forward {
-    pub job: Arc<AggJob>,
-    /// The miner's worker with `worker_passthrough`; `None` submits as the pool's user.
-    pub worker: Option<Arc<str>>,
-    /// P ‖ en2 ‖ padding.
-    pub extranonce2: Vec<u8>,
-    pub ntime: u32,
-    pub nonce: u32,
-    pub version_bits: Option<u32>,
 }
 
 /// One pool session and the miners in it.
@@ -218,7 +185,7 @@ struct State {
     epoch: u64,
     /// The extranonce2 size miners were given; 0 before the first session.
     en2_size: usize,
-    jobs: Vec<Arc<AggJob>>,
+    jobs: Vec<Arc<Job>>,
     /// Workers to authorize on every pool session (`worker_passthrough`), with their passwords.
     workers: HashMap<Arc<str>, String>,
     /// The pool of the last session, to tell a failover from a reconnect.
@@ -232,7 +199,7 @@ enum End {
     /// The pool broke the protocol or went unhealthy.
     Fault(&'static str),
     /// A better pool is ready: this session is replaced by it.
-    Switch(Box<PoolSession>),
+    Switch(Box<Connection>),
     /// The pool asked for a reconnect: a move, not a sign of ill health.
     Reconnect,
     Shutdown,
@@ -242,7 +209,7 @@ enum End {
 async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
     let context = group.context.clone();
     let mut state = State::default();
-    let mut next: Option<PoolSession> = None;
+    let mut next: Option<Connection> = None;
     'sessions: loop {
         if context.shutdown.is_cancelled() {
             break;
@@ -311,9 +278,9 @@ fn settle_queue(group: &Group, rx: &mut mpsc::Receiver<Upward>) {
 }
 
 /// The first pool, in priority order, that completes a handshake.
-async fn connect(context: &Arc<Context>) -> Option<PoolSession> {
+async fn connect(context: &Arc<Context>) -> Option<Connection> {
     for pool in context.pools.pools().into_iter().filter(|p| p.usable()) {
-        match PoolSession::open(context.clone(), pool.clone()).await {
+        match Connection::open(context.clone(), pool.clone()).await {
             Ok(session) => return Some(session),
             Err(reason) => {
                 tracing::warn!(pool = %pool.label, %reason, "pool session refused for aggregation");
@@ -346,7 +313,7 @@ fn refuse(up: Upward) {
 }
 
 /// Puts a new pool session in force: a new epoch, the miners' extranonce2 size, its first jobs.
-fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
+fn adopt(group: &Group, state: &mut State, session: &mut Connection) {
     let settings = group.context.settings();
     let room = session.extranonce2_size - settings.prefix_bytes;
     if state.en2_size == 0 || group.members() == 0 || room < state.en2_size {
@@ -384,8 +351,9 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
     state.jobs.clear();
     // The workers known to the group, authorized again: written first, before any of their shares.
     let mut buf = Vec::new();
+    let rewrite = group.context.auth.rewrite();
     for (worker, password) in &state.workers {
-        session.authorize(&group.context, &mut buf, worker.clone(), password, None);
+        session.session.authorize(&mut buf, &rewrite, worker.clone(), password, None, None);
     }
     session.link.queue(&buf);
     for (notify, difficulty) in std::mem::take(&mut session.early_jobs) {
@@ -397,23 +365,11 @@ fn adopt(group: &Group, state: &mut State, session: &mut PoolSession) {
 fn add_job(group: &Group, state: &mut State, session: &PoolSession, n: Notify, difficulty: f64) {
     let settings = group.context.settings();
     let pad = session.extranonce2_size - settings.prefix_bytes - state.en2_size;
-    let mut coinb1 = n.coinb1;
-    coinb1.extend_from_slice(&session.extranonce1);
-    let mut coinb2 = vec![0; pad];
-    coinb2.extend_from_slice(&n.coinb2);
     if n.clean_jobs {
         state.jobs.clear();
     }
-    let job = AggJob {
-        seq: group.context.next_job.fetch_add(1, Ordering::Relaxed),
-        epoch: state.epoch,
-        upstream_id: n.job_id.into_boxed_str(),
-        notify: Notify { job_id: String::new(), coinb1, coinb2, ..n },
-        en2_size: state.en2_size,
-        pad,
-        upstream_difficulty: difficulty,
-        upstream_target: target_from_difficulty(difficulty),
-    };
+    // The pool's extranonce1 is hidden from miners: it joins coinb1.
+    let job = Job::new(next_seq(), state.epoch, n, &session.extranonce1, state.en2_size, pad, difficulty);
     state.jobs.push(Arc::new(job));
     if state.jobs.len() > MAX_JOBS {
         state.jobs.remove(0);
@@ -430,14 +386,15 @@ fn publish(group: &Group, state: &State, session: &PoolSession) {
     });
 }
 
-type Handshake = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<PoolSession, String>)> + Send>>;
+type Handshake = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<Connection, String>)> + Send>>;
 
 /// Runs one adopted pool session until it ends.
-async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: &mut mpsc::Receiver<Upward>) -> End {
+async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &mut mpsc::Receiver<Upward>) -> End {
     let context = group.context.clone();
     // What a step writes for the pool; queued on the link, which writes it while the pool is
     // read: a pool that blocks on writing its replies must still have them read.
     let mut buf = Vec::new();
+    let mut out = PoolOutput::default();
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut better: Option<Handshake> = None;
@@ -451,13 +408,13 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
         session.link.queue(&buf);
         buf.clear();
         let settings = context.settings();
-        let job_deadline = session.last_notify + settings.job_timeout;
+        let job_deadline = session.last_notify.unwrap_or(session.opened_at) + settings.job_timeout;
         if let Some(deadline) = drain {
             if !queue_done && group.members() == 0 {
                 // No miner holds a seat: nothing can be queued after what is queued now.
                 rx.close();
             }
-            if queue_done && session.link.unwritten() == 0 && session.submits_pending == 0 {
+            if queue_done && session.link.unwritten() == 0 && session.submits_pending() == 0 {
                 tracing::debug!(session = group.index, "drained: every forwarded share answered");
                 return End::Shutdown;
             }
@@ -465,7 +422,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                 tracing::warn!(
                     session = group.index,
                     pool = %session.pool.label,
-                    unanswered = session.submits_pending,
+                    unanswered = session.submits_pending(),
                     queued = rx.len(),
                     "shutdown_grace ran out before the pool answered every forwarded share"
                 );
@@ -495,38 +452,47 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     }
                     None => return End::Lost("connection closed"),
                 };
-                match session.on_line(&line, &mut buf, Instant::now()) {
-                    Err(fault) => return End::Fault(fault),
-                    Ok(Step::Nothing) => {}
-                    Ok(Step::Reconnect { host, port }) => {
-                        session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
-                        return End::Reconnect;
-                    }
-                    Ok(Step::Job(n)) => {
-                        let difficulty = session.difficulty;
-                        add_job(group, state, session, n, difficulty);
-                        publish(group, state, session);
-                    }
-                    Ok(Step::Changed { extranonce }) => {
-                        if extranonce {
-                            if session.extranonce2_size < settings.prefix_bytes + MIN_MINER_EXTRANONCE2 {
-                                return End::Fault("set_extranonce leaves miners too little extranonce2");
-                            }
-                            // Jobs of the old extranonce are gone; a smaller size reaches the miners.
-                            let room = session.extranonce2_size - settings.prefix_bytes;
-                            if room < state.en2_size {
-                                state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
-                            }
-                            state.epoch += 1;
-                            state.jobs.clear();
+                let result = session.on_line(&line, Instant::now(), &mut out);
+                buf.extend_from_slice(&out.to_pool);
+                out.to_pool.clear();
+                for step in out.steps.drain(..) {
+                    match step {
+                        Step::Job(n) => {
+                            let difficulty = session.difficulty;
+                            add_job(group, state, session, n, difficulty);
+                            publish(group, state, session);
                         }
-                        publish(group, state, session);
+                        Step::Changed { extranonce } => {
+                            if extranonce {
+                                if session.extranonce2_size < settings.prefix_bytes + MIN_MINER_EXTRANONCE2 {
+                                    return End::Fault("set_extranonce leaves miners too little extranonce2");
+                                }
+                                // Jobs of the old extranonce are gone; a smaller size reaches the miners.
+                                let room = session.extranonce2_size - settings.prefix_bytes;
+                                if room < state.en2_size {
+                                    state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
+                                }
+                                state.epoch += 1;
+                                state.jobs.clear();
+                            }
+                            publish(group, state, session);
+                        }
+                        Step::Reconnect { host, port } => {
+                            session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
+                            return End::Reconnect;
+                        }
+                        Step::Verdict { miner, verdict, rtt } => credit(&session.pool, miner, verdict, rtt),
+                        // Passthrough's steps: a group never relays.
+                        Step::Difficulty(_) | Step::Subscribed | Step::Configured | Step::Authorized { .. } => {}
                     }
+                }
+                if let Err(fault) = result {
+                    return End::Fault(fault);
                 }
                 if session.rejecting(settings.max_reject_rate) {
                     return End::Fault("reject rate over upstream.max_reject_rate");
                 }
-                if session.pending.len() > MAX_UNANSWERED_SUBMITS {
+                if session.pending() > MAX_UNANSWERED_SUBMITS {
                     return End::Fault("too many submits unanswered");
                 }
             }
@@ -562,7 +528,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut PoolSession, rx: 
                     tracing::info!(session = group.index, pool = %pool.label, "trying a better pool");
                     let context = context.clone();
                     better = Some(Box::pin(async move {
-                        let opened = PoolSession::open(context, pool.clone()).await;
+                        let opened = Connection::open(context, pool.clone()).await;
                         (pool, opened)
                     }));
                 }
@@ -584,7 +550,7 @@ fn better_pool(context: &Context, current: &Arc<Pool>) -> Option<Arc<Pool>> {
     }
 }
 
-fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut Vec<u8>, up: Upward, now: Instant) {
+fn handle(group: &Group, state: &mut State, session: &mut Connection, buf: &mut Vec<u8>, up: Upward, now: Instant) {
     match up {
         Upward::Share(f, miner) => {
             if f.job.epoch != state.epoch {
@@ -593,7 +559,7 @@ fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut
                     .increment(1);
                 return;
             }
-            session.submit(buf, &f, miner, now);
+            session.session.submit(buf, f, Some(miner), now);
         }
         Upward::Authorize { worker, password, reply } => {
             if !state.workers.contains_key(&worker) {
@@ -602,11 +568,99 @@ fn handle(group: &Group, state: &mut State, session: &mut PoolSession, buf: &mut
                 }
                 state.workers.insert(worker.clone(), password.clone());
             }
-            if session.authorized.contains_key(&worker) {
+            if session.is_authorized(&worker) {
                 let _ = reply.send(true);
                 return;
             }
-            session.authorize(&group.context, buf, worker, &password, Some(reply));
+            let rewrite = group.context.auth.rewrite();
+            session.session.authorize(buf, &rewrite, worker, &password, Some(reply), None);
+        }
+    }
+}
+
+/// The pool's verdict on a miner's share, credited to the miner.
+fn credit(pool: &Pool, miner: Option<Arc<SessionHandle>>, verdict: PoolVerdict, rtt: Option<Duration>) {
+    if let Some(miner) = miner {
+        SubmissionManager.pool_verdict(&miner, &pool.metric_label, verdict, rtt);
+    }
+}
+
+/// A pool session with its connection: what the group's task holds while on a pool.
+pub(super) struct Connection {
+    link: PoolLink,
+    session: PoolSession,
+    /// Jobs that arrived before the group adopted the session, with their difficulty.
+    early_jobs: Vec<(Notify, f64)>,
+    opened_at: Instant,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = PoolSession;
+    fn deref(&self) -> &PoolSession {
+        &self.session
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut PoolSession {
+        &mut self.session
+    }
+}
+
+impl Connection {
+    /// Connects, asks for version rolling, subscribes and logs in, and waits for the first job.
+    async fn open(context: Arc<Context>, pool: Arc<Pool>) -> Result<Connection, String> {
+        let link = context.pools.open(&pool).await.map_err(|e| format!("connect failed: {e}"))?;
+        let session = PoolSession::new(pool, false);
+        let mut c = Connection { link, session, early_jobs: Vec::new(), opened_at: Instant::now() };
+        let mut out = PoolOutput::default();
+        c.session.handshake(&mut out.to_pool);
+        let deadline = Instant::now() + context.settings().connect_timeout;
+        while !(c.session.subscribed && c.session.logged_in && !c.early_jobs.is_empty()) {
+            c.link.queue(&out.to_pool);
+            out.to_pool.clear();
+            let line = match timeout_at(deadline, c.link.next_line()).await {
+                Err(_) => return Err("no subscribe, authorize and job within upstream.connect_timeout".into()),
+                Ok(Some(Ok(line))) => line,
+                Ok(Some(Err(FrameError::TooLong(_)))) => return Err("line over upstream.max_line_bytes".into()),
+                Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("connection failed: {e}")),
+                Ok(None) => return Err("the pool closed the connection".into()),
+            };
+            c.session.on_line(&line, Instant::now(), &mut out).map_err(str::to_owned)?;
+            for step in out.steps.drain(..) {
+                match step {
+                    Step::Reconnect { .. } => return Err("the pool asked for a reconnect during the handshake".into()),
+                    Step::Job(n) => {
+                        if n.clean_jobs {
+                            c.early_jobs.clear();
+                        }
+                        c.early_jobs.push((n, c.session.difficulty));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        c.link.queue(&out.to_pool);
+        let prefix = context.settings().prefix_bytes;
+        if c.session.extranonce2_size < prefix + MIN_MINER_EXTRANONCE2 {
+            return Err(format!(
+                "extranonce2_size {} leaves miners {} bytes beside aggregate.prefix_bytes = {prefix}; \
+                 aggregation needs {MIN_MINER_EXTRANONCE2}",
+                c.session.extranonce2_size,
+                c.session.extranonce2_size.saturating_sub(prefix)
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Settles what the pool will never answer now: each forwarded share, unanswered.
+    fn close(mut self) {
+        let mut out = PoolOutput::default();
+        self.session.fail_pending("pool session closed", &mut out);
+        for step in out.steps {
+            if let Step::Verdict { miner, verdict, rtt } = step {
+                credit(&self.session.pool, miner, verdict, rtt);
+            }
         }
     }
 }

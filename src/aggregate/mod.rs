@@ -10,14 +10,11 @@
 //!
 //! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
 //! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
-//! - `pool_session`: one connection to a pool: handshake, pool messages, requests and answers.
-//! - [`miner`]: one miner's sans-IO session (local answers, vardiff, share checks) and its task.
+//! - [`miner`]: one aggregated miner's task, around its [`MinerSession`](crate::session::MinerSession).
 
 pub mod group;
 pub mod miner;
-mod pool_session;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +28,7 @@ use crate::config::Config;
 use crate::prefix::{Prefix, PrefixAllocator};
 use crate::upstream::PoolSet;
 
-pub use group::{AggJob, Forward, Group, Upward, Work};
+pub use group::{Group, Upward, Work};
 
 /// What aggregate mode is configured with; fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -76,14 +73,12 @@ pub enum Refused {
     Full,
 }
 
-/// What the groups share: the pools, the proxy's job numbering and the shutdown signal.
+/// What the groups share: the pools, the credential rewrite and the shutdown signal.
 #[derive(Debug)]
 pub struct Context {
     settings: ArcSwap<Settings>,
     pub pools: Arc<PoolSet>,
     pub auth: Arc<AuthManager>,
-    /// The next proxy job number; global, so that jobs of two pools never share an id.
-    pub next_job: AtomicU64,
     pub shutdown: CancellationToken,
 }
 
@@ -161,7 +156,7 @@ impl Aggregator {
         let prefixes = PrefixAllocator::new(settings.prefix_bytes);
         let prefix_bytes = settings.prefix_bytes;
         let settings = ArcSwap::from_pointee(settings);
-        let context = Arc::new(Context { settings, pools, auth, next_job: AtomicU64::new(1), shutdown });
+        let context = Arc::new(Context { settings, pools, auth, shutdown });
         let aggregator = Arc::new(Self {
             context,
             groups: Mutex::new(Vec::new()),

@@ -1,0 +1,205 @@
+//! Passthrough: a group of one. One miner's [`MinerSession`] (relay policy) and its own
+//! [`PoolSession`], run together in the miner's task, sans-IO: a miner line or a pool line goes
+//! in; bytes for the miner, bytes for the pool and events come out.
+//!
+//! Every miner request is relayed upstream under the proxy's own id, so that replies always
+//! correlate, and every request that expects a reply gets exactly one: the pool's, or an error
+//! when the pool goes away or the proxy shuts down.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::auth::{AuthManager, Rewrite};
+use crate::jobs::{next_seq, Job};
+use crate::pool_session::{PoolOutput, PoolSession, Step};
+use crate::protocol::code;
+use crate::registry::{CloseReason, Phase};
+use crate::session::{reply_error, Event, MinerSession, Output, Up, MAX_IN_FLIGHT};
+use crate::upstream::Pool;
+
+/// One miner with its own pool session.
+#[derive(Debug)]
+pub struct Passthrough {
+    miner: MinerSession,
+    pool: PoolSession,
+    auth: Arc<AuthManager>,
+    /// The credential rewrite in force when the session began.
+    rewrite: Arc<Rewrite>,
+    /// The miner's address, for the auth backoff.
+    peer: IpAddr,
+    /// Changes with each `mining.set_extranonce`: jobs of an earlier extranonce are another
+    /// session's.
+    epoch: u64,
+    scratch: PoolOutput,
+}
+
+impl Passthrough {
+    pub fn new(auth: Arc<AuthManager>, pool: Arc<Pool>, peer: IpAddr) -> Self {
+        Self {
+            miner: MinerSession::relay(),
+            pool: PoolSession::new(pool, true),
+            rewrite: auth.rewrite(),
+            auth,
+            peer,
+            epoch: 0,
+            scratch: PoolOutput::default(),
+        }
+    }
+
+    /// Subscribed once the pool accepted a subscribe; authorized once it also accepted a worker.
+    pub fn phase(&self) -> Phase {
+        self.miner.phase()
+    }
+
+    pub fn extranonce(&self) -> (&[u8], usize) {
+        self.miner.extranonce()
+    }
+
+    pub fn version_mask(&self) -> Option<u32> {
+        self.miner.version_mask()
+    }
+
+    /// The pool's difficulty for its next job.
+    pub fn difficulty(&self) -> f64 {
+        self.pool.difficulty
+    }
+
+    /// When the pool last sent a job, if it has.
+    pub fn last_notify(&self) -> Option<Instant> {
+        self.pool.last_notify
+    }
+
+    /// Requests relayed upstream that still wait for the pool's reply.
+    pub fn pending(&self) -> usize {
+        self.pool.pending()
+    }
+
+    /// The pool session, for its health.
+    pub fn pool(&self) -> &PoolSession {
+        &self.pool
+    }
+
+    /// One line from the miner.
+    pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
+        if self.pool.pending() >= MAX_IN_FLIGHT {
+            return self.miner.refuse_line(line, "too many requests in flight", out);
+        }
+        self.miner.on_miner_line(line, now, out);
+        for up in std::mem::take(&mut out.up) {
+            match up {
+                Up::Share(f) => self.pool.submit(&mut out.to_pool, f, None, now),
+                Up::Authorize { id, user, password } => {
+                    if let Some(message) = self.auth.refusal(self.peer, now) {
+                        reply_error(out, &id, code::UNAUTHORIZED, &message);
+                        continue;
+                    }
+                    self.pool.authorize(&mut out.to_pool, &self.rewrite, user.into(), &password, None, Some(id));
+                }
+                Up::Relay { id, kind, method, params } => {
+                    self.pool.relay(&mut out.to_pool, id, kind, &method, params.as_deref())
+                }
+            }
+        }
+    }
+
+    /// One line from the pool.
+    pub fn on_pool_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
+        let mut p = std::mem::take(&mut self.scratch);
+        let result = self.pool.on_line(line, now, &mut p);
+        out.to_miner.extend_from_slice(&p.to_miner);
+        out.to_pool.extend_from_slice(&p.to_pool);
+        for step in p.steps.drain(..) {
+            self.apply(step, now, out);
+        }
+        p.to_miner.clear();
+        p.to_pool.clear();
+        self.scratch = p;
+        if let Err(fault) = result {
+            self.pool_fault(fault, out);
+        }
+    }
+
+    fn apply(&mut self, step: Step, now: Instant, out: &mut Output) {
+        let pool = &self.pool;
+        match step {
+            Step::Job(n) => {
+                let clean = n.clean_jobs;
+                let job = Job::new(next_seq(), self.epoch, n, &[], pool.extranonce2_size, 0, pool.difficulty);
+                self.miner.on_job(Arc::new(job), clean);
+            }
+            Step::Difficulty(d) => self.miner.set_difficulty(d, out),
+            Step::Changed { extranonce: true } => {
+                self.epoch += 1;
+                self.miner.set_extranonce(&pool.extranonce1, pool.extranonce2_size);
+            }
+            Step::Changed { extranonce: false } | Step::Configured => self.miner.set_version_mask(pool.version_mask),
+            Step::Subscribed => self.miner.subscribed(&pool.extranonce1, pool.extranonce2_size),
+            Step::Authorized { worker, ok } => {
+                if ok {
+                    self.auth.succeeded(self.peer);
+                    self.miner.authorized(worker.to_string(), out);
+                } else {
+                    self.auth.failed(self.peer, now);
+                }
+            }
+            Step::Verdict { verdict, rtt, .. } => out.events.push(Event::PoolVerdict(verdict, rtt)),
+            Step::Reconnect { host, port } => {
+                // The miner reconnects to the proxy, which picks the pool; the pool's target is
+                // never relayed to miners.
+                self.fail_pending("upstream reconnecting", out);
+                out.events.push(Event::PoolReconnect { host, port });
+                out.events.push(Event::Close(CloseReason::PoolReconnect));
+            }
+        }
+    }
+
+    fn pool_fault(&mut self, reason: &'static str, out: &mut Output) {
+        self.fail_pending("upstream unavailable", out);
+        out.events.push(Event::PoolFault(reason));
+        out.events.push(Event::Close(CloseReason::PoolFault));
+    }
+
+    /// The pool sent a line over the cap: no pool means that.
+    pub fn on_pool_line_too_long(&mut self, out: &mut Output) {
+        self.pool_fault("line over max_line_bytes", out);
+    }
+
+    /// The pool sent no job within the job timeout: it is judged dead.
+    pub fn on_job_timeout(&mut self, out: &mut Output) {
+        self.pool_fault("no job within job_timeout", out);
+    }
+
+    /// The pool connection is gone: every request in flight gets an error, then the session ends.
+    pub fn on_pool_lost(&mut self, out: &mut Output) {
+        self.fail_pending("upstream unavailable", out);
+        out.events.push(Event::Close(CloseReason::UpstreamLost));
+    }
+
+    /// The miner is leaving or being closed (evicted, over a limit): requests in flight get an
+    /// error if it can still read one, and their shares are counted as unanswered.
+    pub fn on_miner_closing(&mut self, out: &mut Output) {
+        self.fail_pending("connection closing", out);
+    }
+
+    /// The shutdown grace period is over: requests still in flight get an error.
+    pub fn on_shutdown_deadline(&mut self, out: &mut Output) {
+        self.fail_pending("proxy shutting down", out);
+        out.events.push(Event::Close(CloseReason::Shutdown));
+    }
+
+    fn fail_pending(&mut self, message: &str, out: &mut Output) {
+        let mut p = PoolOutput::default();
+        self.pool.fail_pending(message, &mut p);
+        out.to_miner.extend_from_slice(&p.to_miner);
+        for step in p.steps {
+            if let Step::Verdict { verdict, rtt, .. } = step {
+                out.events.push(Event::PoolVerdict(verdict, rtt));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+//! The pool side, in both modes: the sans-IO session of one connection to a pool. A pool line
+//! goes in; bytes for the pool, replies relayed to the miner and [`Step`]s for the owner come out.
+//!
+//! The owner is a group of miners: in aggregate mode many, behind the group task; in passthrough
+//! one, whose subscribe, authorize and configure are this session's own (`relay`), and who gets
+//! the pool's replies and notifications as they came. Every request expects exactly one answer:
+//! the pool's, or one settled by [`fail_pending`](PoolSession::fail_pending) when the pool session
+//! ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::counter;
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::auth::Rewrite;
+use crate::metrics as m;
+use crate::protocol::pool::{self, Notify, PoolMessage};
+use crate::protocol::{code, verdict, write, Id};
+use crate::registry::SessionHandle;
+use crate::session::{Forward, Relayed, VERSION};
+use crate::submissions::{PoolVerdict, RejectReason, SubmissionManager};
+use crate::upstream::Pool;
+
+/// Forwarded shares whose verdicts make up the pool's reject rate, and how many must be in.
+const REJECT_WINDOW: usize = 100;
+const REJECT_WINDOW_MIN: usize = 20;
+
+/// A request to the pool that waits for its answer. `reply_to` is the miner's id when the
+/// pool's reply answers a miner's request (passthrough).
+#[derive(Debug)]
+enum Request {
+    Configure {
+        reply_to: Option<Id>,
+    },
+    Subscribe {
+        reply_to: Option<Id>,
+    },
+    /// The pool's own user (aggregate mode), which the session needs.
+    Login,
+    Authorize {
+        worker: Arc<str>,
+        upstream: Arc<str>,
+        waiters: Vec<oneshot::Sender<bool>>,
+        reply_to: Option<Id>,
+    },
+    Submit {
+        sent_at: Instant,
+        miner: Option<Arc<SessionHandle>>,
+        reply_to: Option<Id>,
+    },
+    Other {
+        reply_to: Option<Id>,
+    },
+}
+
+impl Request {
+    fn reply_to(&self) -> Option<&Id> {
+        match self {
+            Request::Configure { reply_to }
+            | Request::Subscribe { reply_to }
+            | Request::Authorize { reply_to, .. }
+            | Request::Submit { reply_to, .. }
+            | Request::Other { reply_to } => reply_to.as_ref(),
+            Request::Login => None,
+        }
+    }
+}
+
+/// What a step produced besides bytes.
+#[derive(Debug)]
+pub enum Step {
+    Job(Notify),
+    /// `mining.set_difficulty`: it applies to jobs from the next one on.
+    Difficulty(f64),
+    /// The mask or the extranonce changed.
+    Changed {
+        extranonce: bool,
+    },
+    /// `client.reconnect`: this session ends; the next one may use the port the pool gave.
+    Reconnect {
+        host: Option<String>,
+        port: Option<u16>,
+    },
+    /// A relayed subscribe was accepted: the extranonce is the session's.
+    Subscribed,
+    /// A relayed configure was answered: the mask (if any) is the session's.
+    Configured,
+    /// A relayed authorize was answered.
+    Authorized {
+        worker: Arc<str>,
+        ok: bool,
+    },
+    /// The pool's verdict on a forwarded share, with its round trip if it answered; `miner` is
+    /// the session to credit (aggregate mode).
+    Verdict {
+        miner: Option<Arc<SessionHandle>>,
+        verdict: PoolVerdict,
+        rtt: Option<Duration>,
+    },
+}
+
+/// What one call produced. The owner writes the buffers out and acts on the steps.
+#[derive(Debug, Default)]
+pub struct PoolOutput {
+    pub to_pool: Vec<u8>,
+    /// Relayed replies and notifications (passthrough).
+    pub to_miner: Vec<u8>,
+    pub steps: Vec<Step>,
+}
+
+/// One connection to a pool, from its first request on.
+#[derive(Debug)]
+pub struct PoolSession {
+    pub pool: Arc<Pool>,
+    /// One miner's own session (passthrough): its requests are relayed and the pool's
+    /// notifications go to it as they came.
+    relay: bool,
+    pub extranonce1: Vec<u8>,
+    pub extranonce2_size: usize,
+    pub version_mask: Option<u32>,
+    /// The pool's difficulty for jobs from now on (Stratum's default until it sends one).
+    pub difficulty: f64,
+    next_id: u64,
+    pending: HashMap<u64, Request>,
+    /// Submits in `pending`: a drain waits for them.
+    submits_pending: usize,
+    /// When the pool last sent a job.
+    pub last_notify: Option<Instant>,
+    /// Workers the pool accepted on this session, with the names they were accepted under.
+    authorized: HashMap<Arc<str>, Arc<str>>,
+    /// Authorizes in flight, by worker, to their pending id (aggregate mode).
+    authorizing: HashMap<Arc<str>, u64>,
+    /// The pool's latest verdicts on forwarded shares; `true` for a reject that counts.
+    verdicts: VecDeque<bool>,
+    pub subscribed: bool,
+    pub logged_in: bool,
+}
+
+impl PoolSession {
+    pub fn new(pool: Arc<Pool>, relay: bool) -> Self {
+        PoolSession {
+            pool,
+            relay,
+            extranonce1: Vec::new(),
+            extranonce2_size: 0,
+            version_mask: None,
+            difficulty: 1.0,
+            next_id: 1,
+            pending: HashMap::new(),
+            submits_pending: 0,
+            last_notify: None,
+            authorized: HashMap::new(),
+            authorizing: HashMap::new(),
+            verdicts: VecDeque::new(),
+            subscribed: false,
+            logged_in: false,
+        }
+    }
+
+    /// Aggregate mode's handshake: version rolling, subscribe and the pool's own user.
+    pub fn handshake(&mut self, buf: &mut Vec<u8>) {
+        let rolling = json!({"version-rolling.mask": "ffffffff", "version-rolling.min-bit-count": 2});
+        let configure = json!([["version-rolling"], rolling]);
+        self.request(buf, "mining.configure", &configure, Request::Configure { reply_to: None });
+        self.request(buf, "mining.subscribe", &[VERSION], Request::Subscribe { reply_to: None });
+        let config = self.pool.config.clone();
+        self.request(buf, "mining.authorize", &[&config.user, &config.password], Request::Login);
+    }
+
+    /// Requests waiting for the pool's answer.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Forwarded shares waiting for the pool's verdict.
+    pub fn submits_pending(&self) -> usize {
+        self.submits_pending
+    }
+
+    fn request(&mut self, buf: &mut Vec<u8>, method: &str, params: &impl serde::Serialize, pending: Request) {
+        let id = self.take_id();
+        write::request(buf, id, method, params);
+        self.pending.insert(id, pending);
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Passthrough: a miner's request, relayed under the session's own id.
+    pub fn relay(
+        &mut self,
+        buf: &mut Vec<u8>,
+        id: Id,
+        kind: Relayed,
+        method: &str,
+        params: Option<&serde_json::value::RawValue>,
+    ) {
+        let upstream_id = self.take_id();
+        write::request_raw(buf, upstream_id, method, params);
+        let reply_to = (!id.is_null()).then_some(id);
+        let request = match kind {
+            Relayed::Subscribe => Request::Subscribe { reply_to },
+            Relayed::Configure => Request::Configure { reply_to },
+            Relayed::Other => Request::Other { reply_to },
+        };
+        self.pending.insert(upstream_id, request);
+    }
+
+    /// A share for the pool, under its worker's upstream name (or the pool's user).
+    pub fn submit(&mut self, buf: &mut Vec<u8>, f: Forward, miner: Option<Arc<SessionHandle>>, now: Instant) {
+        let user: &str = match &f.worker {
+            Some(worker) => self.authorized.get(worker).unwrap_or(worker),
+            None => &self.pool.config.user,
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let _ = write!(buf, "{{\"id\":{id},\"method\":\"mining.submit\",\"params\":[");
+        serde_json::to_writer(&mut *buf, user).expect("serialise to Vec");
+        buf.push(b',');
+        serde_json::to_writer(&mut *buf, &*f.job.upstream_id).expect("serialise to Vec");
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(hex::encode(f.extranonce2()).as_bytes());
+        let _ = write!(buf, "\",\"{:08x}\",\"{:08x}\"", f.ntime, f.nonce);
+        if let Some(bits) = f.version_bits {
+            let _ = write!(buf, ",\"{bits:08x}\"");
+        }
+        buf.extend_from_slice(b"]}\n");
+        self.pending.insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to });
+        self.submits_pending += 1;
+        SubmissionManager.forwarded(&self.pool.metric_label);
+    }
+
+    /// Asks the pool to accept a miner's worker, with its credentials rewritten. In aggregate
+    /// mode `reply` (if any) gets the answer, and one request serves every miner that asks while
+    /// it is in flight; in passthrough the pool's reply answers `reply_to`.
+    pub fn authorize(
+        &mut self,
+        buf: &mut Vec<u8>,
+        rewrite: &Rewrite,
+        worker: Arc<str>,
+        password: &str,
+        reply: Option<oneshot::Sender<bool>>,
+        reply_to: Option<Id>,
+    ) {
+        if !self.relay {
+            if let Some(Request::Authorize { waiters, .. }) =
+                self.authorizing.get(&worker).and_then(|id| self.pending.get_mut(id))
+            {
+                waiters.extend(reply);
+                return;
+            }
+            self.authorizing.insert(worker.clone(), self.next_id);
+        }
+        let creds = rewrite.credentials(&worker, password, &self.pool.config);
+        let upstream: Arc<str> = creds.user.as_str().into();
+        let waiters = reply.into_iter().collect();
+        let params = [creds.user.as_str(), creds.password.as_str()];
+        let request = Request::Authorize { worker, upstream, waiters, reply_to: reply_to.filter(|id| !id.is_null()) };
+        self.request(buf, "mining.authorize", &params, request);
+    }
+
+    /// The pool accepted this worker on this session.
+    pub fn is_authorized(&self, worker: &str) -> bool {
+        self.authorized.contains_key(worker)
+    }
+
+    /// One line from the pool. An error is a fault: the pool sent what it cannot have meant.
+    pub fn on_line(&mut self, line: &[u8], now: Instant, out: &mut PoolOutput) -> Result<(), &'static str> {
+        let message = pool::parse(line).map_err(|e| {
+            counter!(m::MALFORMED, "source" => "pool").increment(1);
+            tracing::warn!(pool = %self.pool.label, error = %e, "unparseable line from the pool");
+            "unparseable message"
+        })?;
+        let method = match &message {
+            PoolMessage::Response { .. } => None,
+            PoolMessage::Notify(_) => Some(pool::NOTIFY),
+            PoolMessage::SetDifficulty(_) => Some(pool::SET_DIFFICULTY),
+            PoolMessage::SetExtranonce { .. } => Some(pool::SET_EXTRANONCE),
+            PoolMessage::SetVersionMask(_) => Some(pool::SET_VERSION_MASK),
+            PoolMessage::Reconnect { .. } => Some(pool::RECONNECT),
+            PoolMessage::ShowMessage(_) => Some(pool::SHOW_MESSAGE),
+            PoolMessage::GetVersion { .. } => Some(pool::GET_VERSION),
+            PoolMessage::Unknown { .. } => Some("other"),
+        };
+        if let Some(method) = method {
+            counter!(m::MESSAGES, "method" => method, "direction" => "from_pool").increment(1);
+        }
+        // In passthrough the miner gets the pool's notifications as they came.
+        let relay = |out: &mut PoolOutput| {
+            if self.relay {
+                out.to_miner.extend_from_slice(line);
+                out.to_miner.push(b'\n');
+            }
+        };
+        match message {
+            PoolMessage::Response { id, result, error } => {
+                let Some(upstream_id) = id.as_u64() else { return Ok(()) };
+                let Some(request) = self.pending.remove(&upstream_id) else {
+                    tracing::debug!(?id, "reply to no request in flight dropped");
+                    return Ok(());
+                };
+                let ok = verdict(result, error);
+                let subscribe = match &request {
+                    Request::Subscribe { .. } => {
+                        let sub = result.filter(|_| error.is_none()).and_then(pool::parse_subscribe_result);
+                        if sub.is_none() && (!self.relay || error.is_none()) {
+                            // Relaying an extranonce the miner cannot use would only waste its work.
+                            self.pending.insert(upstream_id, request);
+                            return Err("invalid subscribe reply");
+                        }
+                        sub
+                    }
+                    _ => None,
+                };
+                if let Some(miner_id) = request.reply_to() {
+                    write::relayed_reply(&mut out.to_miner, miner_id, result, error);
+                }
+                match request {
+                    Request::Configure { .. } => {
+                        let mask = result.filter(|_| error.is_none()).and_then(pool::parse_configure_result);
+                        let changed = mask != self.version_mask;
+                        self.version_mask = mask;
+                        if self.relay {
+                            out.steps.push(Step::Configured);
+                        } else if changed {
+                            out.steps.push(Step::Changed { extranonce: false });
+                        }
+                    }
+                    Request::Subscribe { .. } => {
+                        if let Some(sub) = subscribe {
+                            self.extranonce1 = sub.extranonce1;
+                            self.extranonce2_size = sub.extranonce2_size;
+                            self.subscribed = true;
+                            if self.relay {
+                                out.steps.push(Step::Subscribed);
+                            }
+                        }
+                    }
+                    Request::Login => {
+                        if ok.is_err() {
+                            tracing::warn!(pool = %self.pool.label, user = %self.pool.config.user, "the pool refused the proxy's user");
+                            return Err("the pool refused the configured user");
+                        }
+                        self.logged_in = true;
+                    }
+                    Request::Authorize { worker, upstream, waiters, reply_to } => {
+                        if self.authorizing.get(&worker) == Some(&upstream_id) {
+                            self.authorizing.remove(&worker);
+                        }
+                        if ok.is_ok() {
+                            self.authorized.insert(worker.clone(), upstream);
+                        }
+                        for waiter in waiters {
+                            let _ = waiter.send(ok.is_ok());
+                        }
+                        if self.relay || reply_to.is_some() {
+                            out.steps.push(Step::Authorized { worker, ok: ok.is_ok() });
+                        }
+                    }
+                    Request::Submit { sent_at, miner, .. } => {
+                        self.submits_pending -= 1;
+                        let rtt = now.saturating_duration_since(sent_at);
+                        let verdict = match &ok {
+                            Ok(()) => PoolVerdict::Accepted,
+                            Err((code, message)) => {
+                                tracing::debug!(pool = %self.pool.label, code, message, "the pool rejected a forwarded share");
+                                PoolVerdict::Rejected(RejectReason::from_code(*code))
+                            }
+                        };
+                        self.pool.verdicts.answered(ok.is_ok(), rtt);
+                        if self.verdicts.len() == REJECT_WINDOW {
+                            self.verdicts.pop_front();
+                        }
+                        self.verdicts.push_back(ok.is_err());
+                        out.steps.push(Step::Verdict { miner, verdict, rtt: Some(rtt) });
+                    }
+                    Request::Other { .. } => {}
+                }
+            }
+            PoolMessage::Notify(n) => {
+                self.last_notify = Some(now);
+                self.pool.verdicts.notified();
+                self.pool.behaved();
+                relay(out);
+                out.steps.push(Step::Job(n));
+            }
+            PoolMessage::SetDifficulty(d) => {
+                self.difficulty = d;
+                relay(out);
+                out.steps.push(Step::Difficulty(d));
+            }
+            PoolMessage::SetVersionMask(mask) => {
+                self.version_mask = Some(mask);
+                relay(out);
+                out.steps.push(Step::Changed { extranonce: false });
+            }
+            PoolMessage::SetExtranonce { extranonce1, extranonce2_size } => {
+                self.extranonce1 = extranonce1;
+                self.extranonce2_size = extranonce2_size;
+                relay(out);
+                out.steps.push(Step::Changed { extranonce: true });
+            }
+            PoolMessage::Reconnect { host, port, .. } => out.steps.push(Step::Reconnect { host, port }),
+            PoolMessage::GetVersion { id } => write::result(&mut out.to_pool, &id, &VERSION),
+            PoolMessage::ShowMessage(text) => {
+                tracing::info!(pool = %self.pool.label, message = %text, "message from the pool");
+                relay(out);
+            }
+            PoolMessage::Unknown { method } => {
+                tracing::debug!(pool = %self.pool.label, %method, "unknown pool notification");
+                relay(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool rejects more than `max` of the last forwarded shares.
+    pub fn rejecting(&self, max: f64) -> bool {
+        let n = self.verdicts.len();
+        n >= REJECT_WINDOW_MIN && self.verdicts.iter().filter(|r| **r).count() as f64 > max * n as f64
+    }
+
+    /// The session is over: every request still waiting gets `message` as its error if a miner
+    /// asked it, and each forwarded share is settled unanswered. Authorizes are dropped
+    /// unanswered: the pool's silence is not the miner's failure.
+    pub fn fail_pending(&mut self, message: &str, out: &mut PoolOutput) {
+        let mut requests: Vec<_> = self.pending.drain().collect();
+        requests.sort_by_key(|(id, _)| *id);
+        self.submits_pending = 0;
+        self.authorizing.clear();
+        for (_, request) in requests {
+            if let Some(miner_id) = request.reply_to() {
+                write::error(&mut out.to_miner, miner_id, code::OTHER, message);
+            }
+            if let Request::Submit { miner, .. } = request {
+                out.steps.push(Step::Verdict { miner, verdict: PoolVerdict::Unanswered, rtt: None });
+            }
+        }
+    }
+}
