@@ -53,16 +53,19 @@ fn session_seeds() {
     replay("session", fuzz_logic::session);
 }
 
-/// The session seeds reach the checks that matter: shares forwarded and shares refused locally.
+/// The session seeds reach the checks that matter under both policies: shares forwarded and shares
+/// refused locally.
 #[test]
 fn session_seeds_reach_deep_states() {
-    let (mut forwarded, mut rejected) = (0, 0);
+    let (mut forwarded, mut rejected, mut local) = (0, 0, 0);
     for (_, data) in seeds("session") {
         let stats = fuzz_logic::session_stats(&data);
         forwarded += stats.forwarded_submits;
         rejected += stats.local_rejects;
+        local += fuzz_logic::session_local(&data);
     }
     assert!(forwarded >= 20, "only {forwarded} submits forwarded");
+    assert!(local >= 10, "only {local} shares handed to the pool side under the local policy");
     assert!(rejected >= 20, "only {rejected} submits refused locally");
 }
 

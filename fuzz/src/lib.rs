@@ -428,8 +428,182 @@ fn hostile_notify(variant: u8) -> String {
 /// the pool authorized, on a live job, with an extranonce2 of the announced width, an ntime in
 /// [job ntime, +7000], version bits inside the negotiated mask, and not a duplicate (on decoded
 /// bytes) of an earlier forwarded one; upstream ids are never reused while in flight.
+///
+/// The same input then drives the miner session under aggregate mode's local policy
+/// ([`session_local`]): both policies are one session.
 pub fn session(data: &[u8]) {
     session_stats(data);
+    session_local(data);
+}
+
+/// The miner session under the local policy (aggregate mode), fed miner lines and group work
+/// decoded from `data`. Invariants: no panic; every line out is JSON; every request with an id
+/// is answered exactly once; every share handed to the pool side rebuilds, from the pool's own
+/// job bytes and the extranonce2 it will be submitted with, into a header that meets the pool's
+/// target, and none is handed over twice. Returns how many shares it handed over.
+pub fn session_local(data: &[u8]) -> usize {
+    use loka_stratum::aggregate::Work;
+    use loka_stratum::jobs::Job;
+    use loka_stratum::protocol::pool::Notify;
+    use loka_stratum::session::{MinerSession, Up};
+    use loka_stratum::share;
+    use loka_stratum::vardiff::VardiffConfig;
+
+    let mut input = Input { data, pos: 0 };
+    let prefix = input.bytes(2);
+    let e1_up = input.bytes(4);
+    let vardiff = VardiffConfig {
+        start_difficulty: 1e-12,
+        min_difficulty: 1e-12,
+        max_difficulty: 1e-6,
+        target_shares_per_minute: 20.0,
+        retarget_secs: 30.0,
+    };
+    let now = Instant::now();
+    // The pool's jobs as it sent them, by upstream id, to rebuild what a forwarded share hashes to.
+    let mut pool_jobs: HashMap<String, Notify> = HashMap::new();
+    let mut work = Arc::new(Work { epoch: 1, pool: None, en2_size: 4, version_mask: None, jobs: vec![] });
+    let mut s = MinerSession::local(prefix.clone(), work.clone(), vardiff, input.u8() % 2 == 1, now);
+    let mut forwarded = HashSet::new();
+    let mut out = Output::default();
+    let mut next_id = 0u64;
+    let mut seq = 0u64;
+    let mut steps = 0;
+    // The id of the last job the miner was sent.
+    let mut last_job = String::new();
+    let mut forced: Vec<u8> = Vec::new();
+    while !input.done() && steps < MAX_STEPS {
+        steps += 1;
+        let mut asked: Vec<u64> = Vec::new();
+        let mut line = |text: String, asked: &mut Vec<u64>| {
+            next_id += 1;
+            asked.push(next_id);
+            text.replace("ID", &next_id.to_string()).into_bytes()
+        };
+        let op = match forced.pop() {
+            Some(op) => op,
+            None => match input.u8() % 9 {
+                // Subscribe, authorize, a job and a share in four steps, so that deep states are common.
+                8 => {
+                    forced = vec![5, 3, 1, 0];
+                    continue;
+                }
+                op => op,
+            },
+        };
+        match op {
+            0 => {
+                let l = line(r#"{"id":ID,"method":"mining.subscribe","params":[]}"#.into(), &mut asked);
+                s.on_miner_line(&l, now, &mut out);
+            }
+            1 => {
+                let worker = *input.pick(&WORKERS[..2]);
+                let text = format!(r#"{{"id":ID,"method":"mining.authorize","params":["{worker}","x"]}}"#);
+                let l = line(text, &mut asked);
+                s.on_miner_line(&l, now, &mut out);
+            }
+            2 => {
+                let mask = *input.pick(&MASKS);
+                let text = format!(
+                    r#"{{"id":ID,"method":"mining.configure","params":[["version-rolling"],{{"version-rolling.mask":"{mask:08x}"}}]}}"#
+                );
+                let l = line(text, &mut asked);
+                s.on_miner_line(&l, now, &mut out);
+            }
+            // A job from the group: sometimes clean, sometimes a new pool session (epoch).
+            3 | 4 => {
+                seq += 1;
+                let upstream = format!("up{seq}");
+                let (coinb1_len, coinb2_len) = (usize::from(input.u8() % 8), usize::from(input.u8() % 8));
+                let n = Notify {
+                    job_id: upstream.clone(),
+                    prevhash: [input.u8(); 32],
+                    coinb1: input.bytes(coinb1_len),
+                    coinb2: input.bytes(coinb2_len),
+                    merkle_branch: vec![[input.u8(); 32]; usize::from(input.u8() % 3)],
+                    version: 0x2000_0000,
+                    nbits: 0x1d00_ffff,
+                    ntime: BASE_NTIME,
+                    clean_jobs: input.u8() % 2 == 0,
+                };
+                pool_jobs.insert(upstream, n.clone());
+                let epoch = work.epoch + u64::from(input.u8() % 5 == 0);
+                // A pool with less room (more padding) now and then: the miner must be told.
+                let pad = usize::from(input.u8() % 16 == 0);
+                let en2_size = 4 - pad;
+                // One hash in about 2^(4 + n) meets the pool's difficulty.
+                let pool_difficulty = 1e-12 * f64::from(1u32 << (input.u8() % 12));
+                let job = Arc::new(Job::new(seq, epoch, n, &e1_up, en2_size, pad, pool_difficulty));
+                let mut jobs = if epoch == work.epoch && !job.notify.clean_jobs { work.jobs.clone() } else { vec![] };
+                jobs.push(job);
+                let mask = if input.u8() % 4 == 0 { Some(0x1fff_e000) } else { work.version_mask };
+                work = Arc::new(Work { epoch, pool: None, en2_size, version_mask: mask, jobs });
+                s.on_work(work.clone(), now, &mut out);
+            }
+            // A share on a job the miner was sent: ids from what it was told.
+            5 | 6 => {
+                let job = if input.u8() % 8 == 0 { "100".to_owned() } else { last_job.clone() };
+                let worker = if input.u8() % 4 == 0 { *input.pick(&WORKERS) } else { WORKERS[0] };
+                let (en2_size, bits) = (s.extranonce().1.max(1), input.u8() % 3);
+                let en2 = hex::encode(input.bytes(en2_size));
+                let (ntime, nonce) = (BASE_NTIME + u32::from(input.u8()), input.u32());
+                let version = match bits {
+                    0 => String::new(),
+                    1 => r#","00002000""#.into(),
+                    _ => format!(r#","{:08x}""#, input.u32()),
+                };
+                let text = format!(
+                    r#"{{"id":ID,"method":"mining.submit","params":["{worker}","{job}","{en2}","{ntime:08x}","{nonce:08x}"{version}]}}"#
+                );
+                let l = line(text, &mut asked);
+                s.on_miner_line(&l, now, &mut out);
+            }
+            _ => {
+                if let Some(text) = input.line() {
+                    s.on_miner_line(&text, now, &mut out);
+                }
+            }
+        }
+        // The pool side's answers: an authorize is granted or refused.
+        for up in std::mem::take(&mut out.up) {
+            match up {
+                Up::Share(f) => {
+                    let n = &pool_jobs[&*f.job.upstream_id];
+                    let version = f.version_bits.map_or(n.version, |b| (n.version & !0x1fff_ffff) | b);
+                    let coinbase = share::coinbase_hash(&n.coinb1, &e1_up, f.extranonce2(), &n.coinb2);
+                    let root = share::merkle_root(coinbase, &n.merkle_branch);
+                    let header = share::header(version, &n.prevhash, &root, f.ntime, n.nbits, f.nonce);
+                    let hash = share::sha256d(&header);
+                    assert!(share::meets(&hash, &f.job.upstream_target), "a forwarded share misses the pool's target");
+                    assert!(f.extranonce2().starts_with(&prefix), "the pool's extranonce2 starts with the prefix");
+                    let key = (f.job.upstream_id.clone(), f.extranonce2().to_vec(), f.ntime, f.nonce, version);
+                    assert!(forwarded.insert(key), "a share forwarded twice");
+                }
+                Up::Authorize { id, user, .. } => s.on_authorize_answer(&id, user, input.u8() % 2 == 0, &mut out),
+                Up::Relay { .. } => panic!("a local session relays nothing"),
+            }
+        }
+        // Every request this step sent is answered exactly once; every line is JSON.
+        let mut answered: HashMap<u64, usize> = HashMap::new();
+        for l in out.to_miner.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(l).expect("every line to the miner is JSON");
+            if let Some(id) = v.get("id").and_then(serde_json::Value::as_u64) {
+                *answered.entry(id).or_default() += 1;
+            }
+            if v["method"] == "mining.notify" {
+                last_job = v["params"][0].as_str().expect("a job id").to_owned();
+            }
+        }
+        for id in asked {
+            assert_eq!(answered.get(&id), Some(&1), "request {id} answered once");
+        }
+        if out.close_reason().is_some() {
+            break;
+        }
+        out.to_miner.clear();
+        out.events.clear();
+    }
+    forwarded.len()
 }
 
 pub fn session_stats(data: &[u8]) -> SessionStats {

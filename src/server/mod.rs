@@ -4,6 +4,14 @@
 //! Shutdown order: signal → stop accepting → cancel → sessions answer their in-flight requests
 //! (within `shutdown_grace`) → wait for the tasks → stop the admin port.
 
+pub mod admin;
+pub mod connection;
+pub mod hashrate;
+pub mod proxy_protocol;
+pub mod registry;
+pub mod systemd;
+pub mod tls;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,14 +27,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin;
 use crate::config::{Config, PoolUrl};
-use crate::connection::{self, Shared};
 use crate::metrics as m;
-use crate::proxy_protocol::{self, Header, HeaderError};
 use crate::registry::{ConnectionManager, Refusal, Registration};
-use crate::tls;
 use crate::upstream::set_keepalive;
+use connection::Shared;
+use proxy_protocol::{Header, HeaderError};
 
 /// How often the cleanup task looks for idle and handshake-expired sessions.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,5 +1,6 @@
 //! One task per miner connection: reads lines from the miner and the pool, feeds them to the
-//! [`Session`], writes out what it produces, and reports to the registry and the managers.
+//! session ([`Passthrough`], or in aggregate mode `aggregate::miner`'s), writes out what it
+//! produces, and reports to the registry and the managers.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

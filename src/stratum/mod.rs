@@ -1,0 +1,5 @@
+//! The Stratum core: line framing, the typed messages, and the share hash.
+
+pub mod codec;
+pub mod protocol;
+pub mod share;
