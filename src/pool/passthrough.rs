@@ -32,7 +32,6 @@ pub struct Passthrough {
     /// Changes with each `mining.set_extranonce`: jobs of an earlier extranonce are another
     /// session's.
     epoch: u64,
-    scratch: PoolOutput,
 }
 
 impl Passthrough {
@@ -44,7 +43,6 @@ impl Passthrough {
             auth,
             peer,
             epoch: 0,
-            scratch: PoolOutput::default(),
         }
     }
 
@@ -106,16 +104,19 @@ impl Passthrough {
 
     /// One line from the pool.
     pub fn on_pool_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
-        let mut p = std::mem::take(&mut self.scratch);
+        // The pool session writes straight into the step's buffers, which the driver takes: an
+        // idle miner keeps no buffer.
+        let mut p = PoolOutput {
+            to_pool: std::mem::take(&mut out.to_pool),
+            to_miner: std::mem::take(&mut out.to_miner),
+            steps: Vec::new(),
+        };
         let result = self.pool.on_line(line, now, &mut p);
-        out.to_miner.extend_from_slice(&p.to_miner);
-        out.to_pool.extend_from_slice(&p.to_pool);
-        for step in p.steps.drain(..) {
+        out.to_pool = p.to_pool;
+        out.to_miner = p.to_miner;
+        for step in p.steps {
             self.apply(step, now, out);
         }
-        p.to_miner.clear();
-        p.to_pool.clear();
-        self.scratch = p;
         if let Err(fault) = result {
             self.pool_fault(fault, out);
         }
