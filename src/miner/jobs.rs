@@ -105,6 +105,19 @@ impl ShareKey {
         }
     }
 
+    pub fn ntime(&self) -> u32 {
+        self.ntime
+    }
+
+    pub fn nonce(&self) -> u32 {
+        self.nonce
+    }
+
+    /// The header's version, the miner's rolled bits in.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// The share's extranonce2 bytes.
     pub fn extranonce2(&self) -> &[u8] {
         let start = usize::from(self.extranonce1_len);

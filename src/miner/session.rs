@@ -26,7 +26,7 @@ use crate::jobs::{Job, JobBook, JobIds, Lookup};
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::pool::MAX_EXTRANONCE2_SIZE;
-use crate::protocol::{code, parse_hex_u32, write, Id};
+use crate::protocol::{code, write, Id};
 use crate::registry::{CloseReason, Phase};
 use crate::share::{meets, target_from_difficulty};
 use crate::submissions::{self, JobTarget, LocalReject, PoolVerdict, RejectReason, ShareContext, ValidShare};
@@ -35,8 +35,9 @@ use crate::vardiff::{Vardiff, VardiffConfig};
 /// Requests in flight to the pool per passthrough session. A miner past it gets an error at
 /// once, so a silent pool cannot make the pending map grow.
 pub const MAX_IN_FLIGHT: usize = 256;
-/// Workers one connection may authorize.
-const MAX_CONNECTION_WORKERS: usize = 16;
+/// Workers one connection may authorize. ASIC firmware authorizes one; a downstream proxy in
+/// front of a farm (another Loka, a Braiins Farm Proxy) puts many workers on one connection.
+const MAX_CONNECTION_WORKERS: usize = 1024;
 /// Consecutive malformed lines that close the connection.
 const MALFORMED_STREAK_CLOSE: u8 = 2;
 
@@ -156,6 +157,8 @@ pub struct Local {
     /// The mask the miner asked for in `mining.configure`.
     requested_mask: Option<u32>,
     extranonce_subscribed: bool,
+    /// The difficulty the miner was last told.
+    sent_difficulty: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -177,8 +180,6 @@ pub struct MinerSession {
     en2_size: usize,
     /// The version-rolling mask the miner was granted.
     mask: Option<u32>,
-    /// The difficulty the miner was last told.
-    sent_difficulty: Option<f64>,
     book: JobBook,
 }
 
@@ -203,6 +204,7 @@ impl MinerSession {
             worker_passthrough,
             requested_mask: None,
             extranonce_subscribed: false,
+            sent_difficulty: None,
         };
         Self::new(Policy::Local(local), prefix.into_boxed_slice(), en2_size, JobIds::Proxy)
     }
@@ -216,7 +218,6 @@ impl MinerSession {
             extranonce1,
             en2_size,
             mask: None,
-            sent_difficulty: None,
             book: JobBook::new(ids),
         }
     }
@@ -232,11 +233,6 @@ impl MinerSession {
 
     pub fn version_mask(&self) -> Option<u32> {
         self.mask
-    }
-
-    /// The difficulty the miner was last told, if any.
-    pub fn difficulty(&self) -> Option<f64> {
-        self.sent_difficulty
     }
 
     /// The group's work (aggregate mode).
@@ -395,7 +391,6 @@ impl MinerSession {
 
     /// Passthrough: the pool's difficulty, relayed as it came; it applies from the next job.
     pub fn set_difficulty(&mut self, difficulty: f64, out: &mut Output) {
-        self.sent_difficulty = Some(difficulty);
         out.events.push(Event::Difficulty(difficulty));
     }
 
@@ -463,7 +458,7 @@ impl MinerSession {
         let Policy::Local(local) = &mut self.policy else { return };
         let Some(job) = local.work.newest() else { return };
         let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
-        if self.subscribed && self.sent_difficulty.is_some_and(|d| d != difficulty) {
+        if self.subscribed && local.sent_difficulty.is_some_and(|d| d != difficulty) {
             self.send_job(false, now, out);
         }
     }
@@ -475,9 +470,9 @@ impl MinerSession {
         let Policy::Local(local) = &mut self.policy else { return };
         let Some(job) = local.work.newest().cloned() else { return };
         let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
-        if self.sent_difficulty != Some(difficulty) {
+        if local.sent_difficulty != Some(difficulty) {
             write::notification(&mut out.to_miner, "mining.set_difficulty", &[difficulty]);
-            self.sent_difficulty = Some(difficulty);
+            local.sent_difficulty = Some(difficulty);
             out.events.push(Event::Difficulty(difficulty));
         }
         let id = self.book.push(job.clone(), difficulty, clean);
@@ -485,7 +480,7 @@ impl MinerSession {
     }
 
     fn submit(&mut self, id: Id, submit: &Submit, now: Instant, out: &mut Output) {
-        let (index, share) = match self.judge(submit) {
+        let (index, worker, share) = match self.judge(submit) {
             Ok(valid) => valid,
             Err(reject) => {
                 // Refused here, answered at once, and never sent to the pool.
@@ -498,9 +493,9 @@ impl MinerSession {
         let sent = self.book.sent(index);
         let job = sent.job.clone();
         let sent_difficulty = sent.difficulty;
-        let worker = self.workers.iter().find(|w| *w.name == submit.worker).and_then(|w| w.upstream.clone());
         // In aggregate mode the miner's extranonce1 is its prefix, the start of the pool's extranonce2.
         let prefix: &[u8] = if matches!(self.policy, Policy::Local(_)) { &self.extranonce1 } else { &[] };
+        let mask = self.mask.unwrap_or(0);
         let forward = |reply_to| {
             let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
             let len = prefix.len() + self.en2_size + job.pad;
@@ -511,9 +506,10 @@ impl MinerSession {
                 worker,
                 extranonce2,
                 extranonce2_len: len as u8,
-                ntime: parse_hex_u32(&submit.ntime).unwrap_or_default(),
-                nonce: parse_hex_u32(&submit.nonce).unwrap_or_default(),
-                version_bits: submit.version_bits.as_deref().and_then(parse_hex_u32),
+                ntime: share.key.ntime(),
+                nonce: share.key.nonce(),
+                // The bits as the miner sent them: the checks kept them inside the mask.
+                version_bits: submit.version_bits.is_some().then(|| share.key.version() & mask),
                 reply_to,
             }
         };
@@ -540,13 +536,14 @@ impl MinerSession {
 
     /// The local checks, in order: subscribed, an authorized worker, a job this miner was sent
     /// and that is still live, then the share itself at the difficulty the job was sent with.
-    fn judge(&self, submit: &Submit) -> Result<(usize, ValidShare), LocalReject> {
+    #[allow(clippy::type_complexity)]
+    fn judge(&self, submit: &Submit) -> Result<(usize, Option<Arc<str>>, ValidShare), LocalReject> {
         if !self.subscribed {
             return Err(LocalReject::new(code::NOT_SUBSCRIBED, "Not subscribed", RejectReason::NotSubscribed));
         }
-        if !self.workers.iter().any(|w| *w.name == submit.worker) {
+        let Some(worker) = self.workers.iter().find(|w| *w.name == submit.worker) else {
             return Err(LocalReject::new(code::UNAUTHORIZED, "Unauthorized worker", RejectReason::Unauthorized));
-        }
+        };
         let stale = || LocalReject::new(code::JOB_NOT_FOUND, "Job not found (stale)", RejectReason::Stale);
         let index = match self.book.lookup(&submit.job_id) {
             Lookup::Live(index) => index,
@@ -567,7 +564,7 @@ impl MinerSession {
             version_mask: self.mask.unwrap_or(0),
         };
         let share = submissions::check(job, miner, submit, |k| self.book.is_duplicate(index, k))?;
-        Ok((index, share))
+        Ok((index, worker.upstream.clone(), share))
     }
 }
 

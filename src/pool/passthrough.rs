@@ -13,10 +13,11 @@ use tokio::time::Instant;
 
 use crate::auth::{AuthManager, Rewrite};
 use crate::jobs::{next_seq, Job};
-use crate::pool_session::{PoolOutput, PoolSession, Step};
+use crate::pool_session::{PoolSession, Step};
 use crate::protocol::code;
 use crate::registry::{CloseReason, Phase};
 use crate::session::{reply_error, Event, MinerSession, Output, Up, MAX_IN_FLIGHT};
+use crate::submissions::PoolVerdict;
 use crate::upstream::Pool;
 
 /// One miner with its own pool session.
@@ -29,21 +30,11 @@ pub struct Passthrough {
     rewrite: Arc<Rewrite>,
     /// The miner's address, for the auth backoff.
     peer: IpAddr,
-    /// Changes with each `mining.set_extranonce`: jobs of an earlier extranonce are another
-    /// session's.
-    epoch: u64,
 }
 
 impl Passthrough {
     pub fn new(auth: Arc<AuthManager>, pool: Arc<Pool>, peer: IpAddr) -> Self {
-        Self {
-            miner: MinerSession::relay(),
-            pool: PoolSession::new(pool, true),
-            rewrite: auth.rewrite(),
-            auth,
-            peer,
-            epoch: 0,
-        }
+        Self { miner: MinerSession::relay(), pool: PoolSession::new(pool, true), rewrite: auth.rewrite(), auth, peer }
     }
 
     /// Subscribed once the pool accepted a subscribe; authorized once it also accepted a worker.
@@ -74,11 +65,6 @@ impl Passthrough {
         self.pool.pending()
     }
 
-    /// The pool session, for its health.
-    pub fn pool(&self) -> &PoolSession {
-        &self.pool
-    }
-
     /// One line from the miner.
     pub fn on_miner_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
         if self.pool.pending() >= MAX_IN_FLIGHT {
@@ -106,19 +92,10 @@ impl Passthrough {
     pub fn on_pool_line(&mut self, line: &[u8], now: Instant, out: &mut Output) {
         // The pool session writes straight into the step's buffers, which the driver takes: an
         // idle miner keeps no buffer.
-        let mut p = PoolOutput {
-            to_pool: std::mem::take(&mut out.to_pool),
-            to_miner: std::mem::take(&mut out.to_miner),
-            steps: Vec::new(),
-        };
-        let result = self.pool.on_line(line, now, &mut p);
-        out.to_pool = p.to_pool;
-        out.to_miner = p.to_miner;
-        for step in p.steps {
-            self.apply(step, now, out);
-        }
-        if let Err(fault) = result {
-            self.pool_fault(fault, out);
+        match self.pool.on_line(line, now, &mut out.to_pool, &mut out.to_miner) {
+            Ok(Some(step)) => self.apply(step, now, out),
+            Ok(None) => {}
+            Err(fault) => self.pool_fault(fault, out),
         }
     }
 
@@ -127,14 +104,12 @@ impl Passthrough {
         match step {
             Step::Job(n) => {
                 let clean = n.clean_jobs;
-                let job = Job::new(next_seq(), self.epoch, n, &[], pool.extranonce2_size, 0, pool.difficulty);
+                // One pool session, one epoch: a new extranonce2 size makes earlier jobs stale.
+                let job = Job::new(next_seq(), 0, n, &[], pool.extranonce2_size, 0, pool.difficulty);
                 self.miner.on_job(Arc::new(job), clean);
             }
             Step::Difficulty(d) => self.miner.set_difficulty(d, out),
-            Step::Changed { extranonce: true } => {
-                self.epoch += 1;
-                self.miner.set_extranonce(&pool.extranonce1, pool.extranonce2_size);
-            }
+            Step::Changed { extranonce: true } => self.miner.set_extranonce(&pool.extranonce1, pool.extranonce2_size),
             Step::Changed { extranonce: false } | Step::Configured => self.miner.set_version_mask(pool.version_mask),
             Step::Subscribed => self.miner.subscribed(&pool.extranonce1, pool.extranonce2_size),
             Step::Authorized { worker, ok } => {
@@ -191,13 +166,8 @@ impl Passthrough {
     }
 
     fn fail_pending(&mut self, message: &str, out: &mut Output) {
-        let mut p = PoolOutput::default();
-        self.pool.fail_pending(message, &mut p);
-        out.to_miner.extend_from_slice(&p.to_miner);
-        for step in p.steps {
-            if let Step::Verdict { verdict, rtt, .. } = step {
-                out.events.push(Event::PoolVerdict(verdict, rtt));
-            }
+        for _ in self.pool.fail_pending(message, &mut out.to_miner) {
+            out.events.push(Event::PoolVerdict(PoolVerdict::Unanswered, None));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The pool side, in both modes: the sans-IO session of one connection to a pool. A pool line
-//! goes in; bytes for the pool, replies relayed to the miner and [`Step`]s for the owner come out.
+//! goes in; bytes for the pool, replies relayed to the miner and at most one [`Step`] for the
+//! owner come out.
 //!
 //! The owner is a group of miners: in aggregate mode many, behind the group task; in passthrough
 //! one, whose subscribe, authorize and configure are this session's own (`relay`), and who gets
@@ -104,15 +105,6 @@ pub enum Step {
     },
 }
 
-/// What one call produced. The owner writes the buffers out and acts on the steps.
-#[derive(Debug, Default)]
-pub struct PoolOutput {
-    pub to_pool: Vec<u8>,
-    /// Relayed replies and notifications (passthrough).
-    pub to_miner: Vec<u8>,
-    pub steps: Vec<Step>,
-}
-
 /// One connection to a pool, from its first request on.
 #[derive(Debug)]
 pub struct PoolSession {
@@ -135,7 +127,7 @@ pub struct PoolSession {
     authorized: HashMap<Arc<str>, Arc<str>>,
     /// Authorizes in flight, by worker, to their pending id (aggregate mode).
     authorizing: HashMap<Arc<str>, u64>,
-    /// The pool's latest verdicts on forwarded shares; `true` for a reject that counts.
+    /// The pool's latest verdicts on forwarded shares, `true` for a reject (aggregate mode).
     verdicts: VecDeque<bool>,
     pub subscribed: bool,
     pub logged_in: bool,
@@ -227,7 +219,10 @@ impl PoolSession {
         buf.push(b',');
         serde_json::to_writer(&mut *buf, &*f.job.upstream_id).expect("serialise to Vec");
         buf.extend_from_slice(b",\"");
-        buf.extend_from_slice(hex::encode(f.extranonce2()).as_bytes());
+        let mut hex = [0u8; 2 * crate::protocol::pool::MAX_EXTRANONCE2_SIZE];
+        let hex = &mut hex[..2 * f.extranonce2().len()];
+        hex::encode_to_slice(f.extranonce2(), hex).expect("twice the length");
+        buf.extend_from_slice(hex);
         let _ = write!(buf, "\",\"{:08x}\",\"{:08x}\"", f.ntime, f.nonce);
         if let Some(bits) = f.version_bits {
             let _ = write!(buf, ",\"{bits:08x}\"");
@@ -272,8 +267,16 @@ impl PoolSession {
         self.authorized.contains_key(worker)
     }
 
-    /// One line from the pool. An error is a fault: the pool sent what it cannot have meant.
-    pub fn on_line(&mut self, line: &[u8], now: Instant, out: &mut PoolOutput) -> Result<(), &'static str> {
+    /// One line from the pool: what the pool expects back goes to `to_pool`; in passthrough, the
+    /// pool's replies and notifications go to `to_miner` as they came. An error is a fault: the
+    /// pool sent what it cannot have meant.
+    pub fn on_line(
+        &mut self,
+        line: &[u8],
+        now: Instant,
+        to_pool: &mut Vec<u8>,
+        to_miner: &mut Vec<u8>,
+    ) -> Result<Option<Step>, &'static str> {
         let message = pool::parse(line).map_err(|e| {
             counter!(m::MALFORMED, "source" => "pool").increment(1);
             tracing::warn!(pool = %self.pool.label, error = %e, "unparseable line from the pool");
@@ -294,19 +297,21 @@ impl PoolSession {
             counter!(m::MESSAGES, "method" => method, "direction" => "from_pool").increment(1);
         }
         // In passthrough the miner gets the pool's notifications as they came.
-        let relay = |out: &mut PoolOutput| {
+        let relay = |to_miner: &mut Vec<u8>| {
             if self.relay {
-                out.to_miner.extend_from_slice(line);
-                out.to_miner.push(b'\n');
+                to_miner.extend_from_slice(line);
+                to_miner.push(b'\n');
             }
         };
-        match message {
+        Ok(match message {
             PoolMessage::Response { id, result, error } => {
-                let Some(upstream_id) = id.as_u64() else { return Ok(()) };
-                let Some(request) = self.pending.remove(&upstream_id) else {
+                let Some(request) =
+                    id.as_u64().and_then(|upstream_id| Some((upstream_id, self.pending.remove(&upstream_id)?)))
+                else {
                     tracing::debug!(?id, "reply to no request in flight dropped");
-                    return Ok(());
+                    return Ok(None);
                 };
+                let (upstream_id, request) = request;
                 let ok = verdict(result, error);
                 let subscribe = match &request {
                     Request::Subscribe { .. } => {
@@ -321,7 +326,7 @@ impl PoolSession {
                     _ => None,
                 };
                 if let Some(miner_id) = request.reply_to() {
-                    write::relayed_reply(&mut out.to_miner, miner_id, result, error);
+                    write::relayed_reply(to_miner, miner_id, result, error);
                 }
                 match request {
                     Request::Configure { .. } => {
@@ -329,29 +334,26 @@ impl PoolSession {
                         let changed = mask != self.version_mask;
                         self.version_mask = mask;
                         if self.relay {
-                            out.steps.push(Step::Configured);
-                        } else if changed {
-                            out.steps.push(Step::Changed { extranonce: false });
+                            Some(Step::Configured)
+                        } else {
+                            changed.then_some(Step::Changed { extranonce: false })
                         }
                     }
-                    Request::Subscribe { .. } => {
-                        if let Some(sub) = subscribe {
-                            self.extranonce1 = sub.extranonce1;
-                            self.extranonce2_size = sub.extranonce2_size;
-                            self.subscribed = true;
-                            if self.relay {
-                                out.steps.push(Step::Subscribed);
-                            }
-                        }
-                    }
+                    Request::Subscribe { .. } => subscribe.and_then(|sub| {
+                        self.extranonce1 = sub.extranonce1;
+                        self.extranonce2_size = sub.extranonce2_size;
+                        self.subscribed = true;
+                        self.relay.then_some(Step::Subscribed)
+                    }),
                     Request::Login => {
                         if ok.is_err() {
                             tracing::warn!(pool = %self.pool.label, user = %self.pool.config.user, "the pool refused the proxy's user");
                             return Err("the pool refused the configured user");
                         }
                         self.logged_in = true;
+                        None
                     }
-                    Request::Authorize { worker, upstream, waiters, reply_to } => {
+                    Request::Authorize { worker, upstream, waiters, .. } => {
                         if self.authorizing.get(&worker) == Some(&upstream_id) {
                             self.authorizing.remove(&worker);
                         }
@@ -361,9 +363,7 @@ impl PoolSession {
                         for waiter in waiters {
                             let _ = waiter.send(ok.is_ok());
                         }
-                        if self.relay || reply_to.is_some() {
-                            out.steps.push(Step::Authorized { worker, ok: ok.is_ok() });
-                        }
+                        self.relay.then_some(Step::Authorized { worker, ok: ok.is_ok() })
                     }
                     Request::Submit { sent_at, miner, .. } => {
                         self.submits_pending -= 1;
@@ -376,50 +376,58 @@ impl PoolSession {
                             }
                         };
                         self.pool.verdicts.answered(ok.is_ok(), rtt);
-                        if self.verdicts.len() == REJECT_WINDOW {
-                            self.verdicts.pop_front();
+                        // The reject rate moves a group to another pool; passthrough's one miner
+                        // stays with the pool it has.
+                        if !self.relay {
+                            if self.verdicts.len() == REJECT_WINDOW {
+                                self.verdicts.pop_front();
+                            }
+                            self.verdicts.push_back(ok.is_err());
                         }
-                        self.verdicts.push_back(ok.is_err());
-                        out.steps.push(Step::Verdict { miner, verdict, rtt: Some(rtt) });
+                        Some(Step::Verdict { miner, verdict, rtt: Some(rtt) })
                     }
-                    Request::Other { .. } => {}
+                    Request::Other { .. } => None,
                 }
             }
             PoolMessage::Notify(n) => {
                 self.last_notify = Some(now);
                 self.pool.verdicts.notified();
                 self.pool.behaved();
-                relay(out);
-                out.steps.push(Step::Job(n));
+                relay(to_miner);
+                Some(Step::Job(n))
             }
             PoolMessage::SetDifficulty(d) => {
                 self.difficulty = d;
-                relay(out);
-                out.steps.push(Step::Difficulty(d));
+                relay(to_miner);
+                Some(Step::Difficulty(d))
             }
             PoolMessage::SetVersionMask(mask) => {
                 self.version_mask = Some(mask);
-                relay(out);
-                out.steps.push(Step::Changed { extranonce: false });
+                relay(to_miner);
+                Some(Step::Changed { extranonce: false })
             }
             PoolMessage::SetExtranonce { extranonce1, extranonce2_size } => {
                 self.extranonce1 = extranonce1;
                 self.extranonce2_size = extranonce2_size;
-                relay(out);
-                out.steps.push(Step::Changed { extranonce: true });
+                relay(to_miner);
+                Some(Step::Changed { extranonce: true })
             }
-            PoolMessage::Reconnect { host, port, .. } => out.steps.push(Step::Reconnect { host, port }),
-            PoolMessage::GetVersion { id } => write::result(&mut out.to_pool, &id, &VERSION),
+            PoolMessage::Reconnect { host, port, .. } => Some(Step::Reconnect { host, port }),
+            PoolMessage::GetVersion { id } => {
+                write::result(to_pool, &id, &VERSION);
+                None
+            }
             PoolMessage::ShowMessage(text) => {
                 tracing::info!(pool = %self.pool.label, message = %text, "message from the pool");
-                relay(out);
+                relay(to_miner);
+                None
             }
             PoolMessage::Unknown { method } => {
                 tracing::debug!(pool = %self.pool.label, %method, "unknown pool notification");
-                relay(out);
+                relay(to_miner);
+                None
             }
-        }
-        Ok(())
+        })
     }
 
     /// The pool rejects more than `max` of the last forwarded shares.
@@ -428,21 +436,24 @@ impl PoolSession {
         n >= REJECT_WINDOW_MIN && self.verdicts.iter().filter(|r| **r).count() as f64 > max * n as f64
     }
 
-    /// The session is over: every request still waiting gets `message` as its error if a miner
-    /// asked it, and each forwarded share is settled unanswered. Authorizes are dropped
+    /// The session is over: every request still waiting gets `message` as its error (in
+    /// `to_miner`) if a miner asked it. Returns the sessions of the forwarded shares left
+    /// unanswered, one per share (`None` for passthrough's own). Authorizes are dropped
     /// unanswered: the pool's silence is not the miner's failure.
-    pub fn fail_pending(&mut self, message: &str, out: &mut PoolOutput) {
+    pub fn fail_pending(&mut self, message: &str, to_miner: &mut Vec<u8>) -> Vec<Option<Arc<SessionHandle>>> {
         let mut requests: Vec<_> = self.pending.drain().collect();
         requests.sort_by_key(|(id, _)| *id);
         self.submits_pending = 0;
         self.authorizing.clear();
+        let mut unanswered = Vec::new();
         for (_, request) in requests {
             if let Some(miner_id) = request.reply_to() {
-                write::error(&mut out.to_miner, miner_id, code::OTHER, message);
+                write::error(to_miner, miner_id, code::OTHER, message);
             }
             if let Request::Submit { miner, .. } = request {
-                out.steps.push(Step::Verdict { miner, verdict: PoolVerdict::Unanswered, rtt: None });
+                unanswered.push(miner);
             }
         }
+        unanswered
     }
 }

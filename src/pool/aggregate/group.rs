@@ -22,7 +22,7 @@ use super::{Context, SessionView};
 use crate::codec::FrameError;
 use crate::jobs::{next_seq, Job, MAX_JOBS};
 use crate::metrics as m;
-use crate::pool_session::{PoolOutput, PoolSession, Step};
+use crate::pool_session::{PoolSession, Step};
 use crate::protocol::pool::Notify;
 use crate::registry::SessionHandle;
 use crate::session::Forward;
@@ -394,7 +394,8 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
     // What a step writes for the pool; queued on the link, which writes it while the pool is
     // read: a pool that blocks on writing its replies must still have them read.
     let mut buf = Vec::new();
-    let mut out = PoolOutput::default();
+    // A group relays nothing to miners: this stays empty.
+    let mut relayed = Vec::new();
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut better: Option<Handshake> = None;
@@ -452,42 +453,39 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
                     }
                     None => return End::Lost("connection closed"),
                 };
-                let result = session.on_line(&line, Instant::now(), &mut out);
-                buf.extend_from_slice(&out.to_pool);
-                out.to_pool.clear();
-                for step in out.steps.drain(..) {
-                    match step {
-                        Step::Job(n) => {
-                            let difficulty = session.difficulty;
-                            add_job(group, state, session, n, difficulty);
-                            publish(group, state, session);
-                        }
-                        Step::Changed { extranonce } => {
-                            if extranonce {
-                                if session.extranonce2_size < settings.prefix_bytes + MIN_MINER_EXTRANONCE2 {
-                                    return End::Fault("set_extranonce leaves miners too little extranonce2");
-                                }
-                                // Jobs of the old extranonce are gone; a smaller size reaches the miners.
-                                let room = session.extranonce2_size - settings.prefix_bytes;
-                                if room < state.en2_size {
-                                    state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
-                                }
-                                state.epoch += 1;
-                                state.jobs.clear();
-                            }
-                            publish(group, state, session);
-                        }
-                        Step::Reconnect { host, port } => {
-                            session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
-                            return End::Reconnect;
-                        }
-                        Step::Verdict { miner, verdict, rtt } => credit(&session.pool, miner, verdict, rtt),
-                        // Passthrough's steps: a group never relays.
-                        Step::Difficulty(_) | Step::Subscribed | Step::Configured | Step::Authorized { .. } => {}
+                let step = match session.on_line(&line, Instant::now(), &mut buf, &mut relayed) {
+                    Ok(step) => step,
+                    Err(fault) => return End::Fault(fault),
+                };
+                match step {
+                    None => {}
+                    Some(Step::Job(n)) => {
+                        let difficulty = session.difficulty;
+                        add_job(group, state, session, n, difficulty);
+                        publish(group, state, session);
                     }
-                }
-                if let Err(fault) = result {
-                    return End::Fault(fault);
+                    Some(Step::Changed { extranonce }) => {
+                        if extranonce {
+                            if session.extranonce2_size < settings.prefix_bytes + MIN_MINER_EXTRANONCE2 {
+                                return End::Fault("set_extranonce leaves miners too little extranonce2");
+                            }
+                            // Jobs of the old extranonce are gone; a smaller size reaches the miners.
+                            let room = session.extranonce2_size - settings.prefix_bytes;
+                            if room < state.en2_size {
+                                state.en2_size = room.min(MAX_MINER_EXTRANONCE2);
+                            }
+                            state.epoch += 1;
+                            state.jobs.clear();
+                        }
+                        publish(group, state, session);
+                    }
+                    Some(Step::Reconnect { host, port }) => {
+                        session.pool.reconnect_requested(host.as_deref(), port, settings.allow_pool_redirect);
+                        return End::Reconnect;
+                    }
+                    Some(Step::Verdict { miner, verdict, rtt }) => credit(&session.pool, miner, verdict, rtt),
+                    // Passthrough's steps: a group never relays.
+                    Some(Step::Difficulty(_) | Step::Subscribed | Step::Configured | Step::Authorized { .. }) => {}
                 }
                 if session.rejecting(settings.max_reject_rate) {
                     return End::Fault("reject rate over upstream.max_reject_rate");
@@ -613,12 +611,12 @@ impl Connection {
         let link = context.pools.open(&pool).await.map_err(|e| format!("connect failed: {e}"))?;
         let session = PoolSession::new(pool, false);
         let mut c = Connection { link, session, early_jobs: Vec::new(), opened_at: Instant::now() };
-        let mut out = PoolOutput::default();
-        c.session.handshake(&mut out.to_pool);
+        let (mut to_pool, mut relayed) = (Vec::new(), Vec::new());
+        c.session.handshake(&mut to_pool);
         let deadline = Instant::now() + context.settings().connect_timeout;
         while !(c.session.subscribed && c.session.logged_in && !c.early_jobs.is_empty()) {
-            c.link.queue(&out.to_pool);
-            out.to_pool.clear();
+            c.link.queue(&to_pool);
+            to_pool.clear();
             let line = match timeout_at(deadline, c.link.next_line()).await {
                 Err(_) => return Err("no subscribe, authorize and job within upstream.connect_timeout".into()),
                 Ok(Some(Ok(line))) => line,
@@ -626,21 +624,20 @@ impl Connection {
                 Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("connection failed: {e}")),
                 Ok(None) => return Err("the pool closed the connection".into()),
             };
-            c.session.on_line(&line, Instant::now(), &mut out).map_err(str::to_owned)?;
-            for step in out.steps.drain(..) {
-                match step {
-                    Step::Reconnect { .. } => return Err("the pool asked for a reconnect during the handshake".into()),
-                    Step::Job(n) => {
-                        if n.clean_jobs {
-                            c.early_jobs.clear();
-                        }
-                        c.early_jobs.push((n, c.session.difficulty));
-                    }
-                    _ => {}
+            match c.session.on_line(&line, Instant::now(), &mut to_pool, &mut relayed).map_err(str::to_owned)? {
+                Some(Step::Reconnect { .. }) => {
+                    return Err("the pool asked for a reconnect during the handshake".into())
                 }
+                Some(Step::Job(n)) => {
+                    if n.clean_jobs {
+                        c.early_jobs.clear();
+                    }
+                    c.early_jobs.push((n, c.session.difficulty));
+                }
+                _ => {}
             }
         }
-        c.link.queue(&out.to_pool);
+        c.link.queue(&to_pool);
         let prefix = context.settings().prefix_bytes;
         if c.session.extranonce2_size < prefix + MIN_MINER_EXTRANONCE2 {
             return Err(format!(
@@ -655,12 +652,8 @@ impl Connection {
 
     /// Settles what the pool will never answer now: each forwarded share, unanswered.
     fn close(mut self) {
-        let mut out = PoolOutput::default();
-        self.session.fail_pending("pool session closed", &mut out);
-        for step in out.steps {
-            if let Step::Verdict { miner, verdict, rtt } = step {
-                credit(&self.session.pool, miner, verdict, rtt);
-            }
+        for miner in self.session.fail_pending("pool session closed", &mut Vec::new()) {
+            credit(&self.session.pool, miner, PoolVerdict::Unanswered, None);
         }
     }
 }

@@ -24,7 +24,6 @@ use crate::upstream::Pool;
 static NO_POOL: SharedString = SharedString::const_str("none");
 
 /// Serves one aggregated miner until it leaves, is closed, or the proxy shuts down.
-#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     shared: &Shared,
     aggregator: &Arc<Aggregator>,
