@@ -1,36 +1,36 @@
-//! One task per miner connection: reads lines from the miner and the pool, feeds them to the
-//! session ([`Passthrough`], or in aggregate mode `aggregate::miner`'s), writes out what it
-//! produces, and reports to the registry and the managers.
+//! One task per miner connection, in both modes: it reads the miner's lines and its pool side's
+//! wake-ups (its own pool session's lines in passthrough, its group's work in aggregate mode),
+//! feeds them to the session, writes out what it produces, and reports to the registry and the
+//! managers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, StreamExt};
-use metrics::{counter, gauge};
-use tokio::io::AsyncWriteExt;
-use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, timeout, Instant};
+use bytes::BytesMut;
+use futures::StreamExt;
+use metrics::{counter, gauge, SharedString};
+use tokio::io::ReadHalf;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
-use crate::aggregate::Aggregator;
+use super::outbox::Outbox;
+use crate::aggregate::miner::Member;
+use crate::aggregate::{Aggregator, Refused};
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
-use crate::config::{Config, Mode, ServerConfig};
+use crate::config::{Config, Mode};
 use crate::metrics as m;
 use crate::passthrough::Passthrough;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
 use crate::session::{Event, Output};
 use crate::submissions::SubmissionManager;
-use crate::upstream::{AsyncStream, NoUpstream, PoolLink, PoolSet};
+use crate::upstream::{AsyncStream, NoUpstream, Pool, PoolLink, PoolSet};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -88,6 +88,9 @@ const READ_BUFFER: usize = 256;
 /// Bytes queued for a miner's pool past which the miner is not read until the pool takes them.
 const MAX_UNWRITTEN: usize = 64 * 1024;
 
+/// The `pool` label of what happens while a miner's group has no pool.
+pub(crate) static NO_POOL: SharedString = SharedString::const_str("none");
+
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
 pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, registration: Registration) {
     let stream: MinerStream = Box::new(stream);
@@ -105,59 +108,59 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, regi
 
 async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) -> CloseReason {
     let config = shared.config();
-    let (reader, writer) = tokio::io::split(stream);
-    let reader = FramedRead::with_capacity(reader, LineCodec::new(config.server.max_line_bytes), READ_BUFFER);
-    // Each mode's state lives inline in this task, so an idle miner costs one allocation of it.
-    match &shared.aggregator {
-        Some(aggregator) => crate::aggregate::miner::serve(shared, aggregator, &config, handle, reader, writer).await,
-        None => passthrough(shared, &config, handle, reader, writer).await,
-    }
-}
-
-async fn passthrough(
-    shared: &Shared,
-    config: &Arc<Config>,
-    handle: &Arc<SessionHandle>,
-    mut reader: MinerReader,
-    writer: WriteHalf<MinerStream>,
-) -> CloseReason {
     let server = &config.server;
-    // Until the first line, a connection holds only this small future and its read half.
+    let (reader, writer) = tokio::io::split(stream);
+    let mut reader = FramedRead::with_capacity(reader, LineCodec::new(server.max_line_bytes), READ_BUFFER);
+    // Until the first line, a connection holds only this small future and its read half: a
+    // socket that never speaks costs no pool session and no seat.
     let first = match first_line(shared, handle, &mut reader).await {
         Ok(first) => first,
         Err(reason) => return reason,
     };
-    let link = match unless_closed(shared, handle, Box::pin(shared.pools.connect())).await {
-        Ok(link) => link,
-        Err(reason) => return reason,
-    };
     let mut outbox = Outbox::new(writer, handle);
-    let reason = match link {
-        Err(NoUpstream) => refuse(&first, &mut outbox, server),
-        Ok(link) => {
-            handle.set_phase(Phase::Connected, shared.registry.now_ms());
-            handle.info().upstream = Some(link.pool().label.as_str().into());
-            let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
-            let driver = Driver {
-                shared,
-                config: config.clone(),
-                handle,
-                reader,
-                outbox: &mut outbox,
-                link,
-                limiter,
-                out: Output::default(),
-            };
-            // Boxed, so the session's state is allocated only for connections that get one.
-            Box::pin(driver.run(first)).await
+    // The task holds every miner's state inline, so each place in it counts. Built in a block:
+    // what the wait leaves behind must not keep a place while the driver runs.
+    let mut driver = {
+        // Boxed, so that the wait's state is held only while it lasts.
+        let open = Box::pin(Side::open(shared, &config, handle));
+        match unless_closed(shared, handle, open).await {
+            Ok(Ok(side)) => {
+                let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
+                let out = Output::default();
+                Ok(Driver {
+                    shared,
+                    config: &config,
+                    handle,
+                    reader,
+                    outbox: &mut outbox,
+                    side,
+                    limiter,
+                    out,
+                    pool: None,
+                })
+            }
+            Ok(Err(refused)) => {
+                let reason = match refused {
+                    Refused::NoUpstream => "no_upstream",
+                    Refused::Full => "full",
+                };
+                let _ = outbox.push(refusal(&first, reason, &refused.to_string()), server);
+                Err(CloseReason::NoUpstream)
+            }
+            Err(reason) => Err(reason),
         }
     };
+    // Run in place: a binding of its own would keep a second place in the task.
+    let reason = match &mut driver {
+        Ok(driver) => driver.run(first).await,
+        Err(reason) => *reason,
+    };
+    // The pool side is gone (a seat is free) before the last output is written.
+    drop(driver);
     outbox.close(reason, server).await;
     reason
 }
 
-/// Waits for the miner's first line; only then does the session get a pool. A socket that never
-/// speaks costs the pool nothing, and the accept loop never waits on a pool: this task does.
 /// `work`'s output, unless the session is asked to close or the proxy shuts down first.
 pub(crate) async fn unless_closed<T>(
     shared: &Shared,
@@ -172,7 +175,9 @@ pub(crate) async fn unless_closed<T>(
     }
 }
 
-pub(crate) async fn first_line(
+/// Waits for the miner's first line; only then does the session get a pool. The accept loop
+/// never waits on a pool: this task does.
+async fn first_line(
     shared: &Shared,
     handle: &SessionHandle,
     reader: &mut MinerReader,
@@ -189,164 +194,8 @@ pub(crate) async fn first_line(
     Ok(first)
 }
 
-/// What a session writes to its miner through: passthrough and aggregate mode alike.
-///
-/// While the socket takes everything at once, a push writes straight to it, and an idle miner
-/// costs nothing beyond its write half. Once the socket falls behind, a writer task takes the
-/// write half and drains a queue bounded in messages and bytes, so that the session never waits
-/// on a miner that does not read: past the bounds the miner is closed `slow_reader`. A write
-/// stalled past `write_timeout` (or failed) closes the session through its handle,
-/// `write_failed`, so the session's one close signal covers it and needs no second branch.
-pub(crate) struct Outbox {
-    state: OutboxState,
-    handle: Arc<SessionHandle>,
-}
-
-enum OutboxState {
-    Direct(WriteHalf<MinerStream>),
-    Queued(Queue),
-    /// A direct write failed: the socket is gone.
-    Failed,
-}
-
-struct Queue {
-    /// Bounded by `max_queue_messages`.
-    tx: mpsc::Sender<Bytes>,
-    /// Bytes queued and not yet written.
-    queued: Arc<AtomicUsize>,
-    /// Ends early only when a write fails or stalls.
-    writer: JoinHandle<()>,
-}
-
-impl Outbox {
-    pub(crate) fn new(writer: WriteHalf<MinerStream>, handle: &Arc<SessionHandle>) -> Self {
-        Outbox { state: OutboxState::Direct(writer), handle: handle.clone() }
-    }
-
-    /// Sends `bytes` to the miner, taking the buffer itself: it is freed once written, so an idle
-    /// session holds no output buffer. A miner whose queue is full is too slow to keep.
-    pub(crate) fn push(&mut self, bytes: Vec<u8>, server: &ServerConfig) -> Result<(), CloseReason> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let writer = match &mut self.state {
-            OutboxState::Failed => return Err(CloseReason::WriteFailed),
-            OutboxState::Queued(queue) => return queue.push(Bytes::from(bytes), server.max_queue_bytes),
-            OutboxState::Direct(writer) => writer,
-        };
-        // What the socket takes without waiting goes now. Polled once, with no waker to call:
-        // whatever is left, and the wake-up, are the writer task's.
-        let mut written = 0;
-        while written < bytes.len() {
-            match writer.write(&bytes[written..]).now_or_never() {
-                Some(Ok(0)) => return self.fail(None),
-                Some(Ok(n)) => written += n,
-                Some(Err(e)) => return self.fail(Some(e)),
-                None => break,
-            }
-        }
-        // A TLS stream may hold back what it took until flushed.
-        if written == bytes.len() {
-            match writer.flush().now_or_never() {
-                Some(Ok(())) => return Ok(()),
-                Some(Err(e)) => return self.fail(Some(e)),
-                None => {}
-            }
-        }
-        let OutboxState::Direct(writer) = std::mem::replace(&mut self.state, OutboxState::Failed) else {
-            unreachable!("matched above")
-        };
-        let queue = Queue::spawn(writer, self.handle.clone(), server.max_queue_messages, server.write_timeout());
-        // An empty rest still makes the writer flush.
-        let rest = Bytes::from(bytes).slice(written..);
-        let pushed = queue.push(rest, server.max_queue_bytes);
-        self.state = OutboxState::Queued(queue);
-        pushed
-    }
-
-    fn fail(&mut self, error: Option<std::io::Error>) -> Result<(), CloseReason> {
-        tracing::debug!(error = ?error, "write to miner failed");
-        self.state = OutboxState::Failed;
-        Err(CloseReason::WriteFailed)
-    }
-
-    /// Writes out what is queued (each write bounded by `write_timeout`), then closes the socket.
-    /// A miner closed for not reading (or whose writes fail) is cut at once: what is queued for it
-    /// would only wait out `write_timeout`.
-    pub(crate) async fn close(self, reason: CloseReason, server: &ServerConfig) {
-        let cut = matches!(reason, CloseReason::SlowReader | CloseReason::WriteFailed);
-        match self.state {
-            OutboxState::Direct(_) if cut => {}
-            OutboxState::Direct(mut writer) => {
-                let _ = timeout(server.write_timeout(), writer.shutdown()).await;
-            }
-            OutboxState::Queued(Queue { writer, .. }) if cut => writer.abort(),
-            OutboxState::Queued(Queue { tx, mut writer, .. }) => {
-                drop(tx);
-                if timeout(server.write_timeout(), &mut writer).await.is_err() {
-                    writer.abort();
-                }
-            }
-            OutboxState::Failed => {}
-        }
-    }
-}
-
-impl Queue {
-    fn spawn(
-        mut writer: WriteHalf<MinerStream>,
-        handle: Arc<SessionHandle>,
-        max_messages: usize,
-        write_timeout: Duration,
-    ) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(max_messages);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn({
-            let queued = queued.clone();
-            async move {
-                while let Some(bytes) = rx.recv().await {
-                    let write = async {
-                        writer.write_all(&bytes).await?;
-                        if rx.is_empty() {
-                            writer.flush().await?;
-                        }
-                        Ok::<_, std::io::Error>(())
-                    };
-                    match timeout(write_timeout, write).await {
-                        Ok(Ok(())) => queued.fetch_sub(bytes.len(), Ordering::AcqRel),
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "write to miner failed");
-                            return handle.close(CloseReason::WriteFailed);
-                        }
-                        Err(_) => {
-                            tracing::info!("write to miner stalled past write_timeout");
-                            return handle.close(CloseReason::WriteFailed);
-                        }
-                    };
-                }
-                let _ = writer.shutdown().await;
-            }
-        });
-        Queue { tx, queued, writer }
-    }
-
-    fn push(&self, bytes: Bytes, max_bytes: usize) -> Result<(), CloseReason> {
-        if self.writer.is_finished() {
-            return Err(CloseReason::WriteFailed);
-        }
-        if self.queued.load(Ordering::Acquire) + bytes.len() > max_bytes {
-            return Err(CloseReason::SlowReader);
-        }
-        self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        self.tx.try_send(bytes).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => CloseReason::SlowReader,
-            mpsc::error::TrySendError::Closed(_) => CloseReason::WriteFailed,
-        })
-    }
-}
-
 /// A token bucket over the lines a miner sends.
-pub(crate) struct RateLimiter {
+struct RateLimiter {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -354,12 +203,12 @@ pub(crate) struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub(crate) fn new(rate: u32, burst: u32) -> Self {
+    fn new(rate: u32, burst: u32) -> Self {
         Self { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
     }
 
     /// Takes a token for one line; false when the miner is past its rate and burst.
-    pub(crate) fn allow(&mut self, now: Instant) -> bool {
+    fn allow(&mut self, now: Instant) -> bool {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens < 1.0 {
@@ -370,15 +219,9 @@ impl RateLimiter {
     }
 }
 
-/// No pool is reachable: answer the miner's first request with an error instead of hanging it.
-fn refuse(line: &[u8], outbox: &mut Outbox, server: &ServerConfig) -> CloseReason {
-    let _ = outbox.push(refusal(line, "no_upstream", "no upstream pool available, retry later"), server);
-    CloseReason::NoUpstream
-}
-
 /// The error that refuses a miner's first request (`line`), with its id when that can be read;
 /// counted under `reason`.
-pub(crate) fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u8> {
+fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u8> {
     counter!(m::MINERS_REFUSED, "reason" => reason).increment(1);
     tracing::info!(reason, "refusing the miner");
     let id = match miner::parse(line) {
@@ -393,148 +236,301 @@ pub(crate) fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u
 
 /// A miner's connection, plain TCP or TLS: boxed once, so the rest of the task is one type.
 pub(crate) type MinerStream = Box<dyn AsyncStream>;
-pub(crate) type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
+type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
 
+/// A miner's pool side: the policy of its task. A member is held inline: the driver that holds
+/// it is one allocation already, and aggregated miners are the many.
+#[allow(clippy::large_enum_variant)]
+enum Side {
+    /// Passthrough: a pool session of its own. Boxed: an aggregated miner does not pay its size.
+    Own(Box<Own>),
+    /// Aggregate mode: a seat in a group that shares one.
+    Member(Member),
+}
+
+/// Passthrough's pool side: the miner's session with its pool session, and the connection.
+struct Own {
+    session: Passthrough,
+    link: PoolLink,
+    started: Instant,
+    job_timeout: Duration,
+    /// Set once the proxy starts shutting down: no more miner lines, only replies.
+    drain_deadline: Option<Instant>,
+}
+
+/// What woke a pool side.
+enum Wake {
+    Pool(Option<Result<BytesMut, FrameError>>),
+    Work(Result<(), watch::error::RecvError>),
+}
+
+impl Side {
+    /// A pool session of the miner's own, or a seat in a group.
+    async fn open(shared: &Shared, config: &Config, handle: &SessionHandle) -> Result<Side, Refused> {
+        let Some(aggregator) = &shared.aggregator else {
+            let link = Box::pin(shared.pools.connect()).await.map_err(|NoUpstream| Refused::NoUpstream)?;
+            handle.set_phase(Phase::Connected, shared.registry.now_ms());
+            let session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
+            let (started, job_timeout) = (Instant::now(), config.upstream.job_timeout());
+            return Ok(Side::Own(Box::new(Own { session, link, started, job_timeout, drain_deadline: None })));
+        };
+        let seat = aggregator.admit().await?;
+        Ok(Side::Member(Member::new(seat, config, Instant::now())))
+    }
+
+    fn pool(&self) -> Option<&Arc<Pool>> {
+        match self {
+            Side::Own(own) => Some(own.link.pool()),
+            Side::Member(member) => member.pool(),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self {
+            Side::Own(own) => own.session.phase(),
+            Side::Member(member) => member.session.phase(),
+        }
+    }
+
+    /// The next timer: the job and drain deadlines of a pool session, or a member's vardiff.
+    fn deadline(&self) -> Instant {
+        match self {
+            Side::Own(own) => {
+                let job = own.session.last_notify().unwrap_or(own.started) + own.job_timeout;
+                own.drain_deadline.map_or(job, |drain| drain.min(job))
+            }
+            Side::Member(member) => member.session.next_check().expect("a local session has a vardiff"),
+        }
+    }
+
+    /// The pool's next line, or the group's next work.
+    async fn wake(&mut self) -> Wake {
+        match self {
+            Side::Own(own) => Wake::Pool(own.link.next_line().await),
+            Side::Member(member) => Wake::Work(member.changed().await),
+        }
+    }
+
+    /// Whether to read the miner: not while draining, nor while the pool does not take what is
+    /// queued for it (TCP pushes back).
+    fn reading(&self) -> bool {
+        match self {
+            Side::Own(own) => own.drain_deadline.is_none() && own.link.unwritten() < MAX_UNWRITTEN,
+            Side::Member(_) => true,
+        }
+    }
+
+    /// Shutting down, and nothing is left to answer.
+    fn drained(&self) -> bool {
+        matches!(self, Side::Own(own) if own.drain_deadline.is_some() && own.session.pending() == 0)
+    }
+
+    /// The proxy is shutting down. A pool session waits up to `shutdown_grace` for the replies
+    /// in flight; a member closes at once, as its group drains the shares.
+    fn on_shutdown(&mut self, grace: Duration) -> Option<CloseReason> {
+        match self {
+            Side::Own(own) => {
+                own.drain_deadline.get_or_insert_with(|| Instant::now() + grace);
+                None
+            }
+            Side::Member(_) => Some(CloseReason::Shutdown),
+        }
+    }
+
+    /// The miner is leaving or being closed: requests in flight get an error if it can still
+    /// read one, and their shares are counted as unanswered.
+    fn on_closing(&mut self, out: &mut Output) {
+        if let Side::Own(own) = self {
+            own.session.on_miner_closing(out);
+        }
+    }
+
+    fn on_deadline(&mut self, now: Instant, out: &mut Output) {
+        match self {
+            Side::Own(own) if own.drain_deadline.is_some_and(|drain| drain <= now) => {
+                own.session.on_shutdown_deadline(out)
+            }
+            Side::Own(own) => {
+                let (pool, job_timeout) = (&own.link.pool().label, own.job_timeout);
+                tracing::warn!(%pool, ?job_timeout, "no job from the pool; dropping the pool session");
+                own.session.on_job_timeout(out);
+            }
+            Side::Member(member) => member.session.on_tick(now, out),
+        }
+    }
+
+    fn on_wake(&mut self, wake: Wake, now: Instant, out: &mut Output) {
+        let own = match (self, wake) {
+            (Side::Member(member), Wake::Work(changed)) => return member.on_changed(changed, now, out),
+            (Side::Own(own), Wake::Pool(line)) => match line {
+                Some(Ok(line)) => return own.session.on_pool_line(&line, now, out),
+                Some(Err(FrameError::TooLong(max))) => {
+                    counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
+                    tracing::warn!(max, pool = %own.link.pool().label, "pool line over the cap");
+                    return own.session.on_pool_line_too_long(out);
+                }
+                Some(Err(FrameError::Io(e))) => {
+                    tracing::info!(error = %e, "pool connection failed");
+                    own
+                }
+                None => {
+                    tracing::info!("pool closed the connection");
+                    own
+                }
+            },
+            _ => unreachable!("each side wakes with its own kind"),
+        };
+        own.link.pool().connection_lost();
+        own.session.on_pool_lost(out);
+    }
+
+    fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], out: &mut Output) {
+        let now = Instant::now();
+        match self {
+            Side::Own(own) => own.session.on_miner_line(line, now, out),
+            Side::Member(member) => member.on_miner_line(handle, line, now, out),
+        }
+    }
+
+    /// Sends what the step wrote for the pool: at once, or while the pool's next line is awaited.
+    fn flush(&mut self, out: &mut Output) {
+        if let Side::Own(own) = self {
+            own.link.queue(&out.to_pool);
+        }
+        out.to_pool.clear();
+    }
+}
+
+/// One miner's task: the miner's lines, its pool side's wake-ups and the timers go into the
+/// session; what comes out is written, accounted and reported.
 struct Driver<'a> {
     shared: &'a Shared,
     /// The configuration the session started under.
-    config: Arc<Config>,
-    handle: &'a SessionHandle,
+    config: &'a Config,
+    handle: &'a Arc<SessionHandle>,
     reader: MinerReader,
     outbox: &'a mut Outbox,
-    link: PoolLink,
+    side: Side,
     limiter: RateLimiter,
     out: Output,
+    /// The pool the miner's work goes to, as the registry was last told.
+    pool: Option<Arc<Pool>>,
 }
 
 impl Driver<'_> {
-    async fn run(mut self, first: BytesMut) -> CloseReason {
-        let mut session = Passthrough::new(self.shared.auth.clone(), self.link.pool().clone(), self.handle.peer.ip());
-        let started = Instant::now();
-        let job_timeout = self.config.upstream.job_timeout();
-        // Set once the proxy starts shutting down: no more miner lines, only replies.
-        let mut drain_deadline: Option<Instant> = None;
+    async fn run(&mut self, first: BytesMut) -> CloseReason {
         let mut first = Some(first);
         loop {
-            let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
             // A reason to close after this step's output is written.
             let mut close: Option<CloseReason> = None;
-            if let Some(line) = first.take() {
-                self.miner_line(&mut session, &line, &mut close);
-            } else {
+            // Handled after the select, whose futures would otherwise be held across its await.
+            let mut line = first.take();
+            if line.is_none() {
+                let deadline = self.side.deadline();
+                let draining = matches!(&self.side, Side::Own(own) if own.drain_deadline.is_some());
                 tokio::select! {
                     biased;
                     reason = self.handle.closed() => {
-                        session.on_miner_closing(&mut self.out);
+                        self.side.on_closing(&mut self.out);
                         close = Some(reason);
                     }
-                    _ = self.shared.shutdown.cancelled(), if drain_deadline.is_none() => {
-                        drain_deadline = Some(Instant::now() + self.config.server.shutdown_grace());
+                    _ = self.shared.shutdown.cancelled(), if !draining => {
+                        close = self.side.on_shutdown(self.config.server.shutdown_grace());
                     }
-                    _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                        session.on_shutdown_deadline(&mut self.out);
-                    }
-                    _ = sleep_until(job_deadline) => {
-                        tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
-                        session.on_job_timeout(&mut self.out);
-                    }
-                    line = self.link.next_line() => match line {
-                        Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),
-                        Some(Err(FrameError::TooLong(max))) => {
-                            counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
-                            tracing::warn!(max, pool = %self.link.pool().label, "pool line over the cap");
-                            session.on_pool_line_too_long(&mut self.out);
-                        }
-                        Some(Err(FrameError::Io(e))) => {
-                            tracing::info!(error = %e, "pool connection failed");
-                            self.link.pool().connection_lost();
-                            session.on_pool_lost(&mut self.out);
-                        }
-                        None => {
-                            tracing::info!("pool closed the connection");
-                            self.link.pool().connection_lost();
-                            session.on_pool_lost(&mut self.out);
-                        }
-                    },
-                    // While the pool does not take what is queued, the miner waits: TCP pushes back.
-                    line = self.reader.next(), if drain_deadline.is_none() && self.link.unwritten() < MAX_UNWRITTEN => match line {
-                        Some(Ok(line)) => self.miner_line(&mut session, &line, &mut close),
+                    _ = sleep_until(deadline) => self.side.on_deadline(Instant::now(), &mut self.out),
+                    wake = self.side.wake() => self.side.on_wake(wake, Instant::now(), &mut self.out),
+                    next = self.reader.next(), if self.side.reading() => match next {
+                        Some(Ok(next)) => line = Some(next),
                         Some(Err(FrameError::TooLong(max))) => {
                             counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
                             tracing::info!(max, "miner line over the cap");
-                            session.on_miner_closing(&mut self.out);
+                            self.side.on_closing(&mut self.out);
                             close = Some(CloseReason::LineTooLong);
                         }
+                        // Nobody is left to answer; the shares in flight are still accounted for.
                         Some(Err(FrameError::Io(_))) | None => {
-                            // Nobody is left to answer; the shares in flight are still accounted for.
-                            session.on_miner_closing(&mut self.out);
-                            self.report();
-                            return CloseReason::MinerClosed;
+                            self.side.on_closing(&mut self.out);
+                            close = Some(CloseReason::MinerClosed);
                         }
                     },
                 }
             }
-            // Written while the pool is awaited; a pool that stops reading fails in `next_line`.
-            self.link.queue(&self.out.to_pool);
+            if let Some(line) = line {
+                self.miner_line(&line, &mut close).await;
+            }
+            self.side.flush(&mut self.out);
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
-            self.handle.set_phase(session.phase(), self.shared.registry.now_ms());
-            close = close.or(self.report());
+            let reported = self.report();
+            close = close.or(reported);
+            self.handle.set_phase(self.side.phase(), self.shared.registry.now_ms());
+            // The buffer goes with it, not kept: most miners are idle between jobs.
             if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner), &self.config.server) {
                 close = close.or(Some(reason));
             }
             if let Some(reason) = close {
                 return reason;
             }
-            if drain_deadline.is_some() && session.pending() == 0 {
+            if self.side.drained() {
                 return CloseReason::Shutdown;
             }
         }
     }
 
     /// One line from the miner, within its rate limit.
-    fn miner_line(&mut self, session: &mut Passthrough, line: &[u8], close: &mut Option<CloseReason>) {
-        let now = Instant::now();
+    async fn miner_line(&mut self, line: &[u8], close: &mut Option<CloseReason>) {
         self.shared.registry.touch(self.handle);
-        if self.limiter.allow(now) {
-            session.on_miner_line(line, now, &mut self.out);
-        } else {
+        if !self.limiter.allow(Instant::now()) {
             tracing::info!("miner past its message rate limit");
-            session.on_miner_closing(&mut self.out);
+            self.side.on_closing(&mut self.out);
             *close = Some(CloseReason::RateLimited);
+            return;
+        }
+        self.side.on_miner_line(self.handle, line, &mut self.out);
+        if let (Side::Member(member), false) = (&mut self.side, self.out.up.is_empty()) {
+            // Boxed: a miner authorizes once or twice, and the wait's state would otherwise be
+            // part of every aggregated miner's task.
+            Box::pin(member.authorize(self.shared, self.handle.peer.ip(), self.config, &mut self.out)).await;
         }
     }
 
     /// Hands the step's events to the registry and the managers. Returns the session's close
     /// reason, if it ended.
     fn report(&mut self) -> Option<CloseReason> {
-        let pool = self.link.pool();
-        let label = &pool.label;
+        // The pool changes only with a switch: compared by pointer, not by name, on each step.
+        let pool = self.side.pool();
+        if pool.map(Arc::as_ptr) != self.pool.as_ref().map(Arc::as_ptr) {
+            self.pool = pool.cloned();
+            self.handle.info().upstream = pool.map(|p| Arc::from(p.label.as_str()));
+        }
+        let label = self.pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        let (submissions, handle) = (&self.shared.submissions, self.handle);
         let mut close = None;
-        for event in self.out.events.drain(..) {
+        // Taken, not drained: an idle miner keeps no buffer.
+        for event in std::mem::take(&mut self.out.events) {
             match event {
-                Event::PoolFault(reason) => {
-                    counter!(m::UPSTREAM_FAULTS, "pool" => label.clone(), "reason" => reason).increment(1);
-                    tracing::warn!(pool = %label, reason, "pool fault; dropping the pool session");
-                    pool.report_fault();
-                }
-                Event::PoolReconnect { host, port } => {
-                    pool.reconnect_requested(host.as_deref(), port, self.config.upstream.allow_pool_redirect)
-                }
-                Event::ShareValid(share) => self.shared.submissions.validated(self.handle, &pool.metric_label, &share),
-                Event::ShareRefused(reason) => self.shared.submissions.refused(self.handle, &pool.metric_label, reason),
-                Event::PoolVerdict(verdict, rtt) => {
-                    self.shared.submissions.pool_verdict(self.handle, &pool.metric_label, verdict, rtt)
-                }
+                Event::ShareValid(share) => submissions.validated(handle, label, &share),
+                Event::ShareRefused(reason) => submissions.refused(handle, label, reason),
+                Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, label, verdict, rtt),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");
-                    self.handle.info().worker = Some(worker);
+                    handle.info().worker = Some(worker);
                 }
-                Event::Difficulty(d) => self.handle.info().difficulty = Some(d),
-                Event::Close(reason) => close = Some(reason),
+                Event::Difficulty(d) => handle.info().difficulty = Some(d),
+                Event::Close(reason) => close = close.or(Some(reason)),
+                Event::PoolFault(reason) => {
+                    let Some(pool) = &self.pool else { continue };
+                    counter!(m::UPSTREAM_FAULTS, "pool" => label.clone(), "reason" => reason).increment(1);
+                    tracing::warn!(pool = %pool.label, reason, "pool fault; dropping the pool session");
+                    pool.report_fault();
+                }
+                Event::PoolReconnect { host, port } => {
+                    if let Some(pool) = &self.pool {
+                        pool.reconnect_requested(host.as_deref(), port, self.config.upstream.allow_pool_redirect);
+                    }
+                }
             }
         }
-        self.out.to_pool.clear();
         close
     }
 }

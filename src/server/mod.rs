@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod connection;
 pub mod hashrate;
+pub mod outbox;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod systemd;

@@ -1,206 +1,108 @@
-//! One aggregated miner's task: it runs the miner's [`MinerSession`] (local policy) against its
-//! group: the group's work comes in through a `watch`, shares and authorizes go out through the
-//! group's queue.
+//! An aggregated miner's pool side: its seat in a group. The group's work comes in through a
+//! `watch`; shares and authorizes go out through the group's queue. The miner's task
+//! (`server::connection`) drives it as it drives passthrough's own pool session.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use futures::StreamExt;
-use metrics::{counter, SharedString};
-use tokio::io::WriteHalf;
-use tokio::sync::oneshot;
-use tokio::time::{sleep_until, timeout, Instant};
-use tracing::field;
+use metrics::counter;
+use tokio::sync::{oneshot, watch};
+use tokio::time::{timeout, Instant};
 
-use super::{Aggregator, Refused, Upward};
-use crate::codec::FrameError;
+use super::{Seat, Upward, Work};
 use crate::config::Config;
-use crate::connection::{first_line, refusal, MinerReader, MinerStream, Outbox, RateLimiter, Shared};
+use crate::connection::{Shared, NO_POOL};
 use crate::metrics as m;
 use crate::protocol::code;
 use crate::registry::{CloseReason, SessionHandle};
 use crate::session::{reply_error, Event, MinerSession, Output, Up};
 use crate::upstream::Pool;
 
-static NO_POOL: SharedString = SharedString::const_str("none");
+/// One miner's seat in a group, and its session under the local policy.
+#[derive(Debug)]
+pub struct Member {
+    pub session: MinerSession,
+    seat: Seat,
+    work: watch::Receiver<Arc<Work>>,
+}
 
-/// Serves one aggregated miner until it leaves, is closed, or the proxy shuts down.
-pub async fn serve(
-    shared: &Shared,
-    aggregator: &Arc<Aggregator>,
-    config: &Config,
-    handle: &Arc<SessionHandle>,
-    mut reader: MinerReader,
-    writer: WriteHalf<MinerStream>,
-) -> CloseReason {
-    let server = &config.server;
-    // A socket that never speaks costs no seat and no prefix.
-    let first = match first_line(shared, handle, &mut reader).await {
-        Ok(first) => first,
-        Err(reason) => return reason,
-    };
-    // A select of its own rather than `unless_closed`: wrapped in that future, the admission's
-    // state grows every idle miner's task by 384 bytes.
-    let admitted = tokio::select! {
-        biased;
-        reason = handle.closed() => return reason,
-        _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
-        seat = aggregator.admit() => seat,
-    };
-    let seat = match admitted {
-        Ok(seat) => seat,
-        Err(refused) => {
-            let reason = match refused {
-                Refused::NoUpstream => "no_upstream",
-                Refused::Full => "full",
-            };
-            let mut outbox = Outbox::new(writer, handle);
-            let _ = outbox.push(refusal(&first, reason, &refused.to_string()), server);
-            outbox.close(CloseReason::NoUpstream, server).await;
-            return CloseReason::NoUpstream;
-        }
-    };
-    // The steps run inline here, not in an async fn of their own: a nested future's state grew
-    // every idle miner's task by about 250 bytes.
-    let mut outbox = Outbox::new(writer, handle);
-    let mut work = seat.group.subscribe();
-    let now = Instant::now();
-    let prefix = seat.prefix.to_bytes(config.aggregate.prefix_bytes);
-    let initial = work.borrow_and_update().clone();
-    let mut session =
-        MinerSession::local(prefix, initial, config.vardiff.vardiff(), config.aggregate.worker_passthrough, now);
-    let mut limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
-    let mut out = Output::default();
-    let mut first = Some(first);
-    let mut last_pool: Option<Arc<Pool>> = None;
-    let reason = loop {
-        let mut close = None;
-        if let Some(line) = first.take() {
-            miner_line(shared, handle, &mut session, &mut limiter, &line, &mut out, &mut close);
-        } else {
-            tokio::select! {
-                biased;
-                reason = handle.closed() => close = Some(reason),
-                // No more lines: what was written for the miner goes out, then it is closed.
-                _ = shared.shutdown.cancelled() => close = Some(CloseReason::Shutdown),
-                changed = work.changed() => match changed {
-                    Ok(()) => {
-                        let new = work.borrow_and_update().clone();
-                        session.on_work(new, Instant::now(), &mut out);
-                    }
-                    Err(_) => close = Some(CloseReason::UpstreamLost),
-                },
-                _ = sleep_until(session.next_check().expect("a local session has a vardiff")) => session.on_tick(Instant::now(), &mut out),
-                line = reader.next() => match line {
-                    Some(Ok(line)) => {
-                        // Judge against the newest work: a share for a pool that is gone is stale.
-                        if work.has_changed().unwrap_or(false) {
-                            let new = work.borrow_and_update().clone();
-                            session.on_work(new, Instant::now(), &mut out);
-                        }
-                        miner_line(shared, handle, &mut session, &mut limiter, &line, &mut out, &mut close);
-                    }
-                    Some(Err(FrameError::TooLong(max))) => {
-                        counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
-                        tracing::info!(max, "miner line over the cap");
-                        close = Some(CloseReason::LineTooLong);
-                    }
-                    Some(Err(FrameError::Io(_))) | None => close = Some(CloseReason::MinerClosed),
-                },
+impl Member {
+    pub fn new(seat: Seat, config: &Config, now: Instant) -> Self {
+        let mut work = seat.group.subscribe();
+        let prefix = seat.prefix.to_bytes(config.aggregate.prefix_bytes);
+        let initial = work.borrow_and_update().clone();
+        let session =
+            MinerSession::local(prefix, initial, config.vardiff.vardiff(), config.aggregate.worker_passthrough, now);
+        Member { session, seat, work }
+    }
+
+    /// The pool the group works for now, if it has one.
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.session.work().and_then(|work| work.pool.as_ref())
+    }
+
+    /// The group's work changed (`Ok`), or the group is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.work.changed().await
+    }
+
+    /// Takes the group's newest work, if it changed: a share for a pool that is gone is stale.
+    pub fn on_changed(&mut self, changed: Result<(), watch::error::RecvError>, now: Instant, out: &mut Output) {
+        match changed {
+            Ok(()) => {
+                let new = self.work.borrow_and_update().clone();
+                self.session.on_work(new, now, out);
             }
+            Err(_) => out.events.push(Event::Close(CloseReason::UpstreamLost)),
         }
-        // The pool changes only with a switch: compared by pointer, not by name, on each step.
-        let pool = &session.work().expect("a local session has work").pool;
-        if !same_pool(pool, &last_pool) {
-            last_pool = pool.clone();
-            handle.info().upstream = pool.as_ref().map(|p| Arc::from(p.label.as_str()));
+    }
+
+    /// One line from the miner, judged against the group's newest work. Its shares go to the
+    /// group; an authorize stays in `out.up`, for [`authorize`](Self::authorize).
+    pub fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], now: Instant, out: &mut Output) {
+        if self.work.has_changed().unwrap_or(false) {
+            self.on_changed(Ok(()), now, out);
         }
-        let label = last_pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        self.session.on_miner_line(line, now, out);
         let mut dropped = 0;
         for up in std::mem::take(&mut out.up) {
             match up {
                 // Each forwarded share carries its miner's handle, so that the group credits the
                 // pool's verdict to the miner.
-                Up::Share(f) => dropped += usize::from(seat.group.send(Upward::Share(f, handle.clone())).is_err()),
-                Up::Authorize { id, user, password } => {
-                    let (peer, now) = (handle.peer.ip(), Instant::now());
-                    if let Some(message) = shared.auth.refusal(peer, now) {
-                        reply_error(&mut out, &id, code::UNAUTHORIZED, &message);
-                        continue;
-                    }
-                    let (tx, rx) = oneshot::channel();
-                    let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx };
-                    let answer = match seat.group.send(upward) {
-                        Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
-                        Err(_) => None,
-                    };
-                    // Only the pool's refusal is the miner's failure; its silence is not.
-                    match answer {
-                        Some(true) => shared.auth.succeeded(peer),
-                        Some(false) => shared.auth.failed(peer, now),
-                        None => {}
-                    }
-                    session.on_authorize_answer(&id, user, answer == Some(true), &mut out);
-                }
+                Up::Share(f) => dropped += u64::from(self.seat.group.send(Upward::Share(f, handle.clone())).is_err()),
+                up @ Up::Authorize { .. } => out.up.push(up),
                 Up::Relay { .. } => unreachable!("a local session relays nothing"),
             }
         }
         if dropped > 0 {
             tracing::warn!(dropped, "upstream queue full; shares not forwarded");
-            counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "dropped").increment(dropped as u64);
+            let label = self.pool().map_or(&NO_POOL, |pool| &pool.metric_label);
+            counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => "dropped").increment(dropped);
         }
-        for event in std::mem::take(&mut out.events) {
-            match event {
-                Event::ShareValid(share) => shared.submissions.validated(handle, label, &share),
-                Event::ShareRefused(reason) => shared.submissions.refused(handle, label, reason),
-                Event::Authorized(worker) => {
-                    tracing::Span::current().record("worker", field::display(&worker));
-                    tracing::debug!(%worker, "authorized");
-                    handle.info().worker = Some(worker);
-                }
-                Event::Difficulty(d) => handle.info().difficulty = Some(d),
-                Event::Close(reason) => close = close.or(Some(reason)),
-                // The group task sends the shares and hears the pool's verdicts.
-                Event::PoolVerdict(..) | Event::PoolFault(_) | Event::PoolReconnect { .. } => {}
-            }
-        }
-        handle.set_phase(session.phase(), shared.registry.now_ms());
-        // The buffer goes with it, not kept: most miners are idle between jobs.
-        if let Err(reason) = outbox.push(std::mem::take(&mut out.to_miner), server) {
-            close = close.or(Some(reason));
-        }
-        if let Some(reason) = close {
-            break reason;
-        }
-    };
-    // Nothing more goes to the group: the seat is free before the last output is written.
-    drop(seat);
-    outbox.close(reason, server).await;
-    reason
-}
-
-fn same_pool(a: &Option<Arc<Pool>>, b: &Option<Arc<Pool>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
     }
-}
 
-fn miner_line(
-    shared: &Shared,
-    handle: &SessionHandle,
-    session: &mut MinerSession,
-    limiter: &mut RateLimiter,
-    line: &[u8],
-    out: &mut Output,
-    close: &mut Option<CloseReason>,
-) {
-    let now = Instant::now();
-    shared.registry.touch(handle);
-    if limiter.allow(now) {
-        session.on_miner_line(line, now, out);
-    } else {
-        tracing::info!("miner past its message rate limit");
-        *close = Some(CloseReason::RateLimited);
+    /// Asks the group's pool about the workers the last line authorizes, and answers the miner.
+    pub async fn authorize(&mut self, shared: &Shared, peer: IpAddr, config: &Config, out: &mut Output) {
+        for up in std::mem::take(&mut out.up) {
+            let Up::Authorize { id, user, password } = up else { continue };
+            let now = Instant::now();
+            if let Some(message) = shared.auth.refusal(peer, now) {
+                reply_error(out, &id, code::UNAUTHORIZED, &message);
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx };
+            let answer = match self.seat.group.send(upward) {
+                Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
+                Err(_) => None,
+            };
+            // Only the pool's refusal is the miner's failure; its silence is not.
+            match answer {
+                Some(true) => shared.auth.succeeded(peer),
+                Some(false) => shared.auth.failed(peer, now),
+                None => {}
+            }
+            self.session.on_authorize_answer(&id, user, answer == Some(true), out);
+        }
     }
 }

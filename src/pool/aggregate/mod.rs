@@ -10,7 +10,8 @@
 //!
 //! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
 //! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
-//! - [`miner`]: one aggregated miner's task, around its [`MinerSession`](crate::session::MinerSession).
+//! - [`miner`]: one aggregated miner's seat and its [`MinerSession`](crate::session::MinerSession),
+//!   driven by the miner's task in `server::connection`.
 
 pub mod group;
 pub mod miner;
