@@ -3,6 +3,8 @@
 //! Every wait here is bounded, so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod firmware;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
