@@ -103,6 +103,17 @@ pub struct Forward {
     pub version_bits: Option<u32>,
     /// The miner's request, when the pool's verdict answers it (passthrough).
     pub reply_to: Option<Id>,
+    /// The share meets the network target: a block candidate, sent whatever the pool's difficulty.
+    pub block: Option<BlockCandidate>,
+}
+
+/// A share whose hash meets the network target from its job's nbits.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCandidate {
+    pub hash: [u8; 32],
+    /// Below the pool's share target (a network easier than the pool, as on testnets): sent for the
+    /// block alone, so that the pool's reject of it as a share says nothing of the pool's health.
+    pub below_share_target: bool,
 }
 
 impl Forward {
@@ -502,6 +513,9 @@ impl MinerSession {
         };
         self.book.remember(index, share.key);
         let job = self.book.sent(index).job.clone();
+        // Both modes send every block candidate, as ckpool does, whatever the pool's difficulty.
+        let meets_pool = meets(&share.hash, &job.upstream_target);
+        let block = share.block.then_some(BlockCandidate { hash: share.hash, below_share_target: !meets_pool });
         // In aggregate mode the miner's extranonce1 is its prefix, the start of the pool's extranonce2.
         let prefix: &[u8] = if matches!(self.policy, Policy::Local(_)) { &self.extranonce1 } else { &[] };
         let mask = self.mask.unwrap_or(0);
@@ -520,6 +534,7 @@ impl MinerSession {
                 // The bits as the miner sent them: the checks kept them inside the mask.
                 version_bits: submit.version_bits.is_some().then(|| share.key.version() & mask),
                 reply_to,
+                block,
             }
         };
         match &mut self.policy {
@@ -530,7 +545,7 @@ impl MinerSession {
             }
             Policy::Local(local) => {
                 reply(out, &id, &true);
-                if meets(&share.hash, &job.upstream_target) {
+                if meets_pool || block.is_some() {
                     out.up.push(Up::Share(forward(None)));
                 } else if let Some(pool) = &local.work.pool {
                     counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);

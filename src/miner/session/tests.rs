@@ -141,14 +141,22 @@ fn the_genesis_block_through_a_prefix_reaches_the_pool_as_its_own_extranonce2() 
 }
 
 #[test]
-fn shares_below_the_pool_difficulty_are_accepted_but_not_forwarded() {
-    // The genesis hash reaches difficulty ~2536; the pool wants more.
+fn a_block_candidate_below_the_pool_difficulty_is_forwarded() {
+    // The genesis hash reaches difficulty ~2536, and nbits 1d00ffff (difficulty 1): a block
+    // candidate, though the pool wants more of a share.
     let (mut s, _) = ready(1e6);
     let en2 = hex::encode(&genesis().extranonce2[2..]);
     let out = line(&mut s, &submit(3, "100", &en2, GENESIS_NONCE));
     assert_eq!(lines(&out.to_miner)[0]["result"], true);
+    let f = forwards(&out);
+    assert_eq!(f.len(), 1, "sent for the block");
+    assert!(f[0].block.is_some_and(|b| b.below_share_target));
+    // A share that is no block stays local below the pool's difficulty.
+    let (mut s, _) = ready(1e6);
+    line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[1e-12]}"#);
+    let out = line(&mut s, &submit(4, "101", &en2, GENESIS_NONCE + 1));
+    assert_eq!(lines(&out.to_miner)[0]["result"], true);
     assert!(forwards(&out).is_empty());
-    assert!(out.events.iter().any(|e| matches!(e, Event::ShareValid(_))));
 }
 
 /// The difficulty a step's valid share was judged at.
