@@ -381,10 +381,13 @@ impl PoolSession {
                         }
                         self.pool.verdicts.answered(ok.is_ok(), rtt);
                         // The reject rate moves a group to another pool; passthrough's one miner
-                        // stays with the pool it has. A block candidate sent below the pool's
-                        // share target says nothing of its health: healthy pools refuse it as a
-                        // share.
-                        let counts = !block.is_some_and(|b| b.below_share_target);
+                        // stays with the pool it has. Only what can say the pool is unhealthy
+                        // counts: healthy pools answer stale to shares that cross a new block and
+                        // duplicate to one sent again, and refuse as shares the block candidates
+                        // sent below their share target.
+                        let counts =
+                            !matches!(verdict, PoolVerdict::Rejected(RejectReason::Stale | RejectReason::Duplicate))
+                                && !block.is_some_and(|b| b.below_share_target);
                         if !self.relay && counts {
                             if self.verdicts.len() == REJECT_WINDOW {
                                 self.verdicts.pop_front();

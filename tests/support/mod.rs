@@ -177,6 +177,8 @@ pub enum SubmitReplies {
     Never,
     /// Every submit is answered `[23, "Low difficulty share", null]` and counted as rejected.
     Reject,
+    /// Every submit is answered with this error code and counted as rejected.
+    RejectWith(i64),
 }
 
 #[derive(Debug, Clone)]
@@ -544,6 +546,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
             let mode = *state.submit_replies.lock().unwrap();
             let verdict = match mode {
                 SubmitReplies::Reject => Err((23, "Low difficulty share")),
+                SubmitReplies::RejectWith(code) => Err((code, "Rejected")),
                 _ => check_submit(state, conn, &params),
             };
             let line = match verdict {
@@ -557,7 +560,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
                 }
             };
             match mode {
-                SubmitReplies::Immediate | SubmitReplies::Reject => send(line),
+                SubmitReplies::Immediate | SubmitReplies::Reject | SubmitReplies::RejectWith(_) => send(line),
                 SubmitReplies::Delay(d) => {
                     let out = out.clone();
                     tokio::spawn(async move {
