@@ -42,7 +42,7 @@ pub const SHARES_REJECTED: &str = "loka_shares_rejected_total";
 /// Label `pool`. The difficulty of the shares in [`SHARES_ACCEPTED`], summed, in millionths
 /// ([`MICRODIFFICULTY`](crate::submissions::MICRODIFFICULTY)): counters are integers.
 pub const SHARES_ACCEPTED_WORK: &str = "loka_shares_accepted_microdifficulty_total";
-/// Label `pool`.
+/// Label `pool`. Block candidates (shares that meet the network target) sent to the pool.
 pub const BLOCKS_FOUND: &str = "loka_blocks_found_total";
 /// Label `pool`.
 pub const SUBMIT_RTT: &str = "loka_upstream_submit_rtt_seconds";
@@ -59,8 +59,8 @@ pub const POOL_UP: &str = "loka_pool_up";
 pub const READY: &str = "loka_ready";
 /// Label `reason` (`no_upstream`, `full`).
 pub const MINERS_REFUSED: &str = "loka_miners_refused_total";
-/// Label `pool`. Shares valid at the miner's difficulty but below the pool's, accepted and
-/// counted as work, never forwarded (aggregate mode; in passthrough mode miners work at the
+/// Label `pool`. Shares valid at the miner's difficulty but below the pool's and no block
+/// candidates, accepted and counted as work, never forwarded (aggregate mode; in passthrough mode miners work at the
 /// pool's difficulty, so it stays 0).
 pub const SHARES_LOCAL_ONLY: &str = "loka_shares_local_only_total";
 /// Labels `pool` and `result`: the pool's verdict on shares the proxy sent it (`accepted`,
@@ -148,7 +148,7 @@ fn describe() {
         SHARES_ACCEPTED_WORK,
         "Difficulty of the shares in loka_shares_accepted_total, summed, in millionths: rate() x 4294.967296 is hashes per second."
     );
-    describe_counter!(BLOCKS_FOUND, "Shares whose hash met the network target (block candidates).");
+    describe_counter!(BLOCKS_FOUND, "Block candidates (shares whose hash met the network target) sent to the pool.");
     describe_histogram!(SUBMIT_RTT, Unit::Seconds, "Time from forwarding a share to the pool's reply.");
     describe_gauge!(UPSTREAM_SESSIONS_ACTIVE, "Pool sessions currently open.");
     describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to a pool.");
@@ -157,7 +157,10 @@ fn describe() {
     describe_gauge!(POOL_UP, "1 when the pool's last connection attempt succeeded, else 0.");
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
-    describe_counter!(SHARES_LOCAL_ONLY, "Valid shares below the pool's difficulty: counted as work, not forwarded.");
+    describe_counter!(
+        SHARES_LOCAL_ONLY,
+        "Valid shares below the pool's difficulty and no block candidates: counted as work, not forwarded."
+    );
     describe_counter!(
         UPSTREAM_SHARES,
         "Shares for the pool by its verdict: accepted, rejected, unanswered (the session ended first), or dropped (never sent)."

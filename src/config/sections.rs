@@ -81,7 +81,7 @@ pub struct UpstreamConfig {
     /// Seconds the first pool must stay healthy before aggregate sessions fail back to it.
     pub failback_after: u64,
     /// Share of an aggregate session's recent forwarded shares the pool may reject before it is
-    /// judged unhealthy (0 to 1).
+    /// judged unhealthy (0 to 1). Stale and duplicate rejects do not count.
     pub max_reject_rate: f64,
 }
 

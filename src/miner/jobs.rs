@@ -292,6 +292,16 @@ pub enum JobId {
     Proxy(u64),
 }
 
+impl JobId {
+    /// Re-sends of its job to this miner before this one (proxy ids only; it wraps at 256).
+    pub fn resend(&self) -> u8 {
+        match self {
+            JobId::Pool(_) => 0,
+            JobId::Proxy(n) => *n as u8,
+        }
+    }
+}
+
 impl std::fmt::Display for JobId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -103,6 +103,17 @@ pub struct Forward {
     pub version_bits: Option<u32>,
     /// The miner's request, when the pool's verdict answers it (passthrough).
     pub reply_to: Option<Id>,
+    /// The share meets the network target: a block candidate, sent whatever the pool's difficulty.
+    pub block: Option<BlockCandidate>,
+}
+
+/// A share whose hash meets the network target from its job's nbits.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCandidate {
+    pub hash: [u8; 32],
+    /// Below the pool's share target (a network easier than the pool, as on testnets): sent for the
+    /// block alone, so that the pool's reject of it as a share says nothing of the pool's health.
+    pub below_share_target: bool,
 }
 
 impl Forward {
@@ -453,7 +464,7 @@ impl MinerSession {
     }
 
     /// The miner's difficulty moved: tell it, and send the newest job again under a new id, so
-    /// that the new difficulty applies from that job on.
+    /// that the new difficulty applies from that job on (see [`send_job`](Self::send_job)).
     fn retarget(&mut self, now: Instant, out: &mut Output) {
         let Policy::Local(local) = &mut self.policy else { return };
         let Some(job) = local.work.newest() else { return };
@@ -466,17 +477,28 @@ impl MinerSession {
     /// Aggregate mode: sends the newest job, with `mining.set_difficulty` first when the
     /// difficulty changed. The miner's difficulty never exceeds the pool's, so every share the
     /// pool would take is found.
+    ///
+    /// A re-send of a job at a new difficulty must reach firmware that keeps its work while a
+    /// job's header bytes are unchanged (cpuminer keeps the work's id and target then, clean or
+    /// not): its ntime is the job's plus the re-send's count, so its header differs. A lower
+    /// difficulty is urgent (a miner that is too slow may not find a share for a long while), so
+    /// that re-send is also clean on the wire, to make firmware restart at once; a higher one is
+    /// not, so that no work is thrown away: the miner takes it after its next share. Either way
+    /// the book keeps the earlier ids live, as their work is as good for the pool as ever.
     fn send_job(&mut self, clean: bool, now: Instant, out: &mut Output) {
         let Policy::Local(local) = &mut self.policy else { return };
         let Some(job) = local.work.newest().cloned() else { return };
         let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
+        let lowered = local.sent_difficulty.is_some_and(|d| difficulty < d);
         if local.sent_difficulty != Some(difficulty) {
             write::notification(&mut out.to_miner, "mining.set_difficulty", &[difficulty]);
             local.sent_difficulty = Some(difficulty);
             out.events.push(Event::Difficulty(difficulty));
         }
         let id = self.book.push(job.clone(), difficulty, clean);
-        job.notify.write_as(&mut out.to_miner, &id.to_string(), clean);
+        let resend = id.resend();
+        let ntime = job.notify.ntime.wrapping_add(u32::from(resend));
+        job.notify.write_as(&mut out.to_miner, &id.to_string(), ntime, clean || (resend > 0 && lowered));
     }
 
     fn submit(&mut self, id: Id, submit: &Submit, now: Instant, out: &mut Output) {
@@ -490,9 +512,10 @@ impl MinerSession {
             }
         };
         self.book.remember(index, share.key);
-        let sent = self.book.sent(index);
-        let job = sent.job.clone();
-        let sent_difficulty = sent.difficulty;
+        let job = self.book.sent(index).job.clone();
+        // Both modes send every block candidate, as ckpool does, whatever the pool's difficulty.
+        let meets_pool = meets(&share.hash, &job.upstream_target);
+        let block = share.block.then_some(BlockCandidate { hash: share.hash, below_share_target: !meets_pool });
         // In aggregate mode the miner's extranonce1 is its prefix, the start of the pool's extranonce2.
         let prefix: &[u8] = if matches!(self.policy, Policy::Local(_)) { &self.extranonce1 } else { &[] };
         let mask = self.mask.unwrap_or(0);
@@ -511,6 +534,7 @@ impl MinerSession {
                 // The bits as the miner sent them: the checks kept them inside the mask.
                 version_bits: submit.version_bits.is_some().then(|| share.key.version() & mask),
                 reply_to,
+                block,
             }
         };
         match &mut self.policy {
@@ -521,13 +545,14 @@ impl MinerSession {
             }
             Policy::Local(local) => {
                 reply(out, &id, &true);
-                if meets(&share.hash, &job.upstream_target) {
+                if meets_pool || block.is_some() {
                     out.up.push(Up::Share(forward(None)));
                 } else if let Some(pool) = &local.work.pool {
                     counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);
                 }
                 out.events.push(Event::ShareValid(share));
-                if sent_difficulty == local.vardiff.difficulty() && local.vardiff.on_share(now).is_some() {
+                // The work counts at the difficulty it was judged at, on whichever job it came.
+                if local.vardiff.on_share(share.job_difficulty, now).is_some() {
                     self.retarget(now, out);
                 }
             }

@@ -117,7 +117,8 @@ pub struct ShareContext<'a> {
 pub struct ValidShare {
     pub key: ShareKey,
     pub hash: [u8; 32],
-    /// The difficulty of the share's job.
+    /// The difficulty the share was judged at, and counts as work at: its job's, or the
+    /// network's for a block candidate below its job's target.
     pub job_difficulty: f64,
     /// The difficulty the hash itself reaches.
     pub share_difficulty: f64,
@@ -153,7 +154,9 @@ pub struct JobTarget<'a> {
 
 /// Judges a share on a known job: field widths, the ntime window, the version mask, duplicates
 /// (`seen` answers whether a share was already taken) and the hash against the job's target, in
-/// that order. Allocates nothing on success.
+/// that order. A hash that misses the job's target but meets the network's (a network easier
+/// than the pool, as on testnets) passes as a block candidate, judged at the network's
+/// difficulty. Allocates nothing on success.
 pub fn check(
     job: JobTarget<'_>,
     miner: ShareContext<'_>,
@@ -201,16 +204,16 @@ pub fn check(
     let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
     let root = share::merkle_root(coinbase, &n.merkle_branch);
     let hash = share::sha256d(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
-    if !share::meets(&hash, job.target) {
+    let network = share::target_from_nbits(n.nbits);
+    let block = share::meets(&hash, &network);
+    let judged_at = if share::meets(&hash, job.target) {
+        job.difficulty
+    } else if block {
+        share::difficulty_of(&network)
+    } else {
         return Err(LocalReject::new(code::LOW_DIFFICULTY, "Low difficulty share", RejectReason::LowDifficulty));
-    }
-    Ok(ValidShare {
-        key,
-        hash,
-        job_difficulty: job.difficulty,
-        share_difficulty: share::difficulty_of(&hash),
-        block: share::meets(&hash, &share::target_from_nbits(n.nbits)),
-    })
+    };
+    Ok(ValidShare { key, hash, job_difficulty: judged_at, share_difficulty: share::difficulty_of(&hash), block })
 }
 
 /// The window the API's hashrate is averaged over.
@@ -298,18 +301,17 @@ pub struct SubmissionManager;
 // `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
 // share allocates nothing.
 impl SubmissionManager {
-    /// A share was sent to the pool.
-    pub fn forwarded(&self, pool: &SharedString) {
+    /// A share was sent to the pool; a block candidate is counted and announced here, once sent.
+    pub fn forwarded(&self, pool: &SharedString, block: Option<&[u8; 32]>) {
         counter!(m::SHARES_SUBMITTED, "pool" => pool.clone()).increment(1);
+        if let Some(hash) = block {
+            counter!(m::BLOCKS_FOUND, "pool" => pool.clone()).increment(1);
+            tracing::info!(block_hash = %share::display_hash(hash), pool = &**pool, "block candidate sent to the pool");
+        }
     }
 
-    /// A share passed the proxy's checks: it is accepted as work, and a block candidate is
-    /// announced.
+    /// A share passed the proxy's checks: it is accepted as work.
     pub fn validated(&self, session: &SessionHandle, pool: &SharedString, share: &ValidShare) {
-        if share.block {
-            counter!(m::BLOCKS_FOUND, "pool" => pool.clone()).increment(1);
-            tracing::info!(block_hash = %share::display_hash(&share.hash), pool = &**pool, "block candidate found");
-        }
         counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()).increment(1);
         let work = (share.job_difficulty * MICRODIFFICULTY).round() as u64;
         counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()).increment(work);

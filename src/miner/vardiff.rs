@@ -1,20 +1,24 @@
 //! Per-miner variable difficulty ("vardiff"): a sans-IO state machine that moves a miner's share
-//! difficulty towards a target share rate. The session feeds it accepted shares and timer ticks and
-//! sends `mining.set_difficulty` when it answers with a new difficulty.
+//! difficulty towards a target share rate. The session feeds it accepted shares, each with the
+//! difficulty it was judged at, and timer ticks, and sends `mining.set_difficulty` when it answers
+//! with a new difficulty.
 //!
 //! # Algorithm
-//! Shares are counted in a window that starts at [`Vardiff::new`], at [`Vardiff::suggest`] and at
-//! every retarget. Let `E` be the shares expected in `retarget_secs` at the target rate. A retarget
-//! is due when the window
+//! Shares and their work (the sum of the difficulties they were judged at) are counted in a window
+//! that starts at [`Vardiff::new`], at [`Vardiff::suggest`] and at every retarget. A share counts at
+//! its own job's difficulty, whatever the current one: firmware keeps hashing the work it has for a
+//! while after a change, and that work is as real as any. Let `E` be the shares expected in
+//! `retarget_secs` at the target rate. A retarget is due when the window
 //! - is `retarget_secs` old and holds a share;
-//! - holds `max(4 × E, 8)` shares, however young: a miner at least 4 times too fast (one started
-//!   far too low) steps up at once instead of flooding the proxy for a whole window;
+//! - holds at least 8 shares and the work of `max(4 × E, 8)` shares at the current difficulty,
+//!   however young: a miner at least 4 times too fast (one started far too low) steps up at once
+//!   instead of flooding the proxy for a whole window;
 //! - is empty and `max(retarget_secs, 3 shares' time at the target rate)` old. Waiting for 3
 //!   expected shares keeps a miner that is on target but unlucky (`e^-3`, 5 %) from being lowered
 //!   when `E` is small.
 //!
-//! A retarget measures the miner's work rate: shares × difficulty per minute, which does not
-//! depend on the difficulty and so can pool windows of different difficulties. The closed window
+//! A retarget measures the miner's work rate: work per minute, which does not depend on the
+//! difficulty and so can pool shares and windows of different difficulties. The closed window
 //! counts in full and each earlier one half as much as the next (`HISTORY_DECAY`), about two
 //! windows' worth of shares in all: the estimate's relative error falls from `1/√E` to about
 //! `1/√(2E)`, and with it the changes that are only noise, while a miner that changes speed is
@@ -71,6 +75,8 @@ pub struct Vardiff {
     difficulty: f64,
     window_start: Instant,
     shares: u64,
+    /// The difficulties of the window's shares, summed.
+    work: f64,
     /// Window length after which a window with shares retargets.
     retarget: Duration,
     /// Window length after which an empty window retargets.
@@ -100,6 +106,7 @@ impl Vardiff {
             difficulty: 0.0,
             window_start: now,
             shares: 0,
+            work: 0.0,
             retarget,
             empty_wait,
             early_shares,
@@ -128,12 +135,18 @@ impl Vardiff {
         self.difficulty
     }
 
-    /// Record one share accepted at the current difficulty. Returns Some(new) when a retarget is due and changes the
-    /// difficulty.
-    pub fn on_share(&mut self, now: Instant) -> Option<f64> {
+    /// Record one share accepted at `difficulty`: the difficulty it was judged at, the current one
+    /// or an earlier one. Returns Some(new) when a retarget is due and changes the difficulty.
+    pub fn on_share(&mut self, difficulty: f64, now: Instant) -> Option<f64> {
         self.shares = self.shares.saturating_add(1);
+        if difficulty.is_finite() && difficulty > 0.0 {
+            self.work += difficulty;
+        }
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed >= self.retarget || self.shares >= self.early_shares {
+        // Half a share of slack, for the rounding in the sum.
+        let early_work = (self.early_shares as f64 - 0.5) * self.difficulty;
+        let early = self.shares >= EARLY_MIN_SHARES && self.work >= early_work;
+        if elapsed >= self.retarget || early {
             self.retarget(now, elapsed)
         } else {
             None
@@ -167,7 +180,7 @@ impl Vardiff {
 
     /// Measures the window, restarts it, and returns the new difficulty if it changed.
     fn retarget(&mut self, now: Instant, elapsed: Duration) -> Option<f64> {
-        let (mut work, mut secs) = (self.shares as f64 * self.difficulty, elapsed.as_secs_f64());
+        let (mut work, mut secs) = (self.work, elapsed.as_secs_f64());
         if self.shares == 0 {
             // A silent miner may have stopped, so its past says nothing. The empty window counts as one share now:
             // an upper bound on its rate, and a finite step.
@@ -203,6 +216,7 @@ impl Vardiff {
     fn restart(&mut self, now: Instant) {
         self.window_start = now;
         self.shares = 0;
+        self.work = 0.0;
     }
 
     /// Clamps into the bounds, then under the ceiling, without `f64::clamp`, which panics on a NaN
@@ -220,7 +234,7 @@ impl Vardiff {
         if capped != self.difficulty {
             // The window so far was worked at the old difficulty: it joins the history as it was.
             let elapsed = now.saturating_duration_since(self.window_start).as_secs_f64();
-            self.history_work += self.shares as f64 * self.difficulty;
+            self.history_work += self.work;
             self.history_secs += elapsed;
             self.restart(now);
             self.difficulty = capped;
@@ -260,11 +274,14 @@ mod tests {
         hashrate: f64,
         /// xorshift64 state, never 0.
         rng: u64,
+        /// The difficulty it hashes at whatever it is told, as firmware that never takes the new
+        /// difficulty would; `None` follows the vardiff.
+        stuck: Option<f64>,
     }
 
     impl Miner {
         fn new(hashrate: f64, seed: u64) -> Self {
-            Self { hashrate, rng: seed }
+            Self { hashrate, rng: seed, stuck: None }
         }
 
         /// Uniform in (0, 1].
@@ -287,7 +304,7 @@ mod tests {
         fn run(&mut self, vardiff: &mut Vardiff, from: Instant, until: Instant) -> u64 {
             let (min, max) = (vardiff.config.min_difficulty, vardiff.config.max_difficulty);
             let mut now = from;
-            let mut arrival = self.next_share(vardiff.difficulty()).map(|d| now + d);
+            let mut arrival = self.next_share(self.stuck.unwrap_or(vardiff.difficulty())).map(|d| now + d);
             let mut shares = 0;
             loop {
                 let check = vardiff.next_check();
@@ -295,7 +312,7 @@ mod tests {
                     Some(at) if at <= check && at <= until => {
                         now = at;
                         shares += 1;
-                        vardiff.on_share(now);
+                        vardiff.on_share(self.stuck.unwrap_or(vardiff.difficulty()), now);
                         // Redraw after every share; after a change the new rate applies (memoryless).
                         true
                     }
@@ -311,7 +328,7 @@ mod tests {
                 let d = vardiff.difficulty();
                 assert!((min..=max).contains(&d), "difficulty {d} outside [{min}, {max}]");
                 if changed {
-                    arrival = self.next_share(d).map(|w| now + w);
+                    arrival = self.next_share(self.stuck.unwrap_or(d)).map(|w| now + w);
                 }
             }
         }
@@ -349,14 +366,32 @@ mod tests {
     }
 
     #[test]
+    fn shares_at_an_older_difficulty_count_at_it() {
+        // Firmware that never takes the new difficulty and hashes on at a quarter of the ideal:
+        // its shares show its real work rate, so the vardiff settles on the ideal and stays there
+        // instead of taking the miner for a silent one and lowering it again and again.
+        let config = config(0.05);
+        let ideal = ideal(HASHRATE, &config);
+        let t0 = Instant::now();
+        let mut vardiff = Vardiff::new(config, t0);
+        let mut miner = Miner::new(HASHRATE, 0x2545_F491_4F6C_DD1D);
+        miner.stuck = Some(ideal / 4.0);
+        for minute in 1..=30 {
+            miner.run(&mut vardiff, t0 + secs(60.0 * (minute - 1) as f64), t0 + secs(60.0 * minute as f64));
+            let ratio = vardiff.difficulty() / ideal;
+            assert!(minute < 3 || (1.0 / 1.5..=1.5).contains(&ratio), "difficulty {ratio} × ideal at minute {minute}");
+        }
+    }
+
+    #[test]
     fn early_retarget_ramps_up_within_one_window() {
         let t0 = Instant::now();
         let mut vardiff = Vardiff::new(config(1e-6), t0);
         // E = 10 shares per 30 s window, so the 40th share within it retargets by the full step.
         for i in 1..40 {
-            assert_eq!(vardiff.on_share(t0 + secs(0.01 * i as f64)), None);
+            assert_eq!(vardiff.on_share(vardiff.difficulty(), t0 + secs(0.01 * i as f64)), None);
         }
-        assert_eq!(vardiff.on_share(t0 + secs(0.4)), Some(4e-6));
+        assert_eq!(vardiff.on_share(vardiff.difficulty(), t0 + secs(0.4)), Some(4e-6));
         assert_eq!(vardiff.next_check(), t0 + secs(0.4) + secs(30.0));
     }
 
@@ -366,18 +401,18 @@ mod tests {
         let mut vardiff = Vardiff::new(config(2.0), t0);
         // 11 shares in 30 s is 22 a minute: 10 % fast, inside the hysteresis.
         for i in 1..=10 {
-            assert_eq!(vardiff.on_share(t0 + secs(2.7 * i as f64)), None);
+            assert_eq!(vardiff.on_share(vardiff.difficulty(), t0 + secs(2.7 * i as f64)), None);
         }
         assert_eq!(vardiff.tick(t0 + secs(29.0)), None, "a tick before next_check does nothing");
-        assert_eq!(vardiff.on_share(t0 + secs(30.0)), None);
+        assert_eq!(vardiff.on_share(vardiff.difficulty(), t0 + secs(30.0)), None);
         assert_eq!(vardiff.difficulty(), 2.0);
         assert_eq!(vardiff.next_check(), t0 + secs(60.0), "the window restarts without a change");
         // 15 shares in the next 30 s: work 15 × 2 plus half of the first window's 11 × 2, over 30 + 15 s.
         for i in 1..15 {
-            assert_eq!(vardiff.on_share(t0 + secs(30.0 + 2.0 * i as f64)), None);
+            assert_eq!(vardiff.on_share(vardiff.difficulty(), t0 + secs(30.0 + 2.0 * i as f64)), None);
         }
         let expected = (30.0 + 11.0) / (45.0 / 60.0) / 20.0;
-        let new = vardiff.on_share(t0 + secs(60.0)).expect("a 37 % step");
+        let new = vardiff.on_share(vardiff.difficulty(), t0 + secs(60.0)).expect("a 37 % step");
         assert!((new - expected).abs() < 1e-12, "{new} != {expected}");
     }
 
@@ -435,7 +470,7 @@ mod tests {
         let t0 = Instant::now();
         for (suggested, expected, honoured) in cases {
             let mut vardiff = Vardiff::new(config(2.0), t0);
-            vardiff.on_share(t0 + secs(1.0));
+            vardiff.on_share(vardiff.difficulty(), t0 + secs(1.0));
             let now = t0 + secs(10.0);
             assert_eq!(vardiff.suggest(suggested, now), expected, "suggest {suggested}");
             assert_eq!(vardiff.difficulty(), expected, "suggest {suggested}");
@@ -476,7 +511,7 @@ mod tests {
         // Nothing for 3 minutes is at most 1/3 of the target rate.
         assert_eq!(vardiff.tick(t0 + secs(180.0)), Some(1.0 / 3.0));
         // A share moves the check back to retarget_secs.
-        vardiff.on_share(t0 + secs(190.0));
+        vardiff.on_share(vardiff.difficulty(), t0 + secs(190.0));
         assert_eq!(vardiff.next_check(), t0 + secs(210.0));
     }
 

@@ -23,7 +23,7 @@ use crate::metrics as m;
 use crate::protocol::pool::{self, Notify, PoolMessage};
 use crate::protocol::{code, verdict, write, Id};
 use crate::registry::SessionHandle;
-use crate::session::{Forward, Relayed, VERSION};
+use crate::session::{BlockCandidate, Forward, Relayed, VERSION};
 use crate::submissions::{PoolVerdict, RejectReason, SubmissionManager};
 use crate::upstream::Pool;
 
@@ -53,6 +53,7 @@ enum Request {
         sent_at: Instant,
         miner: Option<Arc<SessionHandle>>,
         reply_to: Option<Id>,
+        block: Option<BlockCandidate>,
     },
     Other {
         reply_to: Option<Id>,
@@ -228,9 +229,9 @@ impl PoolSession {
             let _ = write!(buf, ",\"{bits:08x}\"");
         }
         buf.extend_from_slice(b"]}\n");
-        self.pending.insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to });
+        self.pending.insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to, block: f.block });
         self.submits_pending += 1;
-        SubmissionManager.forwarded(&self.pool.metric_label);
+        SubmissionManager.forwarded(&self.pool.metric_label, f.block.as_ref().map(|b| &b.hash));
     }
 
     /// Asks the pool to accept a miner's worker, with its credentials rewritten. In aggregate
@@ -365,7 +366,7 @@ impl PoolSession {
                         }
                         self.relay.then_some(Step::Authorized { worker, ok: ok.is_ok() })
                     }
-                    Request::Submit { sent_at, miner, .. } => {
+                    Request::Submit { sent_at, miner, block, .. } => {
                         self.submits_pending -= 1;
                         let rtt = now.saturating_duration_since(sent_at);
                         let verdict = match &ok {
@@ -375,10 +376,19 @@ impl PoolSession {
                                 PoolVerdict::Rejected(RejectReason::from_code(*code))
                             }
                         };
+                        if let Some(block) = &block {
+                            block_verdict(&self.pool.label, block, &ok);
+                        }
                         self.pool.verdicts.answered(ok.is_ok(), rtt);
                         // The reject rate moves a group to another pool; passthrough's one miner
-                        // stays with the pool it has.
-                        if !self.relay {
+                        // stays with the pool it has. Only what can say the pool is unhealthy
+                        // counts: healthy pools answer stale to shares that cross a new block and
+                        // duplicate to one sent again, and refuse as shares the block candidates
+                        // sent below their share target.
+                        let counts =
+                            !matches!(verdict, PoolVerdict::Rejected(RejectReason::Stale | RejectReason::Duplicate))
+                                && !block.is_some_and(|b| b.below_share_target);
+                        if !self.relay && counts {
                             if self.verdicts.len() == REJECT_WINDOW {
                                 self.verdicts.pop_front();
                             }
@@ -450,10 +460,31 @@ impl PoolSession {
             if let Some(miner_id) = request.reply_to() {
                 write::error(to_miner, miner_id, code::OTHER, message);
             }
-            if let Request::Submit { miner, .. } = request {
+            if let Request::Submit { miner, block, .. } = request {
+                if let Some(block) = block {
+                    let hash = crate::share::display_hash(&block.hash);
+                    tracing::warn!(pool = %self.pool.label, block_hash = %hash, "the pool never answered a block candidate");
+                }
                 unanswered.push(miner);
             }
         }
         unanswered
+    }
+}
+
+/// The pool's verdict on a block candidate, logged: a reject may be the pool refusing it as a
+/// share below its target while it still submits the block, as ckpool does.
+fn block_verdict(pool: &str, block: &BlockCandidate, verdict: &Result<(), (i64, String)>) {
+    let hash = crate::share::display_hash(&block.hash);
+    match verdict {
+        Ok(()) => tracing::info!(pool, block_hash = %hash, "the pool accepted a block candidate"),
+        Err((code, message)) => tracing::warn!(
+            pool,
+            block_hash = %hash,
+            code,
+            message = %message,
+            below_share_target = block.below_share_target,
+            "the pool rejected a block candidate"
+        ),
     }
 }

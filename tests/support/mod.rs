@@ -3,6 +3,8 @@
 //! Every wait here is bounded, so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod firmware;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -39,6 +41,12 @@ pub fn sha256d(data: &[u8]) -> [u8; 32] {
 /// The difficulty-1 target, 0x00000000FFFF0000…0, as a float: 0xFFFF × 2^208.
 fn diff1_target() -> f64 {
     65535.0 * 2f64.powi(208)
+}
+
+/// The network's difficulty from nbits: diff1_target / the compact target.
+pub fn nbits_difficulty(nbits: u32) -> f64 {
+    let target = f64::from(nbits & 0x007f_ffff) * 2f64.powi(8 * ((nbits >> 24) as i32 - 3));
+    diff1_target() / target
 }
 
 /// The difficulty a hash meets: diff1_target / hash, the hash read as a little-endian number.
@@ -169,6 +177,8 @@ pub enum SubmitReplies {
     Never,
     /// Every submit is answered `[23, "Low difficulty share", null]` and counted as rejected.
     Reject,
+    /// Every submit is answered with this error code and counted as rejected.
+    RejectWith(i64),
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +193,8 @@ pub struct PoolOptions {
     pub reject_duplicates: bool,
     /// `mining.authorize` of this user gets `false` and error 24.
     pub reject_user: Option<String>,
+    /// The jobs' nbits: the network target, which [`MockPool::blocks`] counts shares against.
+    pub nbits: u32,
 }
 
 impl Default for PoolOptions {
@@ -196,6 +208,7 @@ impl Default for PoolOptions {
             validate: false,
             reject_duplicates: false,
             reject_user: None,
+            nbits: 0x1d00_ffff,
         }
     }
 }
@@ -214,6 +227,9 @@ struct PoolState {
     speaking: Mutex<HashSet<u64>>,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    /// Submits whose hash met their job's nbits, whatever the verdict (ckpool submits the block
+    /// before it judges the share). Counted for validating pools only.
+    blocks: AtomicU64,
     /// Outgoing lines of each live connection, for `broadcast`.
     conns: Mutex<HashMap<u64, mpsc::UnboundedSender<String>>>,
     live: AtomicUsize,
@@ -245,6 +261,7 @@ impl MockPool {
             speaking: Mutex::new(HashSet::new()),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            blocks: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             accepted_conns: AtomicUsize::new(0),
@@ -298,6 +315,11 @@ impl MockPool {
 
     pub fn rejected(&self) -> u64 {
         self.state.rejected.load(Ordering::SeqCst)
+    }
+
+    /// Block candidates received (validating pools only).
+    pub fn blocks(&self) -> u64 {
+        self.state.blocks.load(Ordering::SeqCst)
     }
 
     /// Connections open now.
@@ -445,7 +467,7 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
             },
             Some(mut out) = rx.recv() => {
                 if out == NEW_JOB {
-                    let job = new_job(conn.id, conn.jobs.len() as u64);
+                    let job = new_job(conn.id, conn.jobs.len() as u64, state.opts.nbits);
                     out = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
                     conn.jobs.insert(job.id.clone(), (job, state.opts.difficulty));
                 }
@@ -491,7 +513,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
                     opts.extranonce2_size
                 ]),
             ));
-            let job = new_job(conn.id, conn.jobs.len() as u64);
+            let job = new_job(conn.id, conn.jobs.len() as u64, opts.nbits);
             send(json!({"id": null, "method": "mining.set_difficulty", "params": [opts.difficulty]}).to_string());
             send(json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string());
             conn.jobs.insert(job.id.clone(), (job, opts.difficulty));
@@ -524,7 +546,8 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
             let mode = *state.submit_replies.lock().unwrap();
             let verdict = match mode {
                 SubmitReplies::Reject => Err((23, "Low difficulty share")),
-                _ => check_submit(opts, conn, &params),
+                SubmitReplies::RejectWith(code) => Err((code, "Rejected")),
+                _ => check_submit(state, conn, &params),
             };
             let line = match verdict {
                 Ok(()) => {
@@ -537,7 +560,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
                 }
             };
             match mode {
-                SubmitReplies::Immediate | SubmitReplies::Reject => send(line),
+                SubmitReplies::Immediate | SubmitReplies::Reject | SubmitReplies::RejectWith(_) => send(line),
                 SubmitReplies::Delay(d) => {
                     let out = out.clone();
                     tokio::spawn(async move {
@@ -552,7 +575,7 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
     }
 }
 
-fn new_job(conn: u64, n: u64) -> Job {
+fn new_job(conn: u64, n: u64, nbits: u32) -> Job {
     let seed = conn * 1000 + n;
     let ntime = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
     Job {
@@ -567,7 +590,7 @@ fn new_job(conn: u64, n: u64) -> Job {
         coinb2: [&filler(seed + 2, 12)[..], &hex::decode("ffffffff0100f2052a010000001976a914").unwrap()[..]].concat(),
         branch: (0..2).map(|i| filler(seed * 7 + i, 32).try_into().unwrap()).collect(),
         version: 0x2000_0000,
-        nbits: 0x1d00_ffff,
+        nbits,
         ntime,
         clean: true,
     }
@@ -577,7 +600,8 @@ fn hex_u32(s: &str) -> Option<u32> {
     (s.len() == 8).then(|| u32::from_str_radix(s, 16).ok()).flatten()
 }
 
-fn check_submit(opts: &PoolOptions, conn: &mut PoolConn, params: &[Value]) -> Result<(), (i64, &'static str)> {
+fn check_submit(state: &PoolState, conn: &mut PoolConn, params: &[Value]) -> Result<(), (i64, &'static str)> {
+    let opts = &state.opts;
     let strings: Option<Vec<&str>> = params.iter().map(Value::as_str).collect();
     let p = match strings {
         Some(p) if p.len() == 5 || p.len() == 6 => p,
@@ -611,6 +635,9 @@ fn check_submit(opts: &PoolOptions, conn: &mut PoolConn, params: &[Value]) -> Re
             Some(_) => return Err((20, "Invalid version bits")),
         };
         let hash = job.share_hash(&conn.extranonce1, &en2, ntime, nonce, version);
+        if hash_difficulty(&hash) >= nbits_difficulty(job.nbits) {
+            state.blocks.fetch_add(1, Ordering::SeqCst);
+        }
         if hash_difficulty(&hash) < *difficulty {
             return Err((23, "Low difficulty share"));
         }

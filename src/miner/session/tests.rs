@@ -141,30 +141,62 @@ fn the_genesis_block_through_a_prefix_reaches_the_pool_as_its_own_extranonce2() 
 }
 
 #[test]
-fn shares_below_the_pool_difficulty_are_accepted_but_not_forwarded() {
-    // The genesis hash reaches difficulty ~2536; the pool wants more.
+fn a_block_candidate_below_the_pool_difficulty_is_forwarded() {
+    // The genesis hash reaches difficulty ~2536, and nbits 1d00ffff (difficulty 1): a block
+    // candidate, though the pool wants more of a share.
     let (mut s, _) = ready(1e6);
     let en2 = hex::encode(&genesis().extranonce2[2..]);
     let out = line(&mut s, &submit(3, "100", &en2, GENESIS_NONCE));
     assert_eq!(lines(&out.to_miner)[0]["result"], true);
+    let f = forwards(&out);
+    assert_eq!(f.len(), 1, "sent for the block");
+    assert!(f[0].block.is_some_and(|b| b.below_share_target));
+    // A share that is no block stays local below the pool's difficulty.
+    let (mut s, _) = ready(1e6);
+    line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[1e-12]}"#);
+    let out = line(&mut s, &submit(4, "101", &en2, GENESIS_NONCE + 1));
+    assert_eq!(lines(&out.to_miner)[0]["result"], true);
     assert!(forwards(&out).is_empty());
-    assert!(out.events.iter().any(|e| matches!(e, Event::ShareValid(_))));
+}
+
+/// The difficulty a step's valid share was judged at.
+fn judged_at(out: &Output) -> f64 {
+    match out.events.iter().find(|e| matches!(e, Event::ShareValid(_))) {
+        Some(Event::ShareValid(v)) => v.job_difficulty,
+        _ => panic!("no valid share in {:?}", out.events),
+    }
 }
 
 #[test]
 fn a_new_difficulty_comes_with_the_job_it_applies_to() {
+    let en2 = hex::encode(&genesis().extranonce2[2..]);
+    let raise = r#"{"id":3,"method":"mining.suggest_difficulty","params":[2000]}"#;
     let (mut s, _) = ready(1e6);
-    let out = line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[4096]}"#);
+    let out = line(&mut s, raise);
     let sent = lines(&out.to_miner);
     assert_eq!(sent[0]["result"], true);
-    assert_eq!(sent[1]["params"], serde_json::json!([4096.0]));
+    assert_eq!(sent[1]["params"], serde_json::json!([2000.0]));
     assert_eq!((sent[2]["method"].as_str(), sent[2]["params"][0].as_str()), (Some("mining.notify"), Some("101")));
-    let en2 = hex::encode(&genesis().extranonce2[2..]);
-    // The genesis hash (difficulty ~2536) passes at the old job id's difficulty 1, not at 4096.
-    let out = line(&mut s, &submit(4, "101", &en2, GENESIS_NONCE));
-    assert_eq!(lines(&out.to_miner)[0]["error"][0], 23);
-    let out = line(&mut s, &submit(5, "100", &en2, GENESIS_NONCE));
-    assert_eq!(lines(&out.to_miner)[0]["result"], true);
+    // The re-send's header differs from the first send's, or firmware that compares headers
+    // keeps its work: its ntime moved on by one. A higher difficulty is not clean.
+    assert_eq!(sent[2]["params"][7], format!("{:08x}", GENESIS_NTIME + 1));
+    assert_eq!(sent[2]["params"][8], false);
+    // Each id judges the genesis hash (~2536) at the difficulty it was sent with.
+    assert_eq!(judged_at(&line(&mut s, &submit(4, "101", &en2, GENESIS_NONCE))), 2000.0);
+    let (mut s, _) = ready(1e6);
+    line(&mut s, raise);
+    assert_eq!(judged_at(&line(&mut s, &submit(4, "100", &en2, GENESIS_NONCE))), 1.0);
+    // A lower difficulty is re-sent clean, and the earlier ids stay live.
+    let out = line(&mut s, r#"{"id":5,"method":"mining.suggest_difficulty","params":[0.5]}"#);
+    let sent = lines(&out.to_miner);
+    assert_eq!(sent[2]["params"][0], "102");
+    assert_eq!(sent[2]["params"][7], format!("{:08x}", GENESIS_NTIME + 2));
+    assert_eq!(sent[2]["params"][8], true);
+    let out = line(&mut s, &submit(6, "101", &en2, GENESIS_NONCE));
+    assert_eq!(lines(&out.to_miner)[0]["error"][0], 22, "the same share on another id of its job");
+    let other = hex::encode([genesis().extranonce2[2], genesis().extranonce2[3] ^ 1]);
+    let out = line(&mut s, &submit(7, "101", &other, GENESIS_NONCE));
+    assert_ne!(lines(&out.to_miner)[0]["error"][0], 21, "not stale after the clean re-send");
     // Never above the pool's difficulty.
     let (mut s, _) = ready(2.0);
     let out = line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[4096]}"#);

@@ -179,11 +179,11 @@ impl Notify {
     /// Appends this job as a `mining.notify` line, in the hex shapes pools send. Hex is written
     /// straight into `buf`: a job goes to every miner of a session, so this stays allocation-free.
     pub fn write(&self, buf: &mut Vec<u8>) {
-        self.write_as(buf, &self.job_id, self.clean_jobs);
+        self.write_as(buf, &self.job_id, self.ntime, self.clean_jobs);
     }
 
-    /// Appends this job as a `mining.notify` line under another job id and clean flag.
-    pub fn write_as(&self, buf: &mut Vec<u8>, job_id: &str, clean_jobs: bool) {
+    /// Appends this job as a `mining.notify` line under another job id, ntime and clean flag.
+    pub fn write_as(&self, buf: &mut Vec<u8>, job_id: &str, ntime: u32, clean_jobs: bool) {
         fn hex_field(buf: &mut Vec<u8>, bytes: &[u8]) {
             const DIGITS: &[u8; 16] = b"0123456789abcdef";
             buf.push(b'"');
@@ -207,7 +207,7 @@ impl Notify {
             buf.pop();
         }
         buf.extend_from_slice(b"],");
-        for word in [self.version, self.nbits, self.ntime] {
+        for word in [self.version, self.nbits, ntime] {
             hex_field(buf, &word.to_be_bytes());
         }
         buf.extend_from_slice(if clean_jobs { b"true]}\n" } else { b"false]}\n" });
