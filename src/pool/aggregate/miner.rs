@@ -128,7 +128,8 @@ pub async fn serve(
                         continue;
                     }
                     let (tx, rx) = oneshot::channel();
-                    let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx };
+                    let upward =
+                        Upward::Authorize { worker: user.as_str().into(), password, reply: tx, miner: handle.clone() };
                     let answer = match seat.group.send(upward) {
                         Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
                         Err(_) => None,

@@ -11,9 +11,11 @@
 //! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
 //! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
 //! - [`miner`]: one aggregated miner's task, around its [`MinerSession`](crate::session::MinerSession).
+//! - `workers`: the workers a group authorizes upstream, kept while miners use them.
 
 pub mod group;
 pub mod miner;
+mod workers;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
