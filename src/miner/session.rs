@@ -332,12 +332,16 @@ impl MinerSession {
                 let mut result = serde_json::Map::new();
                 for extension in &c.extensions {
                     if extension == "version-rolling" {
+                        // Only inside what the pool granted: a share rolled outside it would be
+                        // answered true here and rejected upstream.
                         let requested = c.version_rolling_mask.unwrap_or(u32::MAX);
-                        local.requested_mask = Some(requested);
                         let mask = requested & local.work.pool_mask();
-                        self.mask = Some(mask);
-                        result.insert("version-rolling".into(), true.into());
-                        result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                        self.mask = (mask != 0).then_some(mask);
+                        local.requested_mask = self.mask.map(|_| requested);
+                        result.insert("version-rolling".into(), self.mask.is_some().into());
+                        if let Some(mask) = self.mask {
+                            result.insert("version-rolling.mask".into(), format!("{mask:08x}").into());
+                        }
                     } else {
                         result.insert(extension.clone(), false.into());
                     }
@@ -437,7 +441,8 @@ impl MinerSession {
             let params = json!([hex::encode(&self.extranonce1), self.en2_size]);
             write::notification(&mut out.to_miner, "mining.set_extranonce", &params);
         }
-        if let Some(requested) = local.requested_mask {
+        // Between pool sessions there is no mask to follow: the next pool's comes with its work.
+        if let Some(requested) = local.requested_mask.filter(|_| local.work.pool.is_some()) {
             let mask = requested & local.work.pool_mask();
             if Some(mask) != self.mask {
                 self.mask = Some(mask);
@@ -531,8 +536,9 @@ impl MinerSession {
                 extranonce2_len: len as u8,
                 ntime: share.key.ntime(),
                 nonce: share.key.nonce(),
-                // The bits as the miner sent them: the checks kept them inside the mask.
-                version_bits: submit.version_bits.is_some().then(|| share.key.version() & mask),
+                // The bits as the miner sent them: the checks kept them inside the mask. None go
+                // to a pool that granted no mask.
+                version_bits: (submit.version_bits.is_some() && mask != 0).then(|| share.key.version() & mask),
                 reply_to,
                 block,
             }

@@ -79,7 +79,7 @@ impl Passthrough {
                         reply_error(out, &id, code::UNAUTHORIZED, &message);
                         continue;
                     }
-                    self.pool.authorize(&mut out.to_pool, &self.rewrite, user.into(), &password, None, Some(id));
+                    self.pool.authorize(&mut out.to_pool, &self.rewrite, user.into(), &password, None, Some(id), now);
                 }
                 Up::Relay { id, kind, method, params } => {
                     self.pool.relay(&mut out.to_pool, id, kind, &method, params.as_deref())

@@ -128,6 +128,12 @@ pub struct PoolSession {
     authorized: HashMap<Arc<str>, Arc<str>>,
     /// Authorizes in flight, by worker, to their pending id (aggregate mode).
     authorizing: HashMap<Arc<str>, u64>,
+    /// Since when an authorize has been waiting with no authorize answered (aggregate mode).
+    authorize_silence: Option<Instant>,
+    /// The pool answers one `mining.authorize` per connection, the proxy's own (ckpool ignores
+    /// the rest): no worker is authorized on this session, and every share goes under the
+    /// pool's user (aggregate mode).
+    pub one_authorize: bool,
     /// The pool's latest verdicts on forwarded shares, `true` for a reject (aggregate mode).
     verdicts: VecDeque<bool>,
     pub subscribed: bool,
@@ -149,6 +155,8 @@ impl PoolSession {
             last_notify: None,
             authorized: HashMap::new(),
             authorizing: HashMap::new(),
+            authorize_silence: None,
+            one_authorize: false,
             verdicts: VecDeque::new(),
             subscribed: false,
             logged_in: false,
@@ -207,10 +215,13 @@ impl PoolSession {
         self.pending.insert(upstream_id, request);
     }
 
-    /// A share for the pool, under its worker's upstream name (or the pool's user).
+    /// A share for the pool, under its worker's upstream name if the pool accepted that worker
+    /// on this session, else under the pool's user: a pool takes shares only from names
+    /// authorized on the connection (a worker re-authorized after a failover, or one the pool
+    /// never answered).
     pub fn submit(&mut self, buf: &mut Vec<u8>, f: Forward, miner: Option<Arc<SessionHandle>>, now: Instant) {
-        let user: &str = match &f.worker {
-            Some(worker) => self.authorized.get(worker).unwrap_or(worker),
+        let user: &str = match f.worker.as_ref().and_then(|w| self.authorized.get(w)) {
+            Some(upstream) => upstream,
             None => &self.pool.config.user,
         };
         let id = self.next_id;
@@ -236,7 +247,10 @@ impl PoolSession {
 
     /// Asks the pool to accept a miner's worker, with its credentials rewritten. In aggregate
     /// mode `reply` (if any) gets the answer, and one request serves every miner that asks while
-    /// it is in flight; in passthrough the pool's reply answers `reply_to`.
+    /// it is in flight; a worker already accepted, or any worker on a pool of
+    /// [`one_authorize`](Self::one_authorize), is answered at once. In passthrough the pool's
+    /// reply answers `reply_to`.
+    #[allow(clippy::too_many_arguments)]
     pub fn authorize(
         &mut self,
         buf: &mut Vec<u8>,
@@ -245,8 +259,15 @@ impl PoolSession {
         password: &str,
         reply: Option<oneshot::Sender<bool>>,
         reply_to: Option<Id>,
+        now: Instant,
     ) {
         if !self.relay {
+            if self.one_authorize || self.authorized.contains_key(&worker) {
+                if let Some(reply) = reply {
+                    let _ = reply.send(true);
+                }
+                return;
+            }
             if let Some(Request::Authorize { waiters, .. }) =
                 self.authorizing.get(&worker).and_then(|id| self.pending.get_mut(id))
             {
@@ -254,6 +275,7 @@ impl PoolSession {
                 return;
             }
             self.authorizing.insert(worker.clone(), self.next_id);
+            self.authorize_silence.get_or_insert(now);
         }
         let creds = rewrite.credentials(&worker, password, &self.pool.config);
         let upstream: Arc<str> = creds.user.as_str().into();
@@ -263,9 +285,33 @@ impl PoolSession {
         self.request(buf, "mining.authorize", &params, request);
     }
 
-    /// The pool accepted this worker on this session.
-    pub fn is_authorized(&self, worker: &str) -> bool {
-        self.authorized.contains_key(worker)
+    /// When the pool's silence makes it a pool of one authorize per connection: `silence`
+    /// after an authorize began to wait with none answered since (aggregate mode).
+    pub fn authorize_deadline(&self, silence: Duration) -> Option<Instant> {
+        self.authorize_silence.map(|since| since + silence)
+    }
+
+    /// The pool left every authorize unanswered past the deadline, as ckpool does with a second
+    /// one on a connection: from now on this session authorizes no worker. Each miner waiting
+    /// is answered true, and its shares go under the pool's user. Returns the workers that
+    /// were waiting.
+    pub fn authorize_once(&mut self) -> usize {
+        self.one_authorize = true;
+        self.authorize_silence = None;
+        let waiting = self.authorizing.len();
+        for (_, id) in self.authorizing.drain() {
+            if let Some(Request::Authorize { waiters, .. }) = self.pending.remove(&id) {
+                for waiter in waiters {
+                    let _ = waiter.send(true);
+                }
+            }
+        }
+        waiting
+    }
+
+    /// A worker no miner uses any more: a new miner with its name is authorized again.
+    pub fn forget(&mut self, worker: &str) {
+        self.authorized.remove(worker);
     }
 
     /// One line from the pool: what the pool expects back goes to `to_pool`; in passthrough, the
@@ -357,6 +403,10 @@ impl PoolSession {
                     Request::Authorize { worker, upstream, waiters, .. } => {
                         if self.authorizing.get(&worker) == Some(&upstream_id) {
                             self.authorizing.remove(&worker);
+                        }
+                        // An answer restarts the clock: the pool answers authorizes.
+                        if !self.relay {
+                            self.authorize_silence = (!self.authorizing.is_empty()).then_some(now);
                         }
                         if ok.is_ok() {
                             self.authorized.insert(worker.clone(), upstream);
@@ -455,6 +505,7 @@ impl PoolSession {
         requests.sort_by_key(|(id, _)| *id);
         self.submits_pending = 0;
         self.authorizing.clear();
+        self.authorize_silence = None;
         let mut unanswered = Vec::new();
         for (_, request) in requests {
             if let Some(miner_id) = request.reply_to() {

@@ -489,7 +489,7 @@ impl Driver<'_> {
         if let (Side::Member(member), false) = (&mut self.side, self.out.up.is_empty()) {
             // Boxed: a miner authorizes once or twice, and the wait's state would otherwise be
             // part of every aggregated miner's task.
-            Box::pin(member.authorize(self.shared, self.handle.peer.ip(), self.config, &mut self.out)).await;
+            Box::pin(member.authorize(self.shared, self.handle, self.config, &mut self.out)).await;
         }
     }
 

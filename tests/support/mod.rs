@@ -181,12 +181,27 @@ pub enum SubmitReplies {
     RejectWith(i64),
 }
 
+/// How the mock pool answers `mining.configure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Configure {
+    /// `version_mask` ∩ the mask asked for.
+    Grant,
+    /// `[20, "Unknown method", null]`, as pools without version rolling answer.
+    Refuse,
+    /// No answer at all.
+    Ignore,
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub extranonce2_size: usize,
     pub difficulty: f64,
     /// The mask the pool allows for version rolling; `mining.configure` gets `pool & requested`.
     pub version_mask: u32,
+    pub configure: Configure,
+    /// As ckpool: once a user is authorized on a connection, later `mining.authorize`s on it
+    /// get no answer at all.
+    pub authorize_once: bool,
     /// Check every share's sha256d against the difficulty, the job, the extranonce2 size and the mask.
     pub validate: bool,
     /// Answer a repeated (job, extranonce2, ntime, nonce, version) with `[22, "Duplicate share", null]`.
@@ -205,6 +220,8 @@ impl Default for PoolOptions {
             // `any_share` passes, while tests of the difficulty check set their own.
             difficulty: 1e-12,
             version_mask: 0x1fff_e000,
+            configure: Configure::Grant,
+            authorize_once: false,
             validate: false,
             reject_duplicates: false,
             reject_user: None,
@@ -520,13 +537,17 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
         }
         "mining.authorize" => {
             let user = params.first().and_then(Value::as_str).unwrap_or_default().to_owned();
-            if opts.reject_user.as_deref() == Some(user.as_str()) {
+            if opts.authorize_once && !conn.authorized.is_empty() {
+                // ckpool: "trying to authorise twice", and nothing is sent back.
+            } else if opts.reject_user.as_deref() == Some(user.as_str()) {
                 send(json!({"id": id, "result": false, "error": [24, "Unauthorized worker", null]}).to_string());
             } else {
                 conn.authorized.insert(user);
                 send(reply(&id, json!(true)));
             }
         }
+        "mining.configure" if opts.configure == Configure::Ignore => {}
+        "mining.configure" if opts.configure == Configure::Refuse => send(error_reply(&id, 20, "Unknown method")),
         "mining.configure" => {
             let requested = params
                 .get(1)

@@ -243,21 +243,34 @@ fn less_extranonce2_means_set_extranonce_or_reconnect() {
 }
 
 #[test]
-fn version_mask_is_the_request_cut_to_the_pool_and_follows_it() {
+fn version_rolling_only_inside_what_the_pool_granted() {
+    use serde_json::json;
+    let configure = r#"{"id":3,"method":"mining.configure","params":[["version-rolling","minimum-difficulty"],{"version-rolling.mask":"ffffffff"}]}"#;
+    let set_mask = |out: &Output| {
+        lines(&out.to_miner).into_iter().filter(|l| l["method"] == "mining.set_version_mask").collect::<Vec<_>>()
+    };
+    let on_work = |s: &mut MinerSession, work: Arc<Work>| {
+        let mut out = Output::default();
+        s.on_work(work, Instant::now(), &mut out);
+        out
+    };
+    // The pool granted no mask: no version rolling, and none offered later.
     let (mut s, _) = ready(1.0);
-    let out = line(
-        &mut s,
-        r#"{"id":3,"method":"mining.configure","params":[["version-rolling","minimum-difficulty"],{"version-rolling.mask":"ffffffff"}]}"#,
-    );
-    let result = &lines(&out.to_miner)[0]["result"];
-    assert_eq!(result["version-rolling.mask"], "1fffffe0", "the default mask when the pool grants none");
-    assert_eq!(result["minimum-difficulty"], false);
-    let mut out = Output::default();
-    s.on_work(work(1, 2, vec![job(1, 1, 2, 0, 1.0)], Some(0x1fffe000)), Instant::now(), &mut out);
-    assert_eq!(
-        lines(&out.to_miner),
-        [serde_json::json!({"id":null,"method":"mining.set_version_mask","params":["1fffe000"]})]
-    );
+    let out = line(&mut s, configure);
+    assert_eq!(lines(&out.to_miner)[0]["result"], json!({"version-rolling": false, "minimum-difficulty": false}));
+    assert_eq!(s.version_mask(), None);
+    let out = on_work(&mut s, work(1, 2, vec![job(1, 1, 2, 0, 1.0)], Some(0x1fff_ffff)));
+    assert!(out.to_miner.is_empty(), "version rolling was never negotiated");
+    // The pool granted one: the request cut to it, and cut again to the next pool's.
+    let out = line(&mut s, configure);
+    assert_eq!(lines(&out.to_miner)[0]["result"]["version-rolling.mask"], "1fffffff");
+    let out = on_work(&mut s, work(1, 2, vec![job(1, 1, 2, 0, 1.0)], Some(0x00ff_e000)));
+    assert_eq!(set_mask(&out), [json!({"id":null,"method":"mining.set_version_mask","params":["00ffe000"]})]);
+    // Between pools nothing changes; a next pool that grants none takes the mask away.
+    let gap = Arc::new(Work { epoch: 2, pool: None, en2_size: 2, version_mask: None, jobs: Vec::new() });
+    assert!(set_mask(&on_work(&mut s, gap)).is_empty());
+    let out = on_work(&mut s, work(3, 2, vec![job(2, 3, 2, 0, 1.0)], None));
+    assert_eq!(set_mask(&out), [json!({"id":null,"method":"mining.set_version_mask","params":["00000000"]})]);
 }
 
 #[test]

@@ -7,7 +7,6 @@
 //! new epoch; each miner's task turns it into a difficulty and a clean job (or, when the new pool
 //! leaves too little extranonce2, a `mining.set_extranonce` or a `client.reconnect`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +17,7 @@ use metrics::counter;
 use tokio::sync::{mpsc, oneshot, watch, Notify as Wake};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
+use super::workers::Workers;
 use super::{Context, SessionView};
 use crate::codec::FrameError;
 use crate::jobs::{next_seq, Job, MAX_JOBS};
@@ -29,8 +29,6 @@ use crate::session::Forward;
 use crate::submissions::{PoolVerdict, SubmissionManager};
 use crate::upstream::{Pool, PoolLink};
 
-/// The version-rolling mask miners may use when the pool grants none (BIP310's default).
-pub const DEFAULT_VERSION_MASK: u32 = 0x1fff_ffe0;
 /// Miners never get more extranonce2 than this: Whatsminer and cgminer break above 8 bytes.
 pub const MAX_MINER_EXTRANONCE2: usize = 8;
 /// Miners need at least this much extranonce2 to have work to roll.
@@ -39,8 +37,6 @@ pub const MIN_MINER_EXTRANONCE2: usize = 2;
 const UPWARD_QUEUE: usize = 65_536;
 /// Submits unanswered by the pool before the pool is judged broken.
 const MAX_UNANSWERED_SUBMITS: usize = 65_536;
-/// Distinct workers a group authorizes upstream with `worker_passthrough`.
-const MAX_GROUP_WORKERS: usize = 65_536;
 /// Bytes waiting for the pool to read them before the group stops taking shares from miners.
 const MAX_UNWRITTEN: usize = 1 << 20;
 /// How often a group looks for a better pool to fail back to, and waits while no pool is usable.
@@ -55,7 +51,7 @@ pub struct Work {
     pub pool: Option<Arc<Pool>>,
     /// The extranonce2 size miners of this group work with.
     pub en2_size: usize,
-    /// The pool's version-rolling mask, if it granted one.
+    /// The pool's version-rolling mask, if it granted one: miners roll only inside it.
     pub version_mask: Option<u32>,
     /// Live jobs, oldest first.
     pub jobs: Vec<Arc<Job>>,
@@ -67,9 +63,9 @@ impl Work {
         !self.jobs.is_empty()
     }
 
-    /// The mask miners' requests are cut down to.
+    /// The mask miners' requests are cut down to: none when the pool granted none.
     pub fn pool_mask(&self) -> u32 {
-        self.version_mask.unwrap_or(DEFAULT_VERSION_MASK)
+        self.version_mask.unwrap_or(0)
     }
 
     pub fn newest(&self) -> Option<&Arc<Job>> {
@@ -82,8 +78,9 @@ impl Work {
 pub enum Upward {
     /// A share, and the miner to credit with the pool's verdict.
     Share(Forward, Arc<SessionHandle>),
-    /// Authorize this worker upstream (`worker_passthrough`); the answer goes to `reply`.
-    Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<bool> },
+    /// Authorize this worker upstream (`worker_passthrough`) for `miner`; the answer goes to
+    /// `reply`.
+    Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<bool>, miner: Arc<SessionHandle> },
 }
 
 /// One pool session and the miners in it.
@@ -186,8 +183,8 @@ struct State {
     /// The extranonce2 size miners were given; 0 before the first session.
     en2_size: usize,
     jobs: Vec<Arc<Job>>,
-    /// Workers to authorize on every pool session (`worker_passthrough`), with their passwords.
-    workers: HashMap<Arc<str>, String>,
+    /// Workers of live miners, authorized on every pool session (`worker_passthrough`).
+    workers: Workers,
     /// The pool of the last session, to tell a failover from a reconnect.
     last_pool: Option<Arc<Pool>>,
 }
@@ -349,12 +346,9 @@ fn adopt(group: &Group, state: &mut State, session: &mut Connection) {
     }
     state.epoch += 1;
     state.jobs.clear();
-    // The workers known to the group, authorized again: written first, before any of their shares.
+    // The workers of live miners, authorized again: written first, before any of their shares.
     let mut buf = Vec::new();
-    let rewrite = group.context.auth.rewrite();
-    for (worker, password) in &state.workers {
-        session.session.authorize(&mut buf, &rewrite, worker.clone(), password, None, None);
-    }
+    state.workers.adopt(&mut session.session, &group.context.auth.rewrite(), &mut buf, Instant::now());
     session.link.queue(&buf);
     for (notify, difficulty) in std::mem::take(&mut session.early_jobs) {
         add_job(group, state, session, notify, difficulty);
@@ -410,6 +404,9 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
         buf.clear();
         let settings = context.settings();
         let job_deadline = session.last_notify.unwrap_or(session.opened_at) + settings.job_timeout;
+        // Miners wait `connect_timeout` for an authorize's answer: the pool's silence is judged
+        // in half of it, so that each is answered.
+        let authorize_deadline = session.authorize_deadline(settings.connect_timeout / 2);
         if let Some(deadline) = drain {
             if !queue_done && group.members() == 0 {
                 // No miner holds a seat: nothing can be queued after what is queued now.
@@ -521,7 +518,11 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
                     }
                 }
             }
+            _ = sleep_until(authorize_deadline.unwrap_or_else(Instant::now)), if authorize_deadline.is_some() => {
+                state.workers.silent(&mut session.session, group.index);
+            }
             _ = check.tick(), if better.is_none() && drain.is_none() => {
+                state.workers.tick(&mut session.session, Instant::now());
                 if let Some(pool) = better_pool(&context, &session.pool) {
                     tracing::info!(session = group.index, pool = %pool.label, "trying a better pool");
                     let context = context.clone();
@@ -559,19 +560,14 @@ fn handle(group: &Group, state: &mut State, session: &mut Connection, buf: &mut 
             }
             session.session.submit(buf, f, Some(miner), now);
         }
-        Upward::Authorize { worker, password, reply } => {
-            if !state.workers.contains_key(&worker) {
-                if state.workers.len() >= MAX_GROUP_WORKERS {
-                    return;
-                }
-                state.workers.insert(worker.clone(), password.clone());
-            }
-            if session.is_authorized(&worker) {
+        Upward::Authorize { worker, password, reply, miner } => {
+            if !state.workers.add(&mut session.session, &worker, &password, &miner) {
+                // Never a miner left unauthorized: its shares go under the pool's user.
                 let _ = reply.send(true);
                 return;
             }
             let rewrite = group.context.auth.rewrite();
-            session.session.authorize(buf, &rewrite, worker, &password, Some(reply), None);
+            session.session.authorize(buf, &rewrite, worker, &password, Some(reply), None, now);
         }
     }
 }

@@ -2,7 +2,6 @@
 //! `watch`; shares and authorizes go out through the group's queue. The miner's task
 //! (`server::connection`) drives it as it drives passthrough's own pool session.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use metrics::counter;
@@ -82,7 +81,8 @@ impl Member {
     }
 
     /// Asks the group's pool about the workers the last line authorizes, and answers the miner.
-    pub async fn authorize(&mut self, shared: &Shared, peer: IpAddr, config: &Config, out: &mut Output) {
+    pub async fn authorize(&mut self, shared: &Shared, handle: &Arc<SessionHandle>, config: &Config, out: &mut Output) {
+        let peer = handle.peer.ip();
         for up in std::mem::take(&mut out.up) {
             let Up::Authorize { id, user, password } = up else { continue };
             let now = Instant::now();
@@ -91,7 +91,7 @@ impl Member {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
-            let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx };
+            let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx, miner: handle.clone() };
             let answer = match self.seat.group.send(upward) {
                 Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
                 Err(_) => None,

@@ -12,9 +12,11 @@
 //! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
 //! - [`miner`]: one aggregated miner's seat and its [`MinerSession`](crate::session::MinerSession),
 //!   driven by the miner's task in `server::connection`.
+//! - `workers`: the workers a group authorizes upstream, kept while miners use them.
 
 pub mod group;
 pub mod miner;
+mod workers;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

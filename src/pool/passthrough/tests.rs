@@ -181,6 +181,20 @@ fn pending_requests_fail_exactly_once_when_the_pool_goes() {
 }
 
 #[test]
+fn a_connection_authorizes_at_most_1024_workers() {
+    // A downstream proxy puts many workers on one connection: the list they take is bounded.
+    let mut s = ready("");
+    for i in 2..=1024 {
+        let out = miner(&mut s, &format!(r#"{{"id":{i},"method":"mining.authorize","params":["farm.w{i}","x"]}}"#));
+        let id = &lines(&out.to_pool)[0]["id"];
+        assert!(pool(&mut s, &format!(r#"{{"id":{id},"result":true,"error":null}}"#)).events.len() == 1);
+    }
+    let out = miner(&mut s, r#"{"id":1025,"method":"mining.authorize","params":["farm.more","x"]}"#);
+    assert!(out.to_pool.is_empty(), "never sent to the pool");
+    assert_eq!(lines(&out.to_miner)[0]["error"][1], "too many workers on this connection");
+}
+
+#[test]
 fn malformed_twice_in_a_row_closes() {
     let mut s = session("");
     let out = miner(&mut s, r#"{"id":5,"method":"mining.submit","params":[1]}"#);
