@@ -462,7 +462,8 @@ pub fn session_local(data: &[u8]) -> usize {
     let now = Instant::now();
     // The pool's jobs as it sent them, by upstream id, to rebuild what a forwarded share hashes to.
     let mut pool_jobs: HashMap<String, Notify> = HashMap::new();
-    let mut work = Arc::new(Work { epoch: 1, pool: None, en2_size: 4, version_mask: None, jobs: vec![] });
+    let mut work =
+        Arc::new(Work { epoch: 1, pool: None, en2_size: 4, version_mask: None, jobs: vec![], leaving: false });
     let mut s = MinerSession::local(prefix.clone(), work.clone(), vardiff, input.u8() % 2 == 1, now);
     let mut forwarded = HashSet::new();
     let mut out = Output::default();
@@ -537,8 +538,8 @@ pub fn session_local(data: &[u8]) -> usize {
                 let mut jobs = if epoch == work.epoch && !job.notify.clean_jobs { work.jobs.clone() } else { vec![] };
                 jobs.push(job);
                 let mask = if input.u8() % 4 == 0 { Some(0x1fff_e000) } else { work.version_mask };
-                work = Arc::new(Work { epoch, pool: None, en2_size, version_mask: mask, jobs });
-                s.on_work(work.clone(), now, &mut out);
+                work = Arc::new(Work { epoch, pool: None, en2_size, version_mask: mask, jobs, leaving: false });
+                s.on_work(work.clone(), &mut out);
             }
             // A share on a job the miner was sent: ids from what it was told.
             5 | 6 => {

@@ -412,11 +412,13 @@ impl Driver<'_> {
         let mut session = Passthrough::new(self.shared.auth.clone(), self.link.pool().clone(), self.handle.peer.ip());
         let started = Instant::now();
         let job_timeout = self.config.upstream.job_timeout();
+        let submit_timeout = self.config.upstream.submit_timeout();
         // Set once the proxy starts shutting down: no more miner lines, only replies.
         let mut drain_deadline: Option<Instant> = None;
         let mut first = Some(first);
         loop {
             let job_deadline = session.last_notify().unwrap_or(started) + job_timeout;
+            let answer_deadline = session.oldest_waiting().map(|sent| sent + submit_timeout);
             // A reason to close after this step's output is written.
             let mut close: Option<CloseReason> = None;
             if let Some(line) = first.take() {
@@ -437,6 +439,9 @@ impl Driver<'_> {
                     _ = sleep_until(job_deadline) => {
                         tracing::warn!(pool = %self.link.pool().label, ?job_timeout, "no job from the pool; dropping the pool session");
                         session.on_job_timeout(&mut self.out);
+                    }
+                    _ = sleep_until(answer_deadline.unwrap_or(job_deadline)), if answer_deadline.is_some() => {
+                        session.on_answer_timeout(Instant::now(), submit_timeout, &mut self.out);
                     }
                     line = self.link.next_line() => match line {
                         Some(Ok(line)) => session.on_pool_line(&line, Instant::now(), &mut self.out),

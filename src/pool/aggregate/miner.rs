@@ -7,11 +7,11 @@ use std::sync::Arc;
 use futures::StreamExt;
 use metrics::{counter, SharedString};
 use tokio::io::WriteHalf;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::field;
 
-use super::{Aggregator, Refused, Upward};
+use super::{Aggregator, Refused, Upward, Work};
 use crate::codec::FrameError;
 use crate::config::Config;
 use crate::connection::{first_line, refusal, MinerReader, MinerStream, Outbox, RateLimiter, Shared};
@@ -46,7 +46,7 @@ pub async fn serve(
         _ = shared.shutdown.cancelled() => return CloseReason::Shutdown,
         seat = aggregator.admit() => seat,
     };
-    let seat = match admitted {
+    let mut seat = match admitted {
         Ok(seat) => seat,
         Err(refused) => {
             let reason = match refused {
@@ -85,18 +85,19 @@ pub async fn serve(
                 changed = work.changed() => match changed {
                     Ok(()) => {
                         let new = work.borrow_and_update().clone();
-                        session.on_work(new, Instant::now(), &mut out);
+                        session.on_work(new, &mut out);
                     }
                     Err(_) => close = Some(CloseReason::UpstreamLost),
                 },
-                _ = sleep_until(session.next_check().expect("a local session has a vardiff")) => session.on_tick(Instant::now(), &mut out),
+                _ = sleep_until(session.next_check().expect("a local session has a vardiff")) => {
+                    // A retarget re-sends the newest job: never one of a pool the group has left.
+                    catch_up(&mut work, &mut session, &mut out);
+                    session.on_tick(Instant::now(), &mut out);
+                }
                 line = reader.next() => match line {
                     Some(Ok(line)) => {
                         // Judge against the newest work: a share for a pool that is gone is stale.
-                        if work.has_changed().unwrap_or(false) {
-                            let new = work.borrow_and_update().clone();
-                            session.on_work(new, Instant::now(), &mut out);
-                        }
+                        catch_up(&mut work, &mut session, &mut out);
                         miner_line(shared, handle, &mut session, &mut limiter, &line, &mut out, &mut close);
                     }
                     Some(Err(FrameError::TooLong(max))) => {
@@ -130,7 +131,34 @@ pub async fn serve(
                     let (tx, rx) = oneshot::channel();
                     let upward = Upward::Authorize { worker: user.as_str().into(), password, reply: tx };
                     let answer = match seat.group.send(upward) {
-                        Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
+                        Ok(()) => {
+                            // The miner is watched meanwhile: one that leaves is closed as it left,
+                            // not when the late answer cannot be written. A line it sends waits.
+                            let wait = timeout(config.upstream.connect_timeout(), rx);
+                            tokio::pin!(wait);
+                            loop {
+                                tokio::select! {
+                                    biased;
+                                    answer = &mut wait => break answer.ok().and_then(Result::ok),
+                                    reason = handle.closed() => {
+                                        close = close.or(Some(reason));
+                                        break None;
+                                    }
+                                    line = reader.next(), if first.is_none() => match line {
+                                        Some(Ok(line)) => first = Some(line),
+                                        Some(Err(FrameError::TooLong(_))) => {
+                                            counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+                                            close = close.or(Some(CloseReason::LineTooLong));
+                                            break None;
+                                        }
+                                        Some(Err(FrameError::Io(_))) | None => {
+                                            close = close.or(Some(CloseReason::MinerClosed));
+                                            break None;
+                                        }
+                                    },
+                                }
+                            }
+                        }
                         Err(_) => None,
                     };
                     // Only the pool's refusal is the miner's failure; its silence is not.
@@ -157,7 +185,10 @@ pub async fn serve(
                     tracing::debug!(%worker, "authorized");
                     handle.info().worker = Some(worker);
                 }
-                Event::Difficulty(d) => handle.info().difficulty = Some(d),
+                Event::Difficulty(d) => {
+                    handle.info().difficulty = Some(d);
+                    seat.set_difficulty(d);
+                }
                 Event::Close(reason) => close = close.or(Some(reason)),
                 // The group task sends the shares and hears the pool's verdicts.
                 Event::PoolVerdict(..) | Event::PoolFault(_) | Event::PoolReconnect { .. } => {}
@@ -176,6 +207,14 @@ pub async fn serve(
     drop(seat);
     outbox.close(reason, server).await;
     reason
+}
+
+/// Puts the group's newest work in force, if it changed since the session last saw it.
+fn catch_up(work: &mut watch::Receiver<Arc<Work>>, session: &mut MinerSession, out: &mut Output) {
+    if work.has_changed().unwrap_or(false) {
+        let new = work.borrow_and_update().clone();
+        session.on_work(new, out);
+    }
 }
 
 fn same_pool(a: &Option<Arc<Pool>>, b: &Option<Arc<Pool>>) -> bool {
