@@ -64,7 +64,8 @@ fn aggregate_submit(c: &mut Criterion) {
         upstream_difficulty: 1e6,
         upstream_target: target_from_difficulty(1e6),
     });
-    let work = Arc::new(Work { epoch: 1, pool: None, en2_size: 6, version_mask: None, jobs: vec![job] });
+    let work =
+        Arc::new(Work { epoch: 1, pool: None, en2_size: 6, version_mask: None, jobs: vec![job], leaving: false });
     let vardiff = VardiffConfig {
         start_difficulty: 1e-12,
         min_difficulty: 1e-12,

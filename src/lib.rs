@@ -8,7 +8,8 @@
 //!   policy is the mode), [`jobs`] (its job book), [`submissions`] (share checks and accounting),
 //!   [`vardiff`] and [`auth`] (credential rewriting and the auth backoff).
 //! - [`pool`]: the pool side: [`upstream`] (pools, health and backoff, the link to a pool),
-//!   [`pool_session`] (the sans-IO session of one pool connection), [`passthrough`] (a miner with
+//!   [`pool_session`] (the sans-IO session of one pool connection), [`handshake`] (the Stratum
+//!   handshake that opens aggregate sessions and is the health probe), [`passthrough`] (a miner with
 //!   its own pool session) and [`aggregate`] (many miners on one pool session, with their own
 //!   extranonce1 [`prefix`]es, and failover without disconnecting them).
 //! - [`server`]: the listeners, the accept loop, the cleanup task and the drain; [`registry`] (the
@@ -28,6 +29,6 @@ pub mod server;
 pub mod stratum;
 
 pub use miner::{auth, jobs, session, submissions, vardiff};
-pub use pool::{aggregate, passthrough, prefix, session as pool_session, upstream};
+pub use pool::{aggregate, handshake, passthrough, prefix, session as pool_session, upstream};
 pub use server::{admin, connection, hashrate, proxy_protocol, registry, systemd, tls};
 pub use stratum::{codec, protocol, share};

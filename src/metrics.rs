@@ -151,10 +151,13 @@ fn describe() {
     describe_counter!(BLOCKS_FOUND, "Block candidates (shares whose hash met the network target) sent to the pool.");
     describe_histogram!(SUBMIT_RTT, Unit::Seconds, "Time from forwarding a share to the pool's reply.");
     describe_gauge!(UPSTREAM_SESSIONS_ACTIVE, "Pool sessions currently open.");
-    describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts to a pool.");
-    describe_counter!(UPSTREAM_FAULTS, "Pool sessions dropped because the pool broke the protocol or sent no job.");
+    describe_counter!(UPSTREAM_CONNECT_FAILURES, "Failed connection attempts and probes of a pool.");
+    describe_counter!(
+        UPSTREAM_FAULTS,
+        "Pool sessions dropped because the pool broke the protocol, sent no job or left a share unanswered."
+    );
     describe_counter!(POOL_REDIRECTS, "client.reconnect requests from pools, by outcome.");
-    describe_gauge!(POOL_UP, "1 when the pool's last connection attempt succeeded, else 0.");
+    describe_gauge!(POOL_UP, "1 when the pool completed its last probe (subscribe, login, a job), else 0.");
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
     describe_counter!(

@@ -161,8 +161,7 @@ async fn wait_clean_job(miner: &mut SimMiner) -> bool {
 
 /// An aggregate proxy in front of `pool`, with `count` miners handshaken on its one session.
 async fn aggregate_with_miners(pool: &MockPool, count: usize) -> (Proxy, Config, Vec<SimMiner>) {
-    let mut config = proxy_config(pool.addr);
-    config.upstream.mode = Mode::Aggregate;
+    let config = mode_config(Mode::Aggregate, pool.addr);
     let proxy = spawn_proxy(config.clone()).await;
     let mut miners = Vec::new();
     for i in 0..count {

@@ -464,7 +464,8 @@ pub fn session_local(data: &[u8]) -> usize {
     let mut pool_jobs: HashMap<String, Notify> = HashMap::new();
     // A group on a pool: only a pool's work carries a version mask miners follow.
     let pool = Some(Pool::new(&PoolConfig { url: "stratum+tcp://127.0.0.1:1".into(), ..PoolConfig::default() }));
-    let mut work = Arc::new(Work { epoch: 1, pool: pool.clone(), en2_size: 4, version_mask: None, jobs: vec![] });
+    let mut work =
+        Arc::new(Work { epoch: 1, pool: pool.clone(), en2_size: 4, version_mask: None, jobs: vec![], leaving: false });
     let mut s = MinerSession::local(prefix.clone(), work.clone(), vardiff, input.u8() % 2 == 1, now);
     let mut forwarded = HashSet::new();
     let mut out = Output::default();
@@ -539,8 +540,8 @@ pub fn session_local(data: &[u8]) -> usize {
                 let mut jobs = if epoch == work.epoch && !job.notify.clean_jobs { work.jobs.clone() } else { vec![] };
                 jobs.push(job);
                 let mask = if input.u8() % 4 == 0 { Some(0x1fff_e000) } else { work.version_mask };
-                work = Arc::new(Work { epoch, pool: pool.clone(), en2_size, version_mask: mask, jobs });
-                s.on_work(work.clone(), now, &mut out);
+                work = Arc::new(Work { epoch, pool: pool.clone(), en2_size, version_mask: mask, jobs, leaving: false });
+                s.on_work(work.clone(), &mut out);
             }
             // A share on a job the miner was sent: ids from what it was told.
             5 | 6 => {

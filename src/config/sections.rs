@@ -60,7 +60,7 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Seconds to wait for a pool's TCP connect.
+    /// Seconds to wait for a pool's connect and for its Stratum handshake (probe, aggregate session).
     pub connect_timeout: u64,
     /// Longest line accepted from a pool, in bytes.
     pub max_line_bytes: usize,
@@ -72,6 +72,9 @@ pub struct UpstreamConfig {
     pub user_template: String,
     /// Seconds without a `mining.notify` before a pool session is judged dead (a blackhole).
     pub job_timeout: u64,
+    /// Seconds a forwarded share may wait for the pool's answer before the pool session is
+    /// judged hung (a pool stopped with its socket open).
+    pub submit_timeout: u64,
     /// Seconds of silence before TCP keepalive probes start on pool and miner sockets.
     pub keepalive: u64,
     /// Honour a pool's `client.reconnect` to another port of the same host.
@@ -238,6 +241,7 @@ impl Default for UpstreamConfig {
             retry_max_ms: 60_000,
             user_template: String::new(),
             job_timeout: 120,
+            submit_timeout: 10,
             keepalive: 60,
             allow_pool_redirect: false,
             mode: Mode::Passthrough,
@@ -301,6 +305,9 @@ impl UpstreamConfig {
     }
     pub fn job_timeout(&self) -> Duration {
         Duration::from_secs(self.job_timeout)
+    }
+    pub fn submit_timeout(&self) -> Duration {
+        Duration::from_secs(self.submit_timeout)
     }
     pub fn failback_after(&self) -> Duration {
         Duration::from_secs(self.failback_after)

@@ -41,7 +41,7 @@ impl Config {
         }
         let (s, u) = (&self.server, &self.upstream);
         let a = &self.aggregate;
-        let limits: [(&str, u64); 22] = [
+        let limits: [(&str, u64); 23] = [
             ("server.max_connections", s.max_connections as u64),
             ("server.idle_timeout", s.idle_timeout),
             ("server.handshake_timeout", s.handshake_timeout),
@@ -56,6 +56,7 @@ impl Config {
             ("server.auth_backoff_initial", s.auth_backoff_initial),
             ("server.auth_backoff_max", s.auth_backoff_max),
             ("upstream.job_timeout", u.job_timeout),
+            ("upstream.submit_timeout", u.submit_timeout),
             ("upstream.keepalive", u.keepalive),
             ("upstream.connect_timeout", u.connect_timeout),
             ("upstream.max_line_bytes", u.max_line_bytes as u64),

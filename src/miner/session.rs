@@ -8,9 +8,8 @@
 //!   and extranonce1 are the miner's; every share that passes the local checks goes to the pool,
 //!   whose verdict answers it.
 //! - **Local** (aggregate mode): the session answers the miner itself; the difficulty is its
-//!   vardiff's (never above the pool's); the extranonce1 is the miner's prefix; the job ids are
-//!   the proxy's; a share is answered at once, and goes to the pool when it meets the pool's
-//!   difficulty.
+//!   vardiff's; the extranonce1 is the miner's prefix; the job ids are the proxy's; a share is
+//!   answered at once, and goes to the pool when it meets the pool's difficulty.
 //!
 //! Both judge shares the same way, against the same [`JobBook`].
 
@@ -326,7 +325,7 @@ impl MinerSession {
                 let sid = hex::encode(&self.extranonce1);
                 let subscriptions = json!([["mining.set_difficulty", sid], ["mining.notify", sid]]);
                 reply(out, &id, &json!([subscriptions, sid, self.en2_size]));
-                self.send_job(true, now, out);
+                self.send_job(true, out);
             }
             (Call::Configure(c), Policy::Local(local)) => {
                 let mut result = serde_json::Map::new();
@@ -355,7 +354,7 @@ impl MinerSession {
             (Call::SuggestDifficulty(d), Policy::Local(local)) => {
                 local.vardiff.suggest(d, now);
                 reply(out, &id, &true);
-                self.retarget(now, out);
+                self.retarget(out);
             }
             (Call::Unknown, Policy::Local(_)) => reply_error(out, &id, code::OTHER, "unsupported method"),
         }
@@ -417,14 +416,16 @@ impl MinerSession {
 
     /// Aggregate mode: the group's work changed (a job, a pool switch, a mask or an extranonce
     /// change).
-    pub fn on_work(&mut self, work: Arc<Work>, now: Instant, out: &mut Output) {
+    pub fn on_work(&mut self, work: Arc<Work>, out: &mut Output) {
         let Policy::Local(local) = &mut self.policy else { return };
         let epoch_changed = work.epoch != local.work.epoch;
         local.work = work;
         if epoch_changed {
-            // Jobs of an ended pool session are stale from now on.
+            // Jobs of an ended pool session are stale from now on. The new pool's first job goes
+            // with the difficulty, changed or not: a miner may have reset it with the old pool.
             let epoch = local.work.epoch;
             self.book.retain(|job| job.epoch == epoch);
+            local.sent_difficulty = None;
         }
         if !self.subscribed {
             self.en2_size = local.work.en2_size;
@@ -454,7 +455,7 @@ impl MinerSession {
             if last_sent.is_none_or(|s| newest.seq > s) || epoch_changed {
                 let after = last_sent.unwrap_or(0);
                 let clean = epoch_changed || local.work.jobs.iter().any(|j| j.seq > after && j.notify.clean_jobs);
-                self.send_job(clean, now, out);
+                self.send_job(clean, out);
             }
         }
     }
@@ -463,25 +464,25 @@ impl MinerSession {
     pub fn on_tick(&mut self, now: Instant, out: &mut Output) {
         if let Policy::Local(local) = &mut self.policy {
             if local.vardiff.tick(now).is_some() {
-                self.retarget(now, out);
+                self.retarget(out);
             }
         }
     }
 
     /// The miner's difficulty moved: tell it, and send the newest job again under a new id, so
     /// that the new difficulty applies from that job on (see [`send_job`](Self::send_job)).
-    fn retarget(&mut self, now: Instant, out: &mut Output) {
+    fn retarget(&mut self, out: &mut Output) {
         let Policy::Local(local) = &mut self.policy else { return };
-        let Some(job) = local.work.newest() else { return };
-        let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
+        let difficulty = local.vardiff.difficulty();
         if self.subscribed && local.sent_difficulty.is_some_and(|d| d != difficulty) {
-            self.send_job(false, now, out);
+            self.send_job(false, out);
         }
     }
 
     /// Aggregate mode: sends the newest job, with `mining.set_difficulty` first when the
-    /// difficulty changed. The miner's difficulty never exceeds the pool's, so every share the
-    /// pool would take is found.
+    /// difficulty changed. The difficulty is the vardiff's even above the pool's: the group asks
+    /// the pool for its work's difficulty, so that the pool's target is the easier one. Nothing
+    /// is sent from a pool the group is leaving: the next pool's first job comes soon.
     ///
     /// A re-send of a job at a new difficulty must reach firmware that keeps its work while a
     /// job's header bytes are unchanged (cpuminer keeps the work's id and target then, clean or
@@ -490,10 +491,10 @@ impl MinerSession {
     /// that re-send is also clean on the wire, to make firmware restart at once; a higher one is
     /// not, so that no work is thrown away: the miner takes it after its next share. Either way
     /// the book keeps the earlier ids live, as their work is as good for the pool as ever.
-    fn send_job(&mut self, clean: bool, now: Instant, out: &mut Output) {
+    fn send_job(&mut self, clean: bool, out: &mut Output) {
         let Policy::Local(local) = &mut self.policy else { return };
-        let Some(job) = local.work.newest().cloned() else { return };
-        let difficulty = local.vardiff.set_ceiling(job.upstream_difficulty, now);
+        let Some(job) = local.work.newest().filter(|_| !local.work.leaving).cloned() else { return };
+        let difficulty = local.vardiff.difficulty();
         let lowered = local.sent_difficulty.is_some_and(|d| difficulty < d);
         if local.sent_difficulty != Some(difficulty) {
             write::notification(&mut out.to_miner, "mining.set_difficulty", &[difficulty]);
@@ -559,7 +560,7 @@ impl MinerSession {
                 out.events.push(Event::ShareValid(share));
                 // The work counts at the difficulty it was judged at, on whichever job it came.
                 if local.vardiff.on_share(share.job_difficulty, now).is_some() {
-                    self.retarget(now, out);
+                    self.retarget(out);
                 }
             }
         }

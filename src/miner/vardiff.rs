@@ -88,8 +88,6 @@ pub struct Vardiff {
     history_work: f64,
     /// Seconds of those windows, weighted alike.
     history_secs: f64,
-    /// A cap from outside the bounds (the pool's difficulty in aggregate mode); infinite for none.
-    ceiling: f64,
 }
 
 impl Vardiff {
@@ -112,7 +110,6 @@ impl Vardiff {
             early_shares,
             history_work: 0.0,
             history_secs: 0.0,
-            ceiling: f64::INFINITY,
         };
         vardiff.difficulty = vardiff.clamp(config.start_difficulty);
         vardiff
@@ -219,27 +216,9 @@ impl Vardiff {
         self.work = 0.0;
     }
 
-    /// Clamps into the bounds, then under the ceiling, without `f64::clamp`, which panics on a NaN
-    /// or inverted bound.
+    /// Clamps into the bounds, without `f64::clamp`, which panics on a NaN or inverted bound.
     fn clamp(&self, difficulty: f64) -> f64 {
-        difficulty.max(self.config.min_difficulty).min(self.config.max_difficulty).min(self.ceiling)
-    }
-
-    /// Caps the difficulty at `ceiling` (the pool's difficulty: a miner above it would hide shares
-    /// the pool would take), from now on. Shares already counted keep the work they were found
-    /// at. A non-finite or non-positive ceiling removes the cap. Returns the difficulty.
-    pub fn set_ceiling(&mut self, ceiling: f64, now: Instant) -> f64 {
-        self.ceiling = if ceiling.is_finite() && ceiling > 0.0 { ceiling } else { f64::INFINITY };
-        let capped = self.clamp(self.difficulty);
-        if capped != self.difficulty {
-            // The window so far was worked at the old difficulty: it joins the history as it was.
-            let elapsed = now.saturating_duration_since(self.window_start).as_secs_f64();
-            self.history_work += self.work;
-            self.history_secs += elapsed;
-            self.restart(now);
-            self.difficulty = capped;
-        }
-        self.difficulty
+        difficulty.max(self.config.min_difficulty).min(self.config.max_difficulty)
     }
 }
 
@@ -513,24 +492,5 @@ mod tests {
         // A share moves the check back to retarget_secs.
         vardiff.on_share(vardiff.difficulty(), t0 + secs(190.0));
         assert_eq!(vardiff.next_check(), t0 + secs(210.0));
-    }
-
-    #[test]
-    fn a_ceiling_caps_without_inflating_the_estimate() {
-        let config = config(1e-6);
-        let t0 = Instant::now();
-        let mut vardiff = Vardiff::new(config, t0);
-        vardiff.set_ceiling(0.01, t0);
-        let mut miner = Miner::new(HASHRATE, 7);
-        let t5 = t0 + secs(300.0);
-        miner.run(&mut vardiff, t0, t5);
-        assert_eq!(vardiff.difficulty(), 0.01, "held at the pool's difficulty, below the ideal 0.05");
-        // The cap lifts: the estimate, made from the work really done, is still right.
-        vardiff.set_ceiling(f64::INFINITY, t5);
-        miner.run(&mut vardiff, t5, t5 + secs(300.0));
-        let ratio = vardiff.difficulty() / ideal(HASHRATE, &config);
-        assert!((1.0 / 1.5..=1.5).contains(&ratio), "{ratio} × ideal");
-        // A lower ceiling takes effect at once.
-        assert_eq!(vardiff.set_ceiling(1e-3, t5 + secs(300.0)), 1e-3);
     }
 }

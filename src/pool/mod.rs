@@ -2,6 +2,7 @@
 //! share it: passthrough's group of one, and aggregate mode's groups.
 
 pub mod aggregate;
+pub mod handshake;
 pub mod passthrough;
 pub mod prefix;
 pub mod session;

@@ -8,6 +8,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -79,10 +80,11 @@ impl Passthrough {
                         reply_error(out, &id, code::UNAUTHORIZED, &message);
                         continue;
                     }
-                    self.pool.authorize(&mut out.to_pool, &self.rewrite, user.into(), &password, None, Some(id), now);
+                    let (rewrite, user) = (&self.rewrite, user.into());
+                    self.pool.authorize(&mut out.to_pool, rewrite, user, &password, None, Some(id), now);
                 }
                 Up::Relay { id, kind, method, params } => {
-                    self.pool.relay(&mut out.to_pool, id, kind, &method, params.as_deref())
+                    self.pool.relay(&mut out.to_pool, id, kind, &method, params.as_deref(), now)
                 }
             }
         }
@@ -140,6 +142,20 @@ impl Passthrough {
     /// The pool sent a line over the cap: no pool means that.
     pub fn on_pool_line_too_long(&mut self, out: &mut Output) {
         self.pool_fault("line over max_line_bytes", out);
+    }
+
+    /// When the oldest request the miner waits on was sent, while the pool has not answered it.
+    pub fn oldest_waiting(&mut self) -> Option<Instant> {
+        self.pool.oldest_waiting()
+    }
+
+    /// Requests waited `timeout` for the pool by `now`. A share or a subscribe left unanswered
+    /// means the pool is hung: every request in flight gets an error and the session ends, so
+    /// that the miner reconnects to a healthy pool. Other requests get an error on their own.
+    pub fn on_answer_timeout(&mut self, now: Instant, timeout: Duration, out: &mut Output) {
+        if let Err(fault) = self.pool.expire(now, timeout, &mut out.to_miner) {
+            self.pool_fault(fault, out);
+        }
     }
 
     /// The pool sent no job within the job timeout: it is judged dead.

@@ -6,7 +6,7 @@
 //! one, whose subscribe, authorize and configure are this session's own (`relay`), and who gets
 //! the pool's replies and notifications as they came. Every request expects exactly one answer:
 //! the pool's, or one settled by [`fail_pending`](PoolSession::fail_pending) when the pool session
-//! ends.
+//! ends, or by [`expire`](PoolSession::expire) when the pool is slow to give it.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -30,6 +30,8 @@ use crate::upstream::Pool;
 /// Forwarded shares whose verdicts make up the pool's reject rate, and how many must be in.
 const REJECT_WINDOW: usize = 100;
 const REJECT_WINDOW_MIN: usize = 20;
+/// The health probe's user agent: a pool's logs tell its connections from miners' sessions.
+pub const PROBE_AGENT: &str = concat!("loka-stratum/", env!("CARGO_PKG_VERSION"), " probe");
 
 /// A request to the pool that waits for its answer. `reply_to` is the miner's id when the
 /// pool's reply answers a miner's request (passthrough).
@@ -120,6 +122,9 @@ pub struct PoolSession {
     pub difficulty: f64,
     next_id: u64,
     pending: HashMap<u64, Request>,
+    /// The requests someone waits on (forwarded shares, and a passthrough miner's requests) by
+    /// id, with when they were sent, oldest first. Answered ones leave from the front only.
+    waiting: VecDeque<(u64, Instant)>,
     /// Submits in `pending`: a drain waits for them.
     submits_pending: usize,
     /// When the pool last sent a job.
@@ -138,6 +143,8 @@ pub struct PoolSession {
     verdicts: VecDeque<bool>,
     pub subscribed: bool,
     pub logged_in: bool,
+    /// The pool answered the proxy's user with a refusal.
+    pub login_refused: bool,
 }
 
 impl PoolSession {
@@ -151,6 +158,7 @@ impl PoolSession {
             difficulty: 1.0,
             next_id: 1,
             pending: HashMap::new(),
+            waiting: VecDeque::new(),
             submits_pending: 0,
             last_notify: None,
             authorized: HashMap::new(),
@@ -160,6 +168,7 @@ impl PoolSession {
             verdicts: VecDeque::new(),
             subscribed: false,
             logged_in: false,
+            login_refused: false,
         }
     }
 
@@ -171,6 +180,21 @@ impl PoolSession {
         self.request(buf, "mining.subscribe", &[VERSION], Request::Subscribe { reply_to: None });
         let config = self.pool.config.clone();
         self.request(buf, "mining.authorize", &[&config.user, &config.password], Request::Login);
+    }
+
+    /// The health probe's handshake: a subscribe, under an agent that says it is a probe, and the
+    /// pool's own user.
+    pub fn probe(&mut self, buf: &mut Vec<u8>) {
+        self.request(buf, "mining.subscribe", &[PROBE_AGENT], Request::Subscribe { reply_to: None });
+        let config = self.pool.config.clone();
+        self.request(buf, "mining.authorize", &[&config.user, &config.password], Request::Login);
+    }
+
+    /// Asks the pool for `difficulty` on the jobs to come (aggregate mode: the group's work). Its
+    /// answer is not awaited, and is dropped when it comes: ckpool sends none.
+    pub fn suggest_difficulty(&mut self, buf: &mut Vec<u8>, difficulty: f64) {
+        let id = self.take_id();
+        write::request(buf, id, "mining.suggest_difficulty", &[difficulty]);
     }
 
     /// Requests waiting for the pool's answer.
@@ -203,6 +227,7 @@ impl PoolSession {
         kind: Relayed,
         method: &str,
         params: Option<&serde_json::value::RawValue>,
+        now: Instant,
     ) {
         let upstream_id = self.take_id();
         write::request_raw(buf, upstream_id, method, params);
@@ -212,6 +237,9 @@ impl PoolSession {
             Relayed::Configure => Request::Configure { reply_to },
             Relayed::Other => Request::Other { reply_to },
         };
+        if request.reply_to().is_some() {
+            self.waiting.push_back((upstream_id, now));
+        }
         self.pending.insert(upstream_id, request);
     }
 
@@ -241,6 +269,7 @@ impl PoolSession {
         }
         buf.extend_from_slice(b"]}\n");
         self.pending.insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to, block: f.block });
+        self.waiting.push_back((id, now));
         self.submits_pending += 1;
         SubmissionManager.forwarded(&self.pool.metric_label, f.block.as_ref().map(|b| &b.hash));
     }
@@ -282,6 +311,9 @@ impl PoolSession {
         let waiters = reply.into_iter().collect();
         let params = [creds.user.as_str(), creds.password.as_str()];
         let request = Request::Authorize { worker, upstream, waiters, reply_to: reply_to.filter(|id| !id.is_null()) };
+        if request.reply_to().is_some() {
+            self.waiting.push_back((self.next_id, now));
+        }
         self.request(buf, "mining.authorize", &params, request);
     }
 
@@ -395,6 +427,7 @@ impl PoolSession {
                     Request::Login => {
                         if ok.is_err() {
                             tracing::warn!(pool = %self.pool.label, user = %self.pool.config.user, "the pool refused the proxy's user");
+                            self.login_refused = true;
                             return Err("the pool refused the configured user");
                         }
                         self.logged_in = true;
@@ -496,6 +529,47 @@ impl PoolSession {
         n >= REJECT_WINDOW_MIN && self.verdicts.iter().filter(|r| **r).count() as f64 > max * n as f64
     }
 
+    /// When the oldest request that someone waits on was sent, if one is unanswered.
+    pub fn oldest_waiting(&mut self) -> Option<Instant> {
+        while let Some((id, sent)) = self.waiting.front() {
+            if self.pending.contains_key(id) {
+                return Some(*sent);
+            }
+            self.waiting.pop_front();
+        }
+        None
+    }
+
+    /// Settles the requests that waited `timeout` by `now` for an answer. A pool that leaves a
+    /// share or a subscribe unanswered is hung (a process stopped with its socket open): that
+    /// is an error, a fault. A passthrough miner's other requests get an error instead, and the
+    /// session goes on: ckpool never answers a second authorize on one connection, and some
+    /// pools ignore `mining.configure`.
+    pub fn expire(&mut self, now: Instant, timeout: Duration, to_miner: &mut Vec<u8>) -> Result<(), &'static str> {
+        while let Some(&(id, sent)) = self.waiting.front() {
+            if now.saturating_duration_since(sent) < timeout {
+                break;
+            }
+            match self.pending.get(&id) {
+                Some(Request::Submit { .. } | Request::Subscribe { .. }) => {
+                    return Err("no answer within upstream.submit_timeout")
+                }
+                Some(_) => {
+                    let request = self.pending.remove(&id).expect("looked up above");
+                    if let Request::Authorize { worker, .. } = &request {
+                        tracing::info!(pool = %self.pool.label, %worker, "the pool did not answer an authorize");
+                    }
+                    if let Some(miner_id) = request.reply_to() {
+                        write::error(to_miner, miner_id, code::OTHER, "no answer from the pool");
+                    }
+                }
+                None => {}
+            }
+            self.waiting.pop_front();
+        }
+        Ok(())
+    }
+
     /// The session is over: every request still waiting gets `message` as its error (in
     /// `to_miner`) if a miner asked it. Returns the sessions of the forwarded shares left
     /// unanswered, one per share (`None` for passthrough's own). Authorizes are dropped
@@ -506,6 +580,7 @@ impl PoolSession {
         self.submits_pending = 0;
         self.authorizing.clear();
         self.authorize_silence = None;
+        self.waiting.clear();
         let mut unanswered = Vec::new();
         for (_, request) in requests {
             if let Some(miner_id) = request.reply_to() {

@@ -23,7 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, PoolConfig, PoolUrl};
+use crate::handshake::handshake;
 use crate::metrics as m;
+use crate::pool_session::PoolSession;
 
 /// Read buffer a pool connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 1024;
@@ -46,6 +48,8 @@ pub struct PoolLink {
     /// When the queued bytes last made progress (or were queued).
     progress_at: Instant,
     write_timeout: Duration,
+    /// A session's link, counted in `loka_upstream_sessions_active`; a probe's is not.
+    session: bool,
 }
 
 /// A byte stream to a pool: TCP, or TLS over TCP.
@@ -68,8 +72,11 @@ impl std::fmt::Debug for TlsTarget {
 }
 
 impl PoolLink {
-    fn new(pool: Arc<Pool>, stream: PoolStream, max_line_bytes: usize, write_timeout: Duration) -> Self {
+    fn new(pool: Arc<Pool>, stream: PoolStream, max_line_bytes: usize, write_timeout: Duration, session: bool) -> Self {
         let (r, writer) = tokio::io::split(stream);
+        if session {
+            gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
+        }
         PoolLink {
             pool,
             reader: FramedRead::with_capacity(r, LineCodec::new(max_line_bytes), READ_BUFFER),
@@ -79,6 +86,7 @@ impl PoolLink {
             unflushed: false,
             progress_at: Instant::now(),
             write_timeout,
+            session,
         }
     }
 
@@ -163,7 +171,9 @@ impl PoolLink {
 
 impl Drop for PoolLink {
     fn drop(&mut self) {
-        gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => self.pool.label.clone()).decrement(1.0);
+        if self.session {
+            gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => self.pool.label.clone()).decrement(1.0);
+        }
     }
 }
 
@@ -495,7 +505,7 @@ impl PoolSet {
         self.current.load().pools.clone()
     }
 
-    /// True when some pool answered its last connection attempt.
+    /// True when some pool completed its last probe.
     pub fn any_up(&self) -> bool {
         self.current.load().pools.iter().any(|p| p.is_up())
     }
@@ -511,14 +521,15 @@ impl PoolSet {
         Err(NoUpstream)
     }
 
-    /// Opens a connection to one pool. A failure marks the pool down, and its monitor retries it.
+    /// Opens a connection to one pool. A failure marks the pool down, and its monitor retries it;
+    /// a success proves nothing of its health (a stopped pool process keeps its socket): only
+    /// the probe's handshake does.
     pub async fn open(&self, pool: &Arc<Pool>) -> io::Result<PoolLink> {
         let generation = self.current.load_full();
         match pool.connect(generation.connect_timeout, generation.keepalive).await {
             Ok(stream) => {
-                pool.set_health(Health::Up);
-                gauge!(m::UPSTREAM_SESSIONS_ACTIVE, "pool" => pool.label.clone()).increment(1.0);
-                Ok(PoolLink::new(pool.clone(), stream, generation.max_line_bytes, generation.write_timeout))
+                let (max_line_bytes, write_timeout) = (generation.max_line_bytes, generation.write_timeout);
+                Ok(PoolLink::new(pool.clone(), stream, max_line_bytes, write_timeout, true))
             }
             Err(e) => {
                 counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
@@ -532,7 +543,7 @@ impl PoolSet {
 }
 
 /// Watches one pool: probes it at start, again when a session loses it, and while it is down
-/// retries with jittered exponential backoff until a connect succeeds. Returns when the
+/// retries with jittered exponential backoff until a probe succeeds. Returns when the
 /// generation is retired or the proxy shuts down.
 async fn monitor(generation: Arc<Generation>, index: usize) {
     let pool = generation.pools[index].clone();
@@ -541,7 +552,7 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
     loop {
         match pool.health() {
             Health::Unknown => {
-                probe(&generation, &pool).await;
+                let Some(_) = probe_unless(&cancel, &generation, &pool).await else { return };
             }
             Health::Up => {
                 tokio::select! {
@@ -550,7 +561,7 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
                 }
                 // A session lost its pool: is the pool still there?
                 if pool.health() == Health::Up {
-                    probe(&generation, &pool).await;
+                    let Some(_) = probe_unless(&cancel, &generation, &pool).await else { return };
                 }
                 // A pool that misbehaves again and again waits longer each time.
                 let faults = pool.faults.load(Ordering::Acquire).min(16);
@@ -563,7 +574,8 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
-                if !probe(&generation, &pool).await {
+                let Some(up) = probe_unless(&cancel, &generation, &pool).await else { return };
+                if !up {
                     delay = (delay * 2).min(generation.retry_max);
                 }
             }
@@ -571,17 +583,39 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
     }
 }
 
-async fn probe(generation: &Generation, pool: &Pool) -> bool {
-    match pool.connect(generation.connect_timeout, generation.keepalive).await {
-        Ok(_stream) => {
-            pool.set_health(Health::Up);
-            true
-        }
-        Err(e) => {
+/// A probe, unless `cancel` comes first (`None`): it may wait `connect_timeout` on a pool that
+/// does not answer.
+async fn probe_unless(cancel: &CancellationToken, generation: &Generation, pool: &Arc<Pool>) -> Option<bool> {
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        up = probe(generation, pool) => Some(up),
+    }
+}
+
+/// The pool is up when it completes a Stratum handshake (subscribe, the pool's user, a job)
+/// within `connect_timeout`. One that answers the subscribe and refuses the user is up too: it is
+/// not hung, and in passthrough mode miners log in with their own credentials.
+async fn probe(generation: &Generation, pool: &Arc<Pool>) -> bool {
+    let deadline = Instant::now() + generation.connect_timeout;
+    let mut session = PoolSession::new(pool.clone(), false);
+    let handshake = async {
+        let stream = pool.connect(generation.connect_timeout, generation.keepalive).await.map_err(|e| e.to_string())?;
+        let (max_line_bytes, write_timeout) = (generation.max_line_bytes, generation.write_timeout);
+        let mut link = PoolLink::new(pool.clone(), stream, max_line_bytes, write_timeout, false);
+        let mut requests = Vec::new();
+        session.probe(&mut requests);
+        handshake(&mut link, &mut session, requests, deadline).await
+    };
+    match handshake.await {
+        Err(e) if !(session.subscribed && session.login_refused) => {
             counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
             tracing::debug!(pool = %pool.label, error = %e, "pool probe failed");
             pool.set_health(Health::Down);
             false
+        }
+        _ => {
+            pool.set_health(Health::Up);
+            true
         }
     }
 }

@@ -254,8 +254,21 @@ struct Own {
     link: PoolLink,
     started: Instant,
     job_timeout: Duration,
+    submit_timeout: Duration,
     /// Set once the proxy starts shutting down: no more miner lines, only replies.
     drain_deadline: Option<Instant>,
+}
+
+impl Own {
+    /// When the pool has gone `job_timeout` without a job.
+    fn job_deadline(&self) -> Instant {
+        self.session.last_notify().unwrap_or(self.started) + self.job_timeout
+    }
+
+    /// When the oldest request the pool has not answered runs out of `submit_timeout`.
+    fn answer_deadline(&mut self) -> Option<Instant> {
+        self.session.oldest_waiting().map(|sent| sent + self.submit_timeout)
+    }
 }
 
 /// What woke a pool side.
@@ -271,8 +284,9 @@ impl Side {
             let link = Box::pin(shared.pools.connect()).await.map_err(|NoUpstream| Refused::NoUpstream)?;
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             let session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
-            let (started, job_timeout) = (Instant::now(), config.upstream.job_timeout());
-            return Ok(Side::Own(Box::new(Own { session, link, started, job_timeout, drain_deadline: None })));
+            let (job_timeout, submit_timeout) = (config.upstream.job_timeout(), config.upstream.submit_timeout());
+            let own = Own { session, link, started: Instant::now(), job_timeout, submit_timeout, drain_deadline: None };
+            return Ok(Side::Own(Box::new(own)));
         };
         let seat = aggregator.admit().await?;
         Ok(Side::Member(Member::new(seat, config, Instant::now())))
@@ -292,12 +306,13 @@ impl Side {
         }
     }
 
-    /// The next timer: the job and drain deadlines of a pool session, or a member's vardiff.
-    fn deadline(&self) -> Instant {
+    /// The next timer: a pool session's job, answer and drain deadlines, or a member's vardiff.
+    fn deadline(&mut self) -> Instant {
         match self {
             Side::Own(own) => {
-                let job = own.session.last_notify().unwrap_or(own.started) + own.job_timeout;
-                own.drain_deadline.map_or(job, |drain| drain.min(job))
+                let job = own.job_deadline();
+                let answer = own.answer_deadline().unwrap_or(job);
+                own.drain_deadline.unwrap_or(job).min(job).min(answer)
             }
             Side::Member(member) => member.session.next_check().expect("a local session has a vardiff"),
         }
@@ -346,22 +361,24 @@ impl Side {
     }
 
     fn on_deadline(&mut self, now: Instant, out: &mut Output) {
-        match self {
-            Side::Own(own) if own.drain_deadline.is_some_and(|drain| drain <= now) => {
-                own.session.on_shutdown_deadline(out)
-            }
-            Side::Own(own) => {
-                let (pool, job_timeout) = (&own.link.pool().label, own.job_timeout);
-                tracing::warn!(%pool, ?job_timeout, "no job from the pool; dropping the pool session");
-                own.session.on_job_timeout(out);
-            }
-            Side::Member(member) => member.session.on_tick(now, out),
+        let own = match self {
+            Side::Member(member) => return member.on_tick(now, out),
+            Side::Own(own) => own,
+        };
+        if own.drain_deadline.is_some_and(|drain| drain <= now) {
+            own.session.on_shutdown_deadline(out);
+        } else if own.answer_deadline().is_some_and(|answer| answer <= now) {
+            own.session.on_answer_timeout(now, own.submit_timeout, out);
+        } else if own.job_deadline() <= now {
+            let (pool, job_timeout) = (&own.link.pool().label, own.job_timeout);
+            tracing::warn!(%pool, ?job_timeout, "no job from the pool; dropping the pool session");
+            own.session.on_job_timeout(out);
         }
     }
 
     fn on_wake(&mut self, wake: Wake, now: Instant, out: &mut Output) {
         let own = match (self, wake) {
-            (Side::Member(member), Wake::Work(changed)) => return member.on_changed(changed, now, out),
+            (Side::Member(member), Wake::Work(changed)) => return member.on_changed(changed, out),
             (Side::Own(own), Wake::Pool(line)) => match line {
                 Some(Ok(line)) => return own.session.on_pool_line(&line, now, out),
                 Some(Err(FrameError::TooLong(max))) => {
@@ -456,7 +473,7 @@ impl Driver<'_> {
                 }
             }
             if let Some(line) = line {
-                self.miner_line(&line, &mut close).await;
+                first = self.miner_line(&line, &mut close).await;
             }
             self.side.flush(&mut self.out);
             // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
@@ -476,20 +493,42 @@ impl Driver<'_> {
         }
     }
 
-    /// One line from the miner, within its rate limit.
-    async fn miner_line(&mut self, line: &[u8], close: &mut Option<CloseReason>) {
+    /// One line from the miner, within its rate limit. Returns a line the miner sent while its
+    /// authorize waited on the pool, to be handled next.
+    async fn miner_line(&mut self, line: &[u8], close: &mut Option<CloseReason>) -> Option<BytesMut> {
         self.shared.registry.touch(self.handle);
         if !self.limiter.allow(Instant::now()) {
             tracing::info!("miner past its message rate limit");
             self.side.on_closing(&mut self.out);
             *close = Some(CloseReason::RateLimited);
-            return;
+            return None;
         }
         self.side.on_miner_line(self.handle, line, &mut self.out);
-        if let (Side::Member(member), false) = (&mut self.side, self.out.up.is_empty()) {
-            // Boxed: a miner authorizes once or twice, and the wait's state would otherwise be
-            // part of every aggregated miner's task.
-            Box::pin(member.authorize(self.shared, self.handle, self.config, &mut self.out)).await;
+        let (Side::Member(member), false) = (&mut self.side, self.out.up.is_empty()) else { return None };
+        // Boxed: a miner authorizes once or twice, and the wait's state would otherwise be part of
+        // every aggregated miner's task.
+        let mut authorize = Box::pin(member.authorize(self.shared, self.handle, self.config, &mut self.out));
+        // The miner is watched meanwhile: one that leaves is closed as it left, not when the
+        // late answer cannot be written. A line it sends waits.
+        let mut next = None;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut authorize => return next,
+                reason = self.handle.closed() => *close = Some(reason),
+                line = self.reader.next(), if next.is_none() => match line {
+                    Some(Ok(line)) => {
+                        next = Some(line);
+                        continue;
+                    }
+                    Some(Err(FrameError::TooLong(_))) => {
+                        counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+                        *close = Some(CloseReason::LineTooLong);
+                    }
+                    Some(Err(FrameError::Io(_))) | None => *close = Some(CloseReason::MinerClosed),
+                },
+            }
+            return None;
         }
     }
 
@@ -516,7 +555,12 @@ impl Driver<'_> {
                     tracing::debug!(%worker, "authorized");
                     handle.info().worker = Some(worker);
                 }
-                Event::Difficulty(d) => handle.info().difficulty = Some(d),
+                Event::Difficulty(d) => {
+                    handle.info().difficulty = Some(d);
+                    if let Side::Member(member) = &mut self.side {
+                        member.set_difficulty(d);
+                    }
+                }
                 Event::Close(reason) => close = close.or(Some(reason)),
                 Event::PoolFault(reason) => {
                     let Some(pool) = &self.pool else { continue };

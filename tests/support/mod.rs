@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
@@ -252,6 +252,10 @@ struct PoolState {
     live: AtomicUsize,
     accepted_conns: AtomicUsize,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Set while the pool neither reads nor writes (a process stopped with SIGSTOP).
+    frozen: watch::Sender<bool>,
+    /// Connections that opened with the proxy's health probe; their lines are not recorded.
+    probes: AtomicUsize,
 }
 
 /// A Stratum pool on 127.0.0.1 that records every line it receives.
@@ -283,6 +287,8 @@ impl MockPool {
             live: AtomicUsize::new(0),
             accepted_conns: AtomicUsize::new(0),
             tasks: Mutex::new(Vec::new()),
+            frozen: watch::Sender::new(false),
+            probes: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         MockPool { addr, state, accept: Some(accept) }
@@ -352,6 +358,22 @@ impl MockPool {
     /// Connections accepted since the start, probes included.
     pub fn connections_accepted(&self) -> usize {
         self.state.accepted_conns.load(Ordering::SeqCst)
+    }
+
+    /// The proxy's health probes received (each a subscribe and an authorize, never recorded).
+    pub fn probes(&self) -> usize {
+        self.state.probes.load(Ordering::SeqCst)
+    }
+
+    /// Stops reading and writing on every connection, open or to come, and keeps the sockets
+    /// open: a pool process stopped with SIGSTOP.
+    pub fn freeze(&self) {
+        self.state.frozen.send_replace(true);
+    }
+
+    /// Resumes a frozen pool, as SIGCONT does: what was sent meanwhile is read now.
+    pub fn thaw(&self) {
+        self.state.frozen.send_replace(false);
     }
 
     /// Sends a fresh job (clean_jobs = true) on every connection, valid for shares from then on.
@@ -467,11 +489,28 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
         jobs: HashMap::new(),
         out: tx,
     };
+    let mut frozen = state.frozen.subscribe();
+    // Decided by the first line: the proxy's health probe subscribes as "… probe".
+    let mut probe = None;
     loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
         tokio::select! {
+            _ = frozen.changed() => {}
             line = lines.next() => match line {
                 Some(Ok(line)) => {
-                    {
+                    let probe = *probe.get_or_insert_with(|| {
+                        let first: Value = serde_json::from_str(&line).unwrap_or_default();
+                        let agent = first["params"][0].as_str().unwrap_or_default();
+                        let probe = first["method"] == "mining.subscribe" && agent.ends_with(" probe");
+                        if probe {
+                            state.probes.fetch_add(1, Ordering::SeqCst);
+                            state.conns.lock().unwrap().remove(&id);
+                        }
+                        probe
+                    });
+                    if !probe {
                         let mut recorded = state.recorded.lock().unwrap();
                         let mut speaking = state.speaking.lock().unwrap();
                         speaking.insert(id);
@@ -750,6 +789,12 @@ impl SimMiner {
     /// Half-closes the connection: the proxy sees end of input.
     pub async fn shutdown_write(&mut self) {
         let _ = self.writer.shutdown().await;
+    }
+
+    /// Closes the connection with a reset (`SO_LINGER` 0), as a miner that crashed or lost power
+    /// does: the proxy's next read or write fails.
+    pub fn reset(self) {
+        let _ = socket2::SockRef::from(self.writer.as_ref()).set_linger(Some(Duration::ZERO));
     }
 
     /// Sends a request with the next numeric id and returns the id.

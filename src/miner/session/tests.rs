@@ -67,7 +67,7 @@ fn pool() -> Arc<Pool> {
 }
 
 fn work(epoch: u64, en2_size: usize, jobs: Vec<Arc<Job>>, mask: Option<u32>) -> Arc<Work> {
-    Arc::new(Work { epoch, pool: Some(pool()), en2_size, version_mask: mask, jobs })
+    Arc::new(Work { epoch, pool: Some(pool()), en2_size, version_mask: mask, jobs, leaving: false })
 }
 
 fn vardiff(start: f64) -> VardiffConfig {
@@ -197,27 +197,46 @@ fn a_new_difficulty_comes_with_the_job_it_applies_to() {
     let other = hex::encode([genesis().extranonce2[2], genesis().extranonce2[3] ^ 1]);
     let out = line(&mut s, &submit(7, "101", &other, GENESIS_NONCE));
     assert_ne!(lines(&out.to_miner)[0]["error"][0], 21, "not stale after the clean re-send");
-    // Never above the pool's difficulty.
+    // Above the pool's difficulty too: the group asks the pool for its miners' work.
     let (mut s, _) = ready(2.0);
     let out = line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[4096]}"#);
-    assert_eq!(lines(&out.to_miner)[1]["params"], serde_json::json!([2.0]));
+    assert_eq!(lines(&out.to_miner)[1]["params"], serde_json::json!([4096.0]));
 }
 
 #[test]
 fn a_pool_switch_makes_old_jobs_stale_and_sends_a_clean_job() {
     let (mut s, _) = ready(1.0);
     let mut out = Output::default();
-    s.on_work(work(2, 2, vec![job(7, 2, 2, 0, 1.0)], None), Instant::now(), &mut out);
+    s.on_work(work(2, 2, vec![job(7, 2, 2, 0, 1.0)], None), &mut out);
     let sent = lines(&out.to_miner);
-    assert_eq!(sent.len(), 1, "the difficulty is unchanged: only the job");
-    assert_eq!(sent[0]["params"][0], "700");
-    assert_eq!(sent[0]["params"][8], true);
+    assert_eq!(sent.len(), 2, "the difficulty, unchanged, goes with the new pool's first job");
+    assert_eq!((&sent[0]["method"], &sent[0]["params"]), (&"mining.set_difficulty".into(), &serde_json::json!([1.0])));
+    assert_eq!(sent[1]["params"][0], "700");
+    assert_eq!(sent[1]["params"][8], true);
     let en2 = hex::encode(&genesis().extranonce2[2..]);
     let out = line(&mut s, &submit(3, "100", &en2, GENESIS_NONCE));
     assert_eq!(lines(&out.to_miner)[0]["error"], serde_json::json!([21, "Job not found (stale)", null]));
     assert!(forwards(&out).is_empty(), "never sent to the new pool");
     let out = line(&mut s, &submit(4, "ffff00", &en2, GENESIS_NONCE));
     assert_eq!(lines(&out.to_miner)[0]["error"], serde_json::json!([21, "Job not found", null]));
+}
+
+#[test]
+fn no_job_of_a_pool_being_left_goes_out_again() {
+    let (mut s, _) = ready(1.0);
+    let mut out = Output::default();
+    let mut leaving = Work::clone(&work(1, 2, vec![job(1, 1, 2, 0, 1.0)], None));
+    leaving.leaving = true;
+    s.on_work(Arc::new(leaving), &mut out);
+    assert!(out.to_miner.is_empty());
+    // A new difficulty waits for the next pool's first job.
+    let out = line(&mut s, r#"{"id":3,"method":"mining.suggest_difficulty","params":[8]}"#);
+    assert_eq!(lines(&out.to_miner), [serde_json::json!({"id":3,"result":true,"error":null})]);
+    let mut out = Output::default();
+    s.on_work(work(2, 2, vec![job(7, 2, 2, 0, 1.0)], None), &mut out);
+    let sent = lines(&out.to_miner);
+    assert_eq!(sent[0]["params"], serde_json::json!([8.0]));
+    assert_eq!((&sent[1]["params"][0], &sent[1]["params"][8]), (&"700".into(), &true.into()));
 }
 
 #[test]
@@ -228,13 +247,14 @@ fn less_extranonce2_means_set_extranonce_or_reconnect() {
             line(&mut s, r#"{"id":9,"method":"mining.extranonce.subscribe","params":[]}"#);
         }
         let mut out = Output::default();
-        s.on_work(work(2, 1, vec![job(8, 2, 1, 0, 1.0)], None), Instant::now(), &mut out);
+        s.on_work(work(2, 1, vec![job(8, 2, 1, 0, 1.0)], None), &mut out);
         let sent = lines(&out.to_miner);
         if subscribed {
             assert_eq!(sent[0]["method"], "mining.set_extranonce");
             assert_eq!(sent[0]["params"], serde_json::json!([hex::encode(&genesis().extranonce2[..2]), 1]));
-            assert_eq!(sent[1]["method"], "mining.notify");
-            assert_eq!(out.events.len(), 0);
+            assert_eq!(sent[1]["method"], "mining.set_difficulty");
+            assert_eq!(sent[2]["method"], "mining.notify");
+            assert!(matches!(out.events[..], [Event::Difficulty(d)] if d == 1.0), "{:?}", out.events);
         } else {
             assert_eq!(sent, [serde_json::json!({"id":null,"method":"client.reconnect","params":[]})]);
             assert!(matches!(out.events[..], [Event::Close(CloseReason::PoolReconnect)]));
@@ -251,7 +271,7 @@ fn version_rolling_only_inside_what_the_pool_granted() {
     };
     let on_work = |s: &mut MinerSession, work: Arc<Work>| {
         let mut out = Output::default();
-        s.on_work(work, Instant::now(), &mut out);
+        s.on_work(work, &mut out);
         out
     };
     // The pool granted no mask: no version rolling, and none offered later.
@@ -267,7 +287,8 @@ fn version_rolling_only_inside_what_the_pool_granted() {
     let out = on_work(&mut s, work(1, 2, vec![job(1, 1, 2, 0, 1.0)], Some(0x00ff_e000)));
     assert_eq!(set_mask(&out), [json!({"id":null,"method":"mining.set_version_mask","params":["00ffe000"]})]);
     // Between pools nothing changes; a next pool that grants none takes the mask away.
-    let gap = Arc::new(Work { epoch: 2, pool: None, en2_size: 2, version_mask: None, jobs: Vec::new() });
+    let gap =
+        Arc::new(Work { epoch: 2, pool: None, en2_size: 2, version_mask: None, jobs: Vec::new(), leaving: false });
     assert!(set_mask(&on_work(&mut s, gap)).is_empty());
     let out = on_work(&mut s, work(3, 2, vec![job(2, 3, 2, 0, 1.0)], None));
     assert_eq!(set_mask(&out), [json!({"id":null,"method":"mining.set_version_mask","params":["00000000"]})]);

@@ -6,6 +6,10 @@
 //! they work with and the pool's version mask. A switch to another pool is one new `Work` with a
 //! new epoch; each miner's task turns it into a difficulty and a clean job (or, when the new pool
 //! leaves too little extranonce2, a `mining.set_extranonce` or a `client.reconnect`).
+//!
+//! The pool is asked, with `mining.suggest_difficulty`, for the group's work as its difficulty:
+//! the sum of its miners' difficulties, at which the group's shares reach the pool at one
+//! miner's target rate.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +19,9 @@ use std::time::Duration;
 
 use metrics::counter;
 use tokio::sync::{mpsc, oneshot, watch, Notify as Wake};
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{sleep_until, Instant};
 
+use super::connection::{Connection, OpenError};
 use super::workers::Workers;
 use super::{Context, SessionView};
 use crate::codec::FrameError;
@@ -27,7 +32,7 @@ use crate::protocol::pool::Notify;
 use crate::registry::SessionHandle;
 use crate::session::Forward;
 use crate::submissions::{PoolVerdict, SubmissionManager};
-use crate::upstream::{Pool, PoolLink};
+use crate::upstream::Pool;
 
 /// Miners never get more extranonce2 than this: Whatsminer and cgminer break above 8 bytes.
 pub const MAX_MINER_EXTRANONCE2: usize = 8;
@@ -41,9 +46,13 @@ const MAX_UNANSWERED_SUBMITS: usize = 65_536;
 const MAX_UNWRITTEN: usize = 1 << 20;
 /// How often a group looks for a better pool to fail back to, and waits while no pool is usable.
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// The group's work must move by this factor, either way, before the pool is asked again ...
+const SUGGEST_STEP: f64 = 1.25;
+/// ... and no sooner than this after the last suggestion: miners come and go in bursts.
+const SUGGEST_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the miners of a group work on, as of now.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Work {
     /// Changes with every pool session: jobs of an earlier epoch are stale.
     pub epoch: u64,
@@ -55,12 +64,15 @@ pub struct Work {
     pub version_mask: Option<u32>,
     /// Live jobs, oldest first.
     pub jobs: Vec<Arc<Job>>,
+    /// The group is leaving the pool: its jobs stay live until the next pool's first job
+    /// replaces them (make before break), and none of them is sent to a miner again.
+    pub leaving: bool,
 }
 
 impl Work {
     /// Miners can be given work.
     pub fn is_ready(&self) -> bool {
-        !self.jobs.is_empty()
+        !self.jobs.is_empty() && !self.leaving
     }
 
     /// The mask miners' requests are cut down to: none when the pool granted none.
@@ -96,6 +108,8 @@ pub struct Group {
     /// Sequence numbers of the oldest and newest live jobs; 0 for none.
     oldest: AtomicU64,
     newest: AtomicU64,
+    /// Its miners' difficulties summed, as `f64` bits: the work the pool is asked to match.
+    difficulty: AtomicU64,
 }
 
 impl Group {
@@ -111,6 +125,7 @@ impl Group {
             upward,
             oldest: AtomicU64::new(0),
             newest: AtomicU64::new(0),
+            difficulty: AtomicU64::new(0),
         });
         let task = run(group.clone(), rx);
         (group, task)
@@ -142,6 +157,17 @@ impl Group {
             // A permit is kept if the task is not waiting: it looks at `members` again anyway.
             self.emptied.notify_one();
         }
+    }
+
+    /// A miner's difficulty moved by `delta` (or the miner joined or left).
+    pub fn add_difficulty(&self, delta: f64) {
+        let add = |bits| Some((f64::from_bits(bits) + delta).max(0.0).to_bits());
+        let _ = self.difficulty.fetch_update(Ordering::AcqRel, Ordering::Acquire, add);
+    }
+
+    /// Its miners' difficulties summed.
+    pub fn difficulty(&self) -> f64 {
+        f64::from_bits(self.difficulty.load(Ordering::Acquire))
     }
 
     pub fn oldest_job(&self) -> Option<u64> {
@@ -219,7 +245,11 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
             },
         };
         let Some(mut session) = session else {
-            // No pool is usable: keep the miners, answer what comes, and look again shortly.
+            // No pool is usable: the jobs of the pool left are gone. Keep the miners, answer what
+            // comes, and look again shortly.
+            if !state.jobs.is_empty() {
+                retire(&group, &mut state);
+            }
             let wait = Instant::now() + CHECK_INTERVAL;
             loop {
                 tokio::select! {
@@ -247,13 +277,13 @@ async fn run(group: Arc<Group>, mut rx: mpsc::Receiver<Upward>) {
             End::Lost(reason) => {
                 tracing::warn!(session = group.index, pool = %pool.label, reason, "pool session lost; failing over");
                 pool.connection_lost();
-                retire(&group, &mut state);
+                leave(&group);
             }
             End::Fault(reason) => {
                 counter!(m::UPSTREAM_FAULTS, "pool" => pool.label.clone(), "reason" => reason).increment(1);
                 tracing::warn!(session = group.index, pool = %pool.label, reason, "pool fault; failing over");
                 pool.report_fault();
-                retire(&group, &mut state);
+                leave(&group);
             }
         }
     }
@@ -279,13 +309,17 @@ async fn connect(context: &Arc<Context>) -> Option<Connection> {
     for pool in context.pools.pools().into_iter().filter(|p| p.usable()) {
         match Connection::open(context.clone(), pool.clone()).await {
             Ok(session) => return Some(session),
-            Err(reason) => {
-                tracing::warn!(pool = %pool.label, %reason, "pool session refused for aggregation");
-                pool.report_fault();
-            }
+            Err(error) => error.report(&pool, "failover"),
         }
     }
     None
+}
+
+/// Make before break: the pool is being left, and miners keep its jobs until the next pool's
+/// first job replaces them, or [`retire`] takes them when there is none.
+fn leave(group: &Group) {
+    let current = group.work.borrow().clone();
+    group.publish(Work { leaving: true, ..Work::clone(&current) });
 }
 
 /// Between pool sessions: every job is gone, so late shares are stale, and nothing is forwarded.
@@ -298,6 +332,7 @@ fn retire(group: &Group, state: &mut State) {
         en2_size: state.en2_size,
         version_mask: None,
         jobs: Vec::new(),
+        leaving: false,
     });
 }
 
@@ -377,10 +412,11 @@ fn publish(group: &Group, state: &State, session: &PoolSession) {
         en2_size: state.en2_size,
         version_mask: session.version_mask,
         jobs: state.jobs.clone(),
+        leaving: false,
     });
 }
 
-type Handshake = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<Connection, String>)> + Send>>;
+type Opening = Pin<Box<dyn Future<Output = (Arc<Pool>, Result<Connection, OpenError>)> + Send>>;
 
 /// Runs one adopted pool session until it ends.
 async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &mut mpsc::Receiver<Upward>) -> End {
@@ -392,7 +428,10 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
     let mut relayed = Vec::new();
     let mut check = tokio::time::interval(CHECK_INTERVAL);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut better: Option<Handshake> = None;
+    let mut better: Option<Opening> = None;
+    // The group's work as last suggested to the pool, and when.
+    let mut suggested = None;
+    suggest(group, session, &mut buf, &mut suggested, Instant::now());
     // Set when the proxy starts shutting down. The session goes on forwarding what miners queue
     // until the last of them has left (they stop reading at once), then writes out the rest and
     // waits for the pool's answers, all within `server.shutdown_grace`.
@@ -407,6 +446,7 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
         // Miners wait `connect_timeout` for an authorize's answer: the pool's silence is judged
         // in half of it, so that each is answered.
         let authorize_deadline = session.authorize_deadline(settings.connect_timeout / 2);
+        let answer_deadline = session.oldest_waiting().map(|sent| sent + settings.submit_timeout);
         if let Some(deadline) = drain {
             if !queue_done && group.members() == 0 {
                 // No miner holds a seat: nothing can be queued after what is queued now.
@@ -508,21 +548,29 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
                 }
             }
             _ = sleep_until(job_deadline), if drain.is_none() => return End::Fault("no job within job_timeout"),
+            // A forwarded share the pool leaves unanswered: it is hung, with its socket open.
+            _ = sleep_until(answer_deadline.unwrap_or(job_deadline)), if answer_deadline.is_some() && drain.is_none() => {
+                if let Err(fault) = session.expire(Instant::now(), settings.submit_timeout, &mut relayed) {
+                    return End::Fault(fault);
+                }
+            }
             (pool, opened) = async { better.as_mut().expect("polled only when set").await }, if better.is_some() => {
                 better = None;
                 match opened {
                     Ok(new) => return End::Switch(Box::new(new)),
-                    Err(reason) => {
-                        tracing::warn!(pool = %pool.label, %reason, "failback attempt failed");
-                        pool.report_fault();
-                    }
+                    Err(error) => error.report(&pool, "failback"),
                 }
             }
             _ = sleep_until(authorize_deadline.unwrap_or_else(Instant::now)), if authorize_deadline.is_some() => {
                 state.workers.silent(&mut session.session, group.index);
             }
-            _ = check.tick(), if better.is_none() && drain.is_none() => {
-                state.workers.tick(&mut session.session, Instant::now());
+            _ = check.tick(), if drain.is_none() => {
+                let now = Instant::now();
+                state.workers.tick(&mut session.session, now);
+                suggest(group, session, &mut buf, &mut suggested, now);
+                if better.is_some() {
+                    continue;
+                }
                 if let Some(pool) = better_pool(&context, &session.pool) {
                     tracing::info!(session = group.index, pool = %pool.label, "trying a better pool");
                     let context = context.clone();
@@ -572,84 +620,32 @@ fn handle(group: &Group, state: &mut State, session: &mut Connection, buf: &mut 
     }
 }
 
+/// Asks the pool for the group's work as its difficulty: at once on a new session, then when the
+/// work moved by more than `SUGGEST_STEP`, at most once per `SUGGEST_INTERVAL`.
+fn suggest(
+    group: &Group,
+    session: &mut PoolSession,
+    buf: &mut Vec<u8>,
+    last: &mut Option<(f64, Instant)>,
+    now: Instant,
+) {
+    let work = group.difficulty();
+    if group.members() == 0 || work.is_nan() || work <= 0.0 {
+        return;
+    }
+    if let Some((sent, at)) = *last {
+        if now < at + SUGGEST_INTERVAL || (work / sent).max(sent / work) <= SUGGEST_STEP {
+            return;
+        }
+    }
+    tracing::debug!(session = group.index, pool = %session.pool.label, difficulty = work, "suggesting a difficulty");
+    session.suggest_difficulty(buf, work);
+    *last = Some((work, now));
+}
+
 /// The pool's verdict on a miner's share, credited to the miner.
-fn credit(pool: &Pool, miner: Option<Arc<SessionHandle>>, verdict: PoolVerdict, rtt: Option<Duration>) {
+pub(super) fn credit(pool: &Pool, miner: Option<Arc<SessionHandle>>, verdict: PoolVerdict, rtt: Option<Duration>) {
     if let Some(miner) = miner {
         SubmissionManager.pool_verdict(&miner, &pool.metric_label, verdict, rtt);
-    }
-}
-
-/// A pool session with its connection: what the group's task holds while on a pool.
-pub(super) struct Connection {
-    link: PoolLink,
-    session: PoolSession,
-    /// Jobs that arrived before the group adopted the session, with their difficulty.
-    early_jobs: Vec<(Notify, f64)>,
-    opened_at: Instant,
-}
-
-impl std::ops::Deref for Connection {
-    type Target = PoolSession;
-    fn deref(&self) -> &PoolSession {
-        &self.session
-    }
-}
-
-impl std::ops::DerefMut for Connection {
-    fn deref_mut(&mut self) -> &mut PoolSession {
-        &mut self.session
-    }
-}
-
-impl Connection {
-    /// Connects, asks for version rolling, subscribes and logs in, and waits for the first job.
-    async fn open(context: Arc<Context>, pool: Arc<Pool>) -> Result<Connection, String> {
-        let link = context.pools.open(&pool).await.map_err(|e| format!("connect failed: {e}"))?;
-        let session = PoolSession::new(pool, false);
-        let mut c = Connection { link, session, early_jobs: Vec::new(), opened_at: Instant::now() };
-        let (mut to_pool, mut relayed) = (Vec::new(), Vec::new());
-        c.session.handshake(&mut to_pool);
-        let deadline = Instant::now() + context.settings().connect_timeout;
-        while !(c.session.subscribed && c.session.logged_in && !c.early_jobs.is_empty()) {
-            c.link.queue(&to_pool);
-            to_pool.clear();
-            let line = match timeout_at(deadline, c.link.next_line()).await {
-                Err(_) => return Err("no subscribe, authorize and job within upstream.connect_timeout".into()),
-                Ok(Some(Ok(line))) => line,
-                Ok(Some(Err(FrameError::TooLong(_)))) => return Err("line over upstream.max_line_bytes".into()),
-                Ok(Some(Err(FrameError::Io(e)))) => return Err(format!("connection failed: {e}")),
-                Ok(None) => return Err("the pool closed the connection".into()),
-            };
-            match c.session.on_line(&line, Instant::now(), &mut to_pool, &mut relayed).map_err(str::to_owned)? {
-                Some(Step::Reconnect { .. }) => {
-                    return Err("the pool asked for a reconnect during the handshake".into())
-                }
-                Some(Step::Job(n)) => {
-                    if n.clean_jobs {
-                        c.early_jobs.clear();
-                    }
-                    c.early_jobs.push((n, c.session.difficulty));
-                }
-                _ => {}
-            }
-        }
-        c.link.queue(&to_pool);
-        let prefix = context.settings().prefix_bytes;
-        if c.session.extranonce2_size < prefix + MIN_MINER_EXTRANONCE2 {
-            return Err(format!(
-                "extranonce2_size {} leaves miners {} bytes beside aggregate.prefix_bytes = {prefix}; \
-                 aggregation needs {MIN_MINER_EXTRANONCE2}",
-                c.session.extranonce2_size,
-                c.session.extranonce2_size.saturating_sub(prefix)
-            ));
-        }
-        Ok(c)
-    }
-
-    /// Settles what the pool will never answer now: each forwarded share, unanswered.
-    fn close(mut self) {
-        for miner in self.session.fail_pending("pool session closed", &mut Vec::new()) {
-            credit(&self.session.pool, miner, PoolVerdict::Unanswered, None);
-        }
     }
 }

@@ -46,22 +46,39 @@ impl Member {
     }
 
     /// Takes the group's newest work, if it changed: a share for a pool that is gone is stale.
-    pub fn on_changed(&mut self, changed: Result<(), watch::error::RecvError>, now: Instant, out: &mut Output) {
+    pub fn on_changed(&mut self, changed: Result<(), watch::error::RecvError>, out: &mut Output) {
         match changed {
             Ok(()) => {
                 let new = self.work.borrow_and_update().clone();
-                self.session.on_work(new, now, out);
+                self.session.on_work(new, out);
             }
             Err(_) => out.events.push(Event::Close(CloseReason::UpstreamLost)),
         }
     }
 
+    /// Puts the group's newest work in force, if it changed since the session last saw it.
+    fn catch_up(&mut self, out: &mut Output) {
+        if self.work.has_changed().unwrap_or(false) {
+            self.on_changed(Ok(()), out);
+        }
+    }
+
+    /// The vardiff's look. A retarget re-sends the newest job: never one of a pool the group has
+    /// left.
+    pub fn on_tick(&mut self, now: Instant, out: &mut Output) {
+        self.catch_up(out);
+        self.session.on_tick(now, out);
+    }
+
+    /// The miner was given a new difficulty: the group's sum of its miners' work follows.
+    pub fn set_difficulty(&mut self, difficulty: f64) {
+        self.seat.set_difficulty(difficulty);
+    }
+
     /// One line from the miner, judged against the group's newest work. Its shares go to the
     /// group; an authorize stays in `out.up`, for [`authorize`](Self::authorize).
     pub fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], now: Instant, out: &mut Output) {
-        if self.work.has_changed().unwrap_or(false) {
-            self.on_changed(Ok(()), now, out);
-        }
+        self.catch_up(out);
         self.session.on_miner_line(line, now, out);
         let mut dropped = 0;
         for up in std::mem::take(&mut out.up) {

@@ -9,11 +9,13 @@
 //! one clean job per miner: no miner reconnects.
 //!
 //! - [`Aggregator`]: admits miners into groups and allocates their prefixes.
-//! - [`group`]: one pool session: failover, failback, job translation, share forwarding.
+//! - [`group`]: one pool session: failover, failback, job translation, share forwarding, with
+//!   its connection (`connection`).
 //! - [`miner`]: one aggregated miner's seat and its [`MinerSession`](crate::session::MinerSession),
 //!   driven by the miner's task in `server::connection`.
 //! - `workers`: the workers a group authorizes upstream, kept while miners use them.
 
+mod connection;
 pub mod group;
 pub mod miner;
 mod workers;
@@ -42,6 +44,7 @@ pub struct Settings {
     pub worker_passthrough: bool,
     pub failback_after: Duration,
     pub job_timeout: Duration,
+    pub submit_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_reject_rate: f64,
     pub allow_pool_redirect: bool,
@@ -59,6 +62,7 @@ impl Settings {
             worker_passthrough: a.worker_passthrough,
             failback_after: u.failback_after(),
             job_timeout: u.job_timeout(),
+            submit_timeout: u.submit_timeout(),
             connect_timeout: u.connect_timeout(),
             max_reject_rate: u.max_reject_rate,
             allow_pool_redirect: u.allow_pool_redirect,
@@ -108,10 +112,21 @@ pub struct Seat {
     pub group: Arc<Group>,
     pub prefix: Prefix,
     aggregator: Arc<Aggregator>,
+    /// The miner's difficulty, counted in its group's work.
+    difficulty: f64,
+}
+
+impl Seat {
+    /// The miner was given a new difficulty.
+    pub fn set_difficulty(&mut self, difficulty: f64) {
+        self.group.add_difficulty(difficulty - self.difficulty);
+        self.difficulty = difficulty;
+    }
 }
 
 impl Drop for Seat {
     fn drop(&mut self) {
+        self.group.add_difficulty(-self.difficulty);
         // The prefix waits out every job its miner could have worked on before anyone reuses it.
         let newest = self.group.newest_job();
         self.aggregator.prefixes.lock().unwrap_or_else(|e| e.into_inner()).release(
@@ -205,7 +220,9 @@ impl Aggregator {
             .unwrap_or_else(|e| e.into_inner())
             .allocate(|g| groups.get(g).and_then(|g| g.oldest_job()));
         match prefix {
-            Some(prefix) => Ok(Seat { group: reservation.into_seat(), prefix, aggregator: self.clone() }),
+            Some(prefix) => {
+                Ok(Seat { group: reservation.into_seat(), prefix, aggregator: self.clone(), difficulty: 0.0 })
+            }
             None => Err(Refused::Full),
         }
     }

@@ -475,3 +475,41 @@ fn block_candidates_are_flagged() {
     let out = miner(&mut s, &submit(4, "g", en2, 0x495fab29, 2083236894, None));
     assert!(out.to_pool.is_empty());
 }
+
+#[test]
+fn a_pool_slow_to_answer_gets_errors_sent_for_it_and_a_share_left_unanswered_ends_the_session() {
+    let timeout = Duration::from_secs(10);
+    let mut s = ready("");
+    let sent = Instant::now();
+    // ckpool answers no second authorize on one connection: the miner gets an error, and mines on.
+    miner(&mut s, r#"{"id":3,"method":"mining.authorize","params":["farm.rig2","x"]}"#);
+    assert!(s.oldest_waiting().is_some_and(|t| t >= sent), "the authorize waits");
+    let mut out = Output::default();
+    s.on_answer_timeout(sent + timeout / 2, timeout, &mut out);
+    assert!(out.to_miner.is_empty(), "not yet");
+    s.on_answer_timeout(sent + timeout * 2, timeout, &mut out);
+    assert_eq!(
+        lines(&out.to_miner),
+        [serde_json::json!({"id":3,"result":null,"error":[20,"no answer from the pool",null]})]
+    );
+    assert!(out.events.is_empty(), "the session goes on");
+    assert_eq!((s.pending(), s.oldest_waiting()), (0, None));
+    // A share the pool leaves unanswered: it is hung, and the session ends as after a fault.
+    forwarded(&mut s, &valid_submit(4, 1));
+    let mut out = Output::default();
+    s.on_answer_timeout(Instant::now() + timeout, timeout, &mut out);
+    assert_eq!(lines(&out.to_miner)[0]["id"], 4);
+    assert_eq!(lines(&out.to_miner)[0]["error"][0], 20);
+    assert!(
+        matches!(
+            out.events[..],
+            [
+                Event::PoolVerdict(PoolVerdict::Unanswered, None),
+                Event::PoolFault("no answer within upstream.submit_timeout"),
+                Event::Close(CloseReason::PoolFault)
+            ]
+        ),
+        "{:?}",
+        out.events
+    );
+}

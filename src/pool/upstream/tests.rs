@@ -37,7 +37,7 @@ async fn a_pool_that_stops_reading_fails_the_link_after_write_timeout() {
     let pool =
         PoolSet::new(&config(&["stratum+tcp://127.0.0.1:1".into()]), CancellationToken::new()).pools()[0].clone();
     let timeout = Duration::from_secs(30);
-    let mut link = PoolLink::new(pool, Box::new(stream), 1024, timeout);
+    let mut link = PoolLink::new(pool, Box::new(stream), 1024, timeout, true);
 
     link.queue(&vec![b'x'; 8 << 20]);
     peer.write_all(b"{\"id\":null,\"method\":\"mining.notify\",\"params\":[]}\n").await.unwrap();
@@ -68,7 +68,7 @@ async fn connects_in_priority_order_skipping_dead_pools() {
     );
     let link = set.connect().await.unwrap();
     assert_eq!(link.pool().label, format!("localhost:{}", live.local_addr().unwrap().port()));
-    assert!(!set.pools()[0].is_up() && set.pools()[1].is_up());
+    assert!(!set.pools()[0].usable() && set.pools()[1].usable());
     // The dead pool is now skipped without a connect attempt.
     assert!(set.connect().await.is_ok());
     drop(dead);
@@ -91,7 +91,7 @@ async fn monitor_brings_a_pool_back() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(set.connect().await.is_err());
-    let _listener = probe.listen(16).unwrap();
+    tokio::spawn(answer_like_a_pool(probe.listen(16).unwrap(), true));
     let mut up = false;
     for _ in 0..400 {
         if set.any_up() {
@@ -101,6 +101,59 @@ async fn monitor_brings_a_pool_back() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(up, "the monitor reconnects once the pool listens");
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Answers every connection as a pool does: the subscribe, the authorize, then a job; or, when
+/// it refuses every user, error 24 and no job.
+async fn answer_like_a_pool(listener: tokio::net::TcpListener, accept_users: bool) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    const NOTIFY: &str = r#"{"id":null,"method":"mining.notify","params":["1","ab02cd818b9e567ee21793cddef299fe8b29ad44a3a41b85000008a300000000","0100","ffff",[],"20000000","1d00ffff","4dd7f5c7",true]}"#;
+    while let Ok((stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let (reader, mut writer) = stream.into_split();
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let id = &request["id"];
+                let answer = match request["method"].as_str() {
+                    Some("mining.subscribe") => format!(r#"{{"id":{id},"result":[[],"0a000001",4],"error":null}}"#),
+                    _ if accept_users => format!(r#"{{"id":{id},"result":true,"error":null}}"#) + "\n" + NOTIFY,
+                    _ => format!(r#"{{"id":{id},"result":false,"error":[24,"Unauthorized worker",null]}}"#),
+                };
+                if writer.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn a_pool_that_accepts_and_never_answers_is_not_up() {
+    // A stopped pool process: the kernel completes the TCP handshake, nothing reads or answers.
+    // A pool that refuses the proxy's user answers: it is up (passthrough miners bring their own).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let talking = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let urls = [&silent, &talking, &refusing].map(|l| format!("stratum+tcp://{}", l.local_addr().unwrap()));
+    tokio::spawn(answer_like_a_pool(talking, true));
+    tokio::spawn(answer_like_a_pool(refusing, false));
+    let mut c = config(&urls);
+    c.upstream.connect_timeout = 1;
+    let cancel = CancellationToken::new();
+    let set = PoolSet::new(&c, cancel.clone());
+    let tracker = TaskTracker::new();
+    set.spawn_monitors(&tracker);
+    let probed = async {
+        while set.pools().iter().any(|p| p.health() == Health::Unknown) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), probed).await.expect("both pools probed");
+    assert_eq!(set.pools().iter().map(|p| p.state()).collect::<Vec<_>>(), ["down", "up", "up"]);
     cancel.cancel();
     tracker.close();
     tracker.wait().await;

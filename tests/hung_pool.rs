@@ -1,0 +1,202 @@
+//! A hung pool: a pool process stopped with SIGSTOP keeps its socket open, takes TCP connects,
+//! and neither reads nor answers. It is found within `upstream.submit_timeout` by a forwarded
+//! share it leaves unanswered, and its probe, which speaks Stratum, never calls it up.
+
+mod support;
+
+use std::time::Duration;
+
+use loka_stratum::config::{Config, Mode, PoolConfig};
+use serde_json::{json, Value};
+use support::*;
+
+/// A proxy in `mode` in front of `pools`, in priority order; miners work at the pools' 1e-12.
+fn config(mode: Mode, pools: &[&MockPool]) -> Config {
+    let mut c = mode_config(mode, pools[0].addr);
+    c.pools = pools
+        .iter()
+        .map(|p| PoolConfig { url: p.url(), user: "acct".into(), password: "pw".into(), ..PoolConfig::default() })
+        .collect();
+    c
+}
+
+fn validating() -> PoolOptions {
+    PoolOptions { extranonce2_size: 8, validate: true, reject_duplicates: true, ..PoolOptions::default() }
+}
+
+async fn accepted(miner: &mut SimMiner, worker: &str) {
+    let share = miner.any_share();
+    let id = miner.submit(worker, &share).await;
+    let reply = miner.wait_reply(&id).await.expect("submit reply");
+    assert_eq!(reply["result"], json!(true), "{reply}");
+}
+
+/// Waits until `deadline` for a `mining.notify` with clean_jobs.
+async fn wait_clean_job(miner: &mut SimMiner, deadline: tokio::time::Instant) -> Option<Value> {
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let msg = miner.recv_json(left).await?;
+        if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) {
+            return Some(msg);
+        }
+    }
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    proxy.http_get("/metrics").await.1
+}
+
+async fn pool_state(proxy: &Proxy, pool: &MockPool) -> String {
+    let (_, body) = proxy.http_get("/api/v1/pools").await;
+    let pools: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let entry = pools.iter().find(|p| p["pool"] == pool.label()).expect("the pool is listed");
+    entry["state"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_pool_is_left_within_seconds_and_no_miner_is_disconnected() {
+    const MINERS: usize = 10;
+    let primary = MockPool::start(validating()).await;
+    let backup = MockPool::start(validating()).await;
+    let c = config(Mode::Aggregate, &[&primary, &backup]);
+    assert_eq!(c.upstream.submit_timeout, 10, "the default");
+    let proxy = spawn_proxy(c).await;
+    let mut miners = Vec::new();
+    for i in 0..MINERS {
+        let mut miner = proxy.miner().await;
+        miner.handshake(&format!("farm.rig{i}")).await;
+        accepted(&mut miner, &format!("farm.rig{i}")).await;
+        miners.push(miner);
+    }
+    assert!(eventually(WAIT, || async { primary.accepted() == MINERS as u64 }).await);
+
+    primary.freeze();
+    let frozen_at = tokio::time::Instant::now();
+    // Answered at once by the proxy, forwarded, and never answered by the pool.
+    for (i, miner) in miners.iter_mut().enumerate() {
+        accepted(miner, &format!("farm.rig{i}")).await;
+    }
+    let bound = frozen_at + Duration::from_secs(15);
+    for (i, miner) in miners.iter_mut().enumerate() {
+        assert!(wait_clean_job(miner, bound).await.is_some(), "miner {i} got the backup's job within 15 s");
+    }
+    let failover = frozen_at.elapsed();
+    eprintln!("hung pool failover: {failover:?} after the pool froze (submit_timeout = 10 s)");
+    assert!(miners.iter().all(|m| !m.closed), "no miner was disconnected");
+    assert_eq!(proxy.registry.len(), MINERS);
+    assert_eq!(backup.connections(), 1, "the session moved to the backup");
+    for (i, miner) in miners.iter_mut().enumerate() {
+        accepted(miner, &format!("farm.rig{i}")).await;
+    }
+    assert!(eventually(WAIT, || async { backup.accepted() == MINERS as u64 }).await, "{}", backup.accepted());
+    assert_eq!(backup.rejected(), 0);
+
+    let text = metrics(&proxy).await;
+    let label = primary.label();
+    let unanswered = metric(&text, "loka_upstream_shares_total", &[("pool", &label), ("result", "unanswered")]);
+    assert_eq!(unanswered, Some(MINERS as f64), "the shares the hung pool held are counted");
+    let reason = "no answer within upstream.submit_timeout";
+    assert_eq!(metric(&text, "loka_upstream_faults_total", &[("pool", &label), ("reason", reason)]), Some(1.0));
+    // Its probe subscribes and waits for a job, which a stopped pool never sends.
+    assert!(eventually(WAIT, || async { pool_state(&proxy, &primary).await == "down" }).await);
+    let text = metrics(&proxy).await;
+    assert_eq!(metric(&text, "loka_pool_up", &[("pool", &label)]), Some(0.0));
+    assert_eq!(proxy.http_get("/ready").await.0, 200, "the backup serves");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_miner_on_a_hung_pool_is_answered_and_closed_then_served_by_the_backup() {
+    let primary = MockPool::start(validating()).await;
+    let backup = MockPool::start(validating()).await;
+    let mut c = config(Mode::Passthrough, &[&primary, &backup]);
+    c.upstream.submit_timeout = 2;
+    let proxy = spawn_proxy(c).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    assert_eq!(primary.subscribes(), 1, "on the primary");
+
+    primary.freeze();
+    let share = miner.any_share();
+    let id = miner.submit("farm.rig1", &share).await;
+    let reply = miner.wait_reply(&id).await.expect("the share is answered, though the pool never does");
+    assert_eq!(reply["error"][0], 20, "{reply}");
+    assert!(miner.expect_closed(WAIT).await, "the session of a hung pool ends");
+    let label = primary.label();
+    let text = metrics(&proxy).await;
+    let reason = "no answer within upstream.submit_timeout";
+    assert_eq!(metric(&text, "loka_upstream_faults_total", &[("pool", &label), ("reason", reason)]), Some(1.0));
+    assert_eq!(metric(&text, "loka_upstream_shares_total", &[("pool", &label), ("result", "unanswered")]), Some(1.0));
+
+    // The miner reconnects, and its new session goes to the backup.
+    let mut again = proxy.miner().await;
+    again.handshake("farm.rig1").await;
+    accepted(&mut again, "farm.rig1").await;
+    assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
+    assert_eq!(primary.subscribes(), 1, "nothing more went to the hung pool");
+    assert_eq!(pool_state(&proxy, &primary).await, "down");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_takes_connects_and_never_answers_is_not_up() {
+    for mode in MODES {
+        let pool = MockPool::start(PoolOptions::default()).await;
+        pool.freeze();
+        let mut c = mode_config(mode, pool.addr);
+        c.upstream.connect_timeout = 1;
+        let proxy = spawn_proxy(c).await;
+        // Past a probe's connect_timeout, and more: never ready.
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            let (status, body) = proxy.http_get("/ready").await;
+            assert_eq!(status, 503, "{mode:?}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(pool.connections_accepted() > 0, "{mode:?}: the pool was tried");
+        assert_eq!(pool_state(&proxy, &pool).await, "down", "{mode:?}");
+        let text = metrics(&proxy).await;
+        assert_eq!(metric(&text, "loka_pool_up", &[("pool", &pool.label())]), Some(0.0), "{mode:?}");
+        proxy.shutdown().await;
+    }
+}
+
+/// Between the moment a group leaves a hung pool and the next pool's first job, a new difficulty
+/// (here from the miner's suggestion) goes out with that job, not with a re-send of the hung
+/// pool's job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_job_of_a_pool_being_left_is_sent_again() {
+    let primary = MockPool::start(validating()).await;
+    let backup = MockPool::start(validating()).await;
+    let mut c = config(Mode::Aggregate, &[&primary, &backup]);
+    c.upstream.submit_timeout = 1;
+    c.upstream.connect_timeout = 3;
+    let proxy = spawn_proxy(c).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.rig1").await;
+    assert!(eventually(WAIT, || async { pool_state(&proxy, &backup).await == "up" }).await, "the backup was probed");
+
+    // The backup stalls the handshake of the session that moves to it, holding the group between
+    // pools for as long as the test needs.
+    backup.freeze();
+    primary.freeze();
+    accepted(&mut miner, "farm.rig1").await;
+    let label = primary.label();
+    let left = eventually(WAIT, || async {
+        metric(&metrics(&proxy).await, "loka_upstream_faults_total", &[("pool", &label)]).is_some()
+    })
+    .await;
+    assert!(left, "the hung primary is being left");
+    let mark = miner.notifications.len();
+    let id = miner.request("mining.suggest_difficulty", json!([1e-9])).await;
+    assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], json!(true));
+    backup.thaw();
+    let clean = wait_clean_job(&mut miner, tokio::time::Instant::now() + WAIT).await;
+    assert!(clean.is_some(), "the backup's job");
+    let between = &miner.notifications[mark..];
+    let methods: Vec<&str> = between.iter().filter_map(|n| n["method"].as_str()).collect();
+    assert_eq!(methods, ["mining.set_difficulty", "mining.notify"], "{between:?}");
+    assert_eq!(between[0]["params"], json!([1e-9]));
+    assert!(!miner.closed);
+    proxy.shutdown().await;
+}
