@@ -144,28 +144,73 @@ async fn writes_stalled_past_write_timeout_drop_the_miner(mode: Mode) {
     proxy.shutdown().await;
 }
 
-in_both_modes!(tokio::test, message_floods_close_the_connection);
-async fn message_floods_close_the_connection(mode: Mode) {
+in_both_modes!(tokio::test, junk_floods_close_the_connection);
+async fn junk_floods_close_the_connection(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = mode_config(mode, pool.addr);
-    config.server.rate_limit = 10;
-    config.server.rate_limit_burst = 20;
-    let proxy = spawn_proxy(config).await;
+    // The line rate only throttles; the junk budget (10/s, burst 100) is what closes.
+    let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
     let mut polite = proxy.miner().await;
     polite.handshake("farm.polite").await;
     let mut flooder = proxy.miner().await;
     flooder.handshake("farm.flood").await;
-    let flood: String = (0..100)
-        .map(|i| format!("{{\"id\":{},\"method\":\"mining.extranonce.subscribe\",\"params\":[]}}\n", 1000 + i))
-        .collect();
+    let flood: String =
+        (0..150).map(|i| format!("{{\"id\":{},\"method\":\"mining.junk\",\"params\":[]}}\n", 1000 + i)).collect();
     flooder.send(flood.trim_end()).await;
-    assert!(flooder.expect_closed(Duration::from_secs(5)).await, "past the burst the connection is closed");
-    let forwarded = pool.recorded_json().iter().filter(|m| m["method"] == "mining.extranonce.subscribe").count();
-    assert!(forwarded <= 20, "{forwarded} lines of the flood were forwarded");
+    assert!(flooder.expect_closed(Duration::from_secs(5)).await, "past the junk budget the connection is closed");
+    let forwarded = pool.recorded_json().iter().filter(|m| m["method"] == "mining.junk").count();
+    assert!(forwarded <= 110, "{forwarded} lines of the flood were forwarded");
     assert!(metric_now(&proxy, "loka_connections_closed_total", &[("reason", "rate_limited")]).await >= 1.0);
     let share = polite.any_share();
     let id = polite.submit("farm.polite", &share).await;
     assert_eq!(polite.wait_reply(&id).await.unwrap()["result"], true);
+    proxy.shutdown().await;
+}
+
+in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), a_fast_miner_is_throttled_never_closed);
+/// An S21 at a low pool difficulty: 1,000 valid shares a second for 30 s, past a line rate of
+/// 800. It is read more slowly, and every submit is answered; nothing closes it.
+async fn a_fast_miner_is_throttled_never_closed(mode: Mode) {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = mode_config(mode, pool.addr);
+    config.server.rate_limit = 800;
+    config.server.rate_limit_burst = 1000;
+    // Every hash meets the difficulty, which vardiff must not raise.
+    config.vardiff.max_difficulty = 1e-12;
+    let proxy = spawn_proxy(config).await;
+    let mut miner = proxy.miner().await;
+    miner.handshake("farm.s21").await;
+    let (mut sent, mut answered, mut accepted) = (0u64, 0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..3000 {
+        tick.tick().await;
+        let batch: String = (0..10)
+            .map(|_| {
+                sent += 1;
+                let s = miner.any_share();
+                format!(
+                    "{{\"id\":{sent},\"method\":\"mining.submit\",\"params\":[\"farm.s21\",\"{}\",\"{}\",\"{}\",\"{}\"]}}\n",
+                    s.job_id, s.extranonce2, s.ntime, s.nonce
+                )
+            })
+            .collect();
+        miner.send(batch.trim_end()).await;
+        while let Some(reply) = miner.recv_json(Duration::from_millis(0)).await {
+            if reply["id"].is_u64() {
+                answered += 1;
+                accepted += u64::from(reply["result"] == true);
+            }
+        }
+    }
+    while answered < sent {
+        let Some(reply) = miner.recv_json(Duration::from_secs(30)).await else { break };
+        if reply["id"].is_u64() {
+            answered += 1;
+            accepted += u64::from(reply["result"] == true);
+        }
+    }
+    assert_eq!((answered, accepted), (sent, sent), "every submit answered, and accepted");
+    let closed = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "rate_limited")]).await;
+    assert_eq!(closed, 0.0, "the fast miner was closed");
     proxy.shutdown().await;
 }
 

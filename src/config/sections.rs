@@ -34,9 +34,10 @@ pub struct ServerConfig {
     pub max_queue_bytes: usize,
     /// Messages waiting to be written to one miner before it is dropped as a slow reader.
     pub max_queue_messages: usize,
-    /// Sustained lines per second a miner may send; past the burst the connection is closed.
+    /// Sustained lines per second read from a miner; past the burst it is not read until it
+    /// slows (TCP pushes back), and never closed for it.
     pub rate_limit: u32,
-    /// Lines a miner may send at once above the sustained rate.
+    /// Lines read from a miner at once above the sustained rate.
     pub rate_limit_burst: u32,
     /// Seconds an IP must wait after its first failed authorize; doubles with each failure.
     pub auth_backoff_initial: u64,
@@ -219,8 +220,8 @@ impl Default for ServerConfig {
             max_connections_per_ip: 0,
             max_queue_bytes: 1024 * 1024,
             max_queue_messages: 1024,
-            rate_limit: 100,
-            rate_limit_burst: 500,
+            rate_limit: 2000,
+            rate_limit_burst: 4000,
             auth_backoff_initial: 3,
             auth_backoff_max: 600,
             proxy_protocol: false,

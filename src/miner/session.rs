@@ -125,6 +125,10 @@ impl Forward {
 #[derive(Debug, Default)]
 pub struct Output {
     pub to_miner: Vec<u8>,
+    /// Lines of this step that no honest miner sends in volume: malformed lines, unknown
+    /// methods, a worker authorized again, a repeated subscribe, and submits for unknown jobs or
+    /// workers. The miner's task closes a connection that keeps sending them.
+    pub junk: u32,
     /// Bytes for the pool (passthrough's pool session writes here).
     pub to_pool: Vec<u8>,
     pub up: Vec<Up>,
@@ -137,6 +141,7 @@ impl Output {
         self.to_pool.clear();
         self.up.clear();
         self.events.clear();
+        self.junk = 0;
     }
 
     pub fn close_reason(&self) -> Option<CloseReason> {
@@ -274,6 +279,7 @@ impl MinerSession {
             }
             Ok(MinerMessage::Response { .. }) => None,
             Err(e) => {
+                out.junk += 1;
                 counter!(m::MALFORMED, "source" => "miner").increment(1);
                 write::error(&mut out.to_miner, &e.id.unwrap_or_else(Id::null), code::OTHER, &e.kind.to_string());
                 self.malformed_streak += 1;
@@ -300,10 +306,13 @@ impl MinerSession {
             let params = request.params.map(|p| p.to_owned());
             out.up.push(Up::Relay { id: id.clone(), kind, method: request.method.as_ref().into(), params });
         };
+        out.junk += u32::from(self.subscribed && matches!(request.call, Call::Subscribe { .. }));
         match (request.call, &mut self.policy) {
             (Call::Submit(submit), _) => self.submit(id, &submit, now, out),
             (Call::Authorize { user, password }, _) => {
-                if self.workers.iter().any(|w| *w.name == user) && matches!(self.policy, Policy::Local(_)) {
+                let again = self.workers.iter().any(|w| *w.name == user);
+                out.junk += u32::from(again);
+                if again && matches!(self.policy, Policy::Local(_)) {
                     reply(out, &id, &true);
                 } else if self.workers.len() >= MAX_CONNECTION_WORKERS {
                     reply_error(out, &id, code::OTHER, "too many workers on this connection");
@@ -316,7 +325,9 @@ impl MinerSession {
             }
             (Call::Subscribe { .. }, Policy::Relay) => relay(out, Relayed::Subscribe),
             (Call::Configure(_), Policy::Relay) => relay(out, Relayed::Configure),
-            (Call::ExtranonceSubscribe | Call::SuggestDifficulty(_) | Call::Unknown, Policy::Relay) => {
+            (Call::ExtranonceSubscribe | Call::SuggestDifficulty(_), Policy::Relay) => relay(out, Relayed::Other),
+            (Call::Unknown, Policy::Relay) => {
+                out.junk += 1;
                 relay(out, Relayed::Other)
             }
             (Call::Subscribe { .. }, Policy::Local(local)) => {
@@ -356,7 +367,10 @@ impl MinerSession {
                 reply(out, &id, &true);
                 self.retarget(out);
             }
-            (Call::Unknown, Policy::Local(_)) => reply_error(out, &id, code::OTHER, "unsupported method"),
+            (Call::Unknown, Policy::Local(_)) => {
+                out.junk += 1;
+                reply_error(out, &id, code::OTHER, "unsupported method");
+            }
         }
     }
 
@@ -511,7 +525,13 @@ impl MinerSession {
         let (index, worker, share) = match self.judge(submit) {
             Ok(valid) => valid,
             Err(reject) => {
-                // Refused here, answered at once, and never sent to the pool.
+                // Refused here, answered at once, and never sent to the pool. Stale, duplicate
+                // and low-difficulty shares come from honest miners too; the rest do not.
+                let honest = matches!(
+                    reject.reason,
+                    RejectReason::Stale | RejectReason::Duplicate | RejectReason::LowDifficulty
+                );
+                out.junk += u32::from(!honest);
                 reply_error(out, &id, reject.code, &reject.message);
                 out.events.push(Event::ShareRefused(reject.reason));
                 return;

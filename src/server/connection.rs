@@ -126,6 +126,7 @@ async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) 
         match unless_closed(shared, handle, open).await {
             Ok(Ok(side)) => {
                 let limiter = RateLimiter::new(server.rate_limit, server.rate_limit_burst);
+                let junk = RateLimiter::new(JUNK_RATE, JUNK_BURST);
                 let out = Output::default();
                 Ok(Driver {
                     shared,
@@ -135,6 +136,7 @@ async fn run(shared: &Shared, stream: MinerStream, handle: &Arc<SessionHandle>) 
                     outbox: &mut outbox,
                     side,
                     limiter,
+                    junk,
                     out,
                     pool: None,
                 })
@@ -194,7 +196,7 @@ async fn first_line(
     Ok(first)
 }
 
-/// A token bucket over the lines a miner sends.
+/// A token bucket over lines from a miner.
 struct RateLimiter {
     rate: f64,
     burst: f64,
@@ -207,17 +209,29 @@ impl RateLimiter {
         Self { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
     }
 
-    /// Takes a token for one line; false when the miner is past its rate and burst.
-    fn allow(&mut self, now: Instant) -> bool {
+    fn refill(&mut self, now: Instant) {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
+    }
+
+    /// Takes `n` tokens; false when the miner is past its rate and burst.
+    fn allow(&mut self, n: u32, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens -= f64::from(n);
+        self.tokens >= 0.0
+    }
+
+    /// When the next token comes, if none is left now.
+    fn ready_at(&mut self, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        (self.tokens < 1.0).then(|| now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
     }
 }
+
+/// Lines a second of junk (see [`Output::junk`]) a connection may send, and the burst above it,
+/// before it is closed. A miner sends none of them in the normal run of work.
+const JUNK_RATE: u32 = 10;
+const JUNK_BURST: u32 = 100;
 
 /// The error that refuses a miner's first request (`line`), with its id when that can be read;
 /// counted under `reason`.
@@ -428,7 +442,10 @@ struct Driver<'a> {
     reader: MinerReader,
     outbox: &'a mut Outbox,
     side: Side,
+    /// Past its rate a miner is not read: TCP pushes back, and no share is lost.
     limiter: RateLimiter,
+    /// Past this one the connection is closed.
+    junk: RateLimiter,
     out: Output,
     /// The pool the miner's work goes to, as the registry was last told.
     pool: Option<Arc<Pool>>,
@@ -443,7 +460,9 @@ impl Driver<'_> {
             // Handled after the select, whose futures would otherwise be held across its await.
             let mut line = first.take();
             if line.is_none() {
-                let deadline = self.side.deadline();
+                let due = self.side.deadline();
+                let throttled = self.limiter.ready_at(Instant::now());
+                let deadline = throttled.map_or(due, |t| t.min(due));
                 let draining = matches!(&self.side, Side::Own(own) if own.drain_deadline.is_some());
                 tokio::select! {
                     biased;
@@ -454,9 +473,14 @@ impl Driver<'_> {
                     _ = self.shared.shutdown.cancelled(), if !draining => {
                         close = self.side.on_shutdown(self.config.server.shutdown_grace());
                     }
-                    _ = sleep_until(deadline) => self.side.on_deadline(Instant::now(), &mut self.out),
+                    _ = sleep_until(deadline) => {
+                        let now = Instant::now();
+                        if due <= now {
+                            self.side.on_deadline(now, &mut self.out);
+                        }
+                    }
                     wake = self.side.wake() => self.side.on_wake(wake, Instant::now(), &mut self.out),
-                    next = self.reader.next(), if self.side.reading() => match next {
+                    next = self.reader.next(), if self.side.reading() && throttled.is_none() => match next {
                         Some(Ok(next)) => line = Some(next),
                         Some(Err(FrameError::TooLong(max))) => {
                             counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
@@ -497,13 +521,16 @@ impl Driver<'_> {
     /// authorize waited on the pool, to be handled next.
     async fn miner_line(&mut self, line: &[u8], close: &mut Option<CloseReason>) -> Option<BytesMut> {
         self.shared.registry.touch(self.handle);
-        if !self.limiter.allow(Instant::now()) {
-            tracing::info!("miner past its message rate limit");
+        let now = Instant::now();
+        self.limiter.allow(1, now);
+        self.side.on_miner_line(self.handle, line, &mut self.out);
+        let junk = std::mem::take(&mut self.out.junk);
+        if junk > 0 && !self.junk.allow(junk, now) {
+            tracing::info!("miner past its junk budget (malformed lines, unknown methods or jobs, repeats)");
             self.side.on_closing(&mut self.out);
             *close = Some(CloseReason::RateLimited);
             return None;
         }
-        self.side.on_miner_line(self.handle, line, &mut self.out);
         let (Side::Member(member), false) = (&mut self.side, self.out.up.is_empty()) else { return None };
         // Boxed: a miner authorizes once or twice, and the wait's state would otherwise be part of
         // every aggregated miner's task.

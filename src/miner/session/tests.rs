@@ -303,3 +303,22 @@ fn malformed_twice_in_a_row_closes() {
     let out = line(&mut s, "not json");
     assert!(matches!(out.events[..], [Event::Close(CloseReason::Malformed)]));
 }
+
+#[test]
+fn only_what_no_honest_miner_sends_counts_as_junk() {
+    let en2 = hex::encode(&genesis().extranonce2[2..]);
+    let (mut s, _) = ready(1e6);
+    // Honest: a share, the same share again (a duplicate), a second worker.
+    assert_eq!(line(&mut s, &submit(3, "100", &en2, GENESIS_NONCE)).junk, 0);
+    assert_eq!(line(&mut s, &submit(4, "100", &en2, GENESIS_NONCE)).junk, 0);
+    assert_eq!(line(&mut s, r#"{"id":5,"method":"mining.authorize","params":["farm.rig2","x"]}"#).junk, 0);
+    // Junk: an unknown method, an unknown job, a worker authorized again, a second subscribe,
+    // a malformed line, and a submit for a worker never authorized.
+    assert_eq!(line(&mut s, r#"{"id":6,"method":"mining.junk","params":[]}"#).junk, 1);
+    assert_eq!(line(&mut s, &submit(7, "zz", &en2, GENESIS_NONCE)).junk, 1);
+    assert_eq!(line(&mut s, r#"{"id":8,"method":"mining.authorize","params":["farm.rig1","x"]}"#).junk, 1);
+    assert_eq!(line(&mut s, r#"{"id":9,"method":"mining.subscribe","params":[]}"#).junk, 1);
+    assert_eq!(line(&mut s, "{not json").junk, 1);
+    let stranger = r#"{"id":10,"method":"mining.submit","params":["farm.x","100","00","00000000","00000000"]}"#;
+    assert_eq!(line(&mut s, stranger).junk, 1);
+}
