@@ -1,9 +1,10 @@
-//! Limits the proxy enforces on miners: connections, line length, idle and handshake time.
+//! Limits the proxy enforces on miners: connections, line length, idle, share and handshake time.
 
 mod support;
 
 use std::time::Duration;
 
+use loka_stratum::config::Mode;
 use serde_json::json;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,31 +80,90 @@ async fn line_over_the_cap_closes_the_miner() {
     proxy.shutdown().await;
 }
 
-/// With the clock paused, the cleanup task's ticks follow `advance`, so the idle timeout is
-/// exact. The handshakes run on the real clock first, because paused time races real sockets.
-#[tokio::test]
-async fn idle_sessions_are_evicted() {
+async fn metric_now(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, text) = proxy.http_get("/metrics").await;
+    metric(&text, name, labels).unwrap_or(0.0)
+}
+
+/// Reads until the next `mining.notify` (bounded); replies met on the way are stashed.
+async fn next_notify(miner: &mut SimMiner, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match miner.recv_json(left).await {
+            Some(msg) if msg["method"] == "mining.notify" => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+}
+
+// The jobs cross real sockets from the mock pool, so these cases run on the real clock with
+// timeouts of a second or two: paused time races real sockets.
+
+in_both_modes!(tokio::test, idle_timeout_spares_an_authorized_miner);
+/// `idle_timeout` is for connections that have not authorized. An authorized miner that finds
+/// no share for hours (a Bitaxe at a pool difficulty of 1M) stays, and keeps getting its jobs.
+async fn idle_timeout_spares_an_authorized_miner(mode: Mode) {
     let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = proxy_config(pool.addr);
-    config.server.idle_timeout = 30;
+    let mut config = mode_config(mode, pool.addr);
+    config.server.idle_timeout = 1;
     let proxy = spawn_proxy(config).await;
-    let mut idle = proxy.miner().await;
-    idle.handshake("idle").await;
+    let idle_before = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "idle")]).await;
+    let mut slow = proxy.miner().await;
+    slow.handshake("farm.bitaxe").await;
+    let mut unauthorized = proxy.miner().await;
+    unauthorized.subscribe().await;
+
+    // Five notify intervals, each longer than idle_timeout, without a line from the miner.
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(pool.new_job() >= 1, "the pool has a session");
+        assert!(next_notify(&mut slow, WAIT).await, "round {round}: the silent miner still gets its jobs");
+    }
+    assert!(!slow.closed, "an authorized miner is not evicted for silence");
+    assert!(
+        unauthorized.expect_closed(Duration::from_secs(1)).await,
+        "a connection that never authorizes is closed by idle_timeout, before authorize_timeout (30 s)"
+    );
+    let idle = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "idle")]).await - idle_before;
+    assert_eq!(idle, 1.0, "one idle eviction: the unauthorized connection");
+
+    // And its work still goes through.
+    let share = slow.any_share();
+    let id = slow.submit("farm.bitaxe", &share).await;
+    assert_eq!(slow.wait_reply(&id).await.unwrap()["result"], json!(true));
+    proxy.shutdown().await;
+}
+
+in_both_modes!(tokio::test, share_timeout_closes_a_miner_without_shares);
+/// `share_timeout`, off by default, closes an authorized miner that sends no share for that
+/// long, as `no_shares`; a miner that keeps submitting stays.
+async fn share_timeout_closes_a_miner_without_shares(mode: Mode) {
+    let pool = MockPool::start(PoolOptions::default()).await;
+    let mut config = mode_config(mode, pool.addr);
+    config.server.idle_timeout = 1;
+    config.server.share_timeout = 2;
+    let proxy = spawn_proxy(config).await;
+    let before = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "no_shares")]).await;
+    let mut silent = proxy.miner().await;
+    silent.handshake("farm.silent").await;
     let mut busy = proxy.miner().await;
-    busy.handshake("busy").await;
+    busy.handshake("farm.busy").await;
 
-    tokio::time::pause();
-    tokio::time::advance(Duration::from_secs(20)).await;
-    let id = busy.request("mining.suggest_difficulty", json!([16])).await;
-    assert_eq!(busy.wait_reply(&id).await.unwrap()["result"], json!(true));
-    assert!(!idle.closed && !busy.closed);
-
-    tokio::time::advance(Duration::from_secs(11)).await;
-    assert!(idle.expect_closed(Duration::from_secs(5)).await, "a miner silent for idle_timeout is evicted");
-    assert!(!busy.expect_closed(Duration::from_secs(2)).await, "a miner that spoke within idle_timeout stays");
-    tokio::time::resume();
-    let id = busy.request("mining.suggest_difficulty", json!([16])).await;
-    assert_eq!(busy.wait_reply(&id).await.unwrap()["result"], json!(true));
+    let mut closed = false;
+    let started = tokio::time::Instant::now();
+    while !closed && started.elapsed() < Duration::from_secs(10) {
+        let share = busy.any_share();
+        let id = busy.submit("farm.busy", &share).await;
+        assert_eq!(busy.wait_reply(&id).await.unwrap()["result"], json!(true), "a submitting miner stays");
+        closed = silent.expect_closed(Duration::from_millis(500)).await;
+    }
+    assert!(closed, "an authorized miner without a share for share_timeout is closed");
+    assert!(started.elapsed() >= Duration::from_secs(1), "not before share_timeout");
+    assert!(!busy.closed);
+    let no_shares = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "no_shares")]).await - before;
+    assert_eq!(no_shares, 1.0);
     proxy.shutdown().await;
 }
 

@@ -16,8 +16,13 @@ use crate::proxy_protocol::Trusted;
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_connections: usize,
-    /// Seconds without a line from the miner before the session is evicted.
+    /// Seconds without a line from a miner that has not yet authorized a worker before the
+    /// session is evicted. An authorized miner is not evicted for silence: keepalive and the
+    /// write path find a dead one.
     pub idle_timeout: u64,
+    /// Seconds an authorized miner may go without a share before it is evicted (`no_shares`);
+    /// 0 is off. For operators who want it: a slow miner at a high difficulty is silent for hours.
+    pub share_timeout: u64,
     /// Seconds a new connection has to send a complete `mining.subscribe`.
     pub handshake_timeout: u64,
     /// Longest line accepted from a miner, in bytes.
@@ -212,6 +217,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3333)),
             max_connections: 100_000,
             idle_timeout: 600,
+            share_timeout: 0,
             handshake_timeout: 15,
             max_line_bytes: 16 * 1024,
             write_timeout: 60,
@@ -281,6 +287,10 @@ impl ServerConfig {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout)
+    }
+    /// `None` while `share_timeout` is 0 (off).
+    pub fn share_timeout(&self) -> Option<Duration> {
+        (self.share_timeout > 0).then(|| Duration::from_secs(self.share_timeout))
     }
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout)

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, PoolUrl};
 use crate::metrics as m;
-use crate::registry::{ConnectionManager, Refusal, Registration};
+use crate::registry::{ConnectionManager, Deadlines, Refusal, Registration};
 use crate::upstream::set_keepalive;
 use connection::Shared;
 use proxy_protocol::{Header, HeaderError};
@@ -412,7 +412,7 @@ fn lock(log: &Mutex<RateLimitedLog>) -> std::sync::MutexGuard<'_, RateLimitedLog
     log.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Evicts idle and handshake-expired sessions, and keeps the readiness gauge current.
+/// Evicts sessions past their deadlines (see [`Deadlines`]), and keeps the readiness gauge current.
 async fn cleanup(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,11 +423,7 @@ async fn cleanup(shared: Arc<Shared>) {
         }
         let config = shared.config();
         let server = &config.server;
-        let evicted = shared.registry.evict_expired(
-            server.idle_timeout(),
-            server.handshake_timeout(),
-            server.authorize_timeout(),
-        );
+        let evicted = shared.registry.evict_expired(&Deadlines::of(server));
         shared.auth.prune(Instant::now());
         if evicted > 0 {
             tracing::debug!(evicted, "evicting expired sessions");

@@ -27,12 +27,13 @@ pub enum CloseReason {
     NoUpstream,
     PoolReconnect,
     WriteFailed,
+    NoShares,
     Shutdown,
 }
 
 impl CloseReason {
     /// Every reason, so that each `reason` series exists from start-up. Keep in sync with the enum.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::MinerClosed,
         CloseReason::Idle,
         CloseReason::Handshake,
@@ -46,6 +47,7 @@ impl CloseReason {
         CloseReason::NoUpstream,
         CloseReason::PoolReconnect,
         CloseReason::WriteFailed,
+        CloseReason::NoShares,
         CloseReason::Shutdown,
     ];
 
@@ -64,6 +66,7 @@ impl CloseReason {
             CloseReason::NoUpstream => "no_upstream",
             CloseReason::PoolReconnect => "pool_reconnect",
             CloseReason::WriteFailed => "write_failed",
+            CloseReason::NoShares => "no_shares",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -109,6 +112,9 @@ pub struct SessionHandle {
     pub connected_at: Instant,
     /// Milliseconds since the registry's epoch at the last line from the miner.
     last_activity_ms: AtomicU64,
+    /// Milliseconds since `connected_at` at the miner's last share, [`NO_SHARE`] before the first.
+    /// Kept beside the handle's own clock, so that the managers that see shares need no registry.
+    last_share_ms: AtomicU64,
     /// Milliseconds since the registry's epoch when the session reached its current phase.
     phase_since_ms: AtomicU64,
     phase: AtomicU8,
@@ -147,6 +153,13 @@ impl SessionHandle {
         }
     }
 
+    /// Records a share from the miner, valid or refused by the proxy's checks: either way the
+    /// miner is hashing. Only `server.share_timeout` reads it.
+    pub fn share_seen(&self) {
+        let ms = Instant::now().duration_since(self.connected_at).as_millis() as u64;
+        self.last_share_ms.store(ms, Ordering::Relaxed);
+    }
+
     pub fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
         // A panic while holding this lock cannot leave the plain data inside inconsistent.
         self.info.lock().unwrap_or_else(|e| e.into_inner())
@@ -176,6 +189,39 @@ impl SessionHandle {
                 return reason;
             }
             self.close_signal.notified().await;
+        }
+    }
+}
+
+/// `last_share_ms` before the miner's first share.
+const NO_SHARE: u64 = u64::MAX;
+
+/// The deadlines the cleanup task holds sessions to, from `[server]`.
+///
+/// `idle` applies only until a worker is authorized. An authorized miner may be silent for hours
+/// (a small miner at a high pool difficulty finds a share every few), so from then on its
+/// liveness is the socket's: TCP keepalive finds a peer that is gone, and a write that fails or
+/// stalls past `write_timeout` closes it. `share`, off unless set, is the operator's own limit
+/// on an authorized miner's silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From connecting to `mining.subscribe`.
+    pub handshake: Duration,
+    /// From subscribing to an authorized worker.
+    pub authorize: Duration,
+    /// Without a line from a miner that has no authorized worker.
+    pub idle: Duration,
+    /// Without a share from an authorized miner, counted from its authorize; `None` is off.
+    pub share: Option<Duration>,
+}
+
+impl Deadlines {
+    pub fn of(server: &crate::config::ServerConfig) -> Self {
+        Self {
+            handshake: server.handshake_timeout(),
+            authorize: server.authorize_timeout(),
+            idle: server.idle_timeout(),
+            share: server.share_timeout(),
         }
     }
 }
@@ -269,6 +315,7 @@ impl ConnectionManager {
             connected_since: SystemTime::now(),
             connected_at: Instant::now(),
             last_activity_ms: AtomicU64::new(self.now_ms()),
+            last_share_ms: AtomicU64::new(NO_SHARE),
             phase_since_ms: AtomicU64::new(self.now_ms()),
             phase: AtomicU8::new(Phase::Connecting as u8),
             close_reason: AtomicU8::new(0),
@@ -299,10 +346,8 @@ impl ConnectionManager {
         handle.last_activity_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Closes sessions idle longer than `idle`, connections that have not subscribed within
-    /// `handshake`, and sessions that have not authorized within `authorize` of subscribing.
-    /// Returns how many were asked to close.
-    pub fn evict_expired(&self, idle: Duration, handshake: Duration, authorize: Duration) -> usize {
+    /// Closes the sessions past one of `deadlines`. Returns how many were asked to close.
+    pub fn evict_expired(&self, deadlines: &Deadlines) -> usize {
         let now = Instant::now();
         let now_ms = self.now_ms();
         let mut evicted = 0;
@@ -310,12 +355,24 @@ impl ConnectionManager {
             let h = entry.value();
             let phase = h.phase();
             let in_phase_ms = now_ms.saturating_sub(h.phase_since_ms.load(Ordering::Relaxed));
-            let reason = if phase < Phase::Subscribed && now.duration_since(h.connected_at) >= handshake {
+            let silent_ms = now_ms.saturating_sub(h.last_activity_ms.load(Ordering::Relaxed));
+            let reason = if phase < Phase::Subscribed && now.duration_since(h.connected_at) >= deadlines.handshake {
                 Some(CloseReason::Handshake)
-            } else if phase == Phase::Subscribed && in_phase_ms >= authorize.as_millis() as u64 {
+            } else if phase == Phase::Subscribed && in_phase_ms >= millis(deadlines.authorize) {
                 Some(CloseReason::AuthorizeTimeout)
-            } else if now_ms.saturating_sub(h.last_activity_ms.load(Ordering::Relaxed)) >= idle.as_millis() as u64 {
+            } else if phase < Phase::Authorized && silent_ms >= millis(deadlines.idle) {
                 Some(CloseReason::Idle)
+            } else if phase == Phase::Authorized
+                && deadlines.share.is_some_and(|share| {
+                    // From the authorize, or from the last share if one came since.
+                    let since_share = match h.last_share_ms.load(Ordering::Relaxed) {
+                        NO_SHARE => u64::MAX,
+                        at => (now.duration_since(h.connected_at).as_millis() as u64).saturating_sub(at),
+                    };
+                    in_phase_ms.min(since_share) >= millis(share)
+                })
+            {
+                Some(CloseReason::NoShares)
             } else {
                 None
             };
@@ -340,6 +397,10 @@ impl ConnectionManager {
             *n == 0
         });
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
 /// A registered session; dropping it removes the session from the registry.
@@ -391,33 +452,76 @@ mod tests {
         assert!(!m.per_ip.contains_key(&peer().ip()), "entries are freed with their last connection");
     }
 
+    /// The defaults, with `share_timeout` as given.
+    fn deadlines(share: Option<u64>) -> Deadlines {
+        Deadlines {
+            handshake: Duration::from_secs(15),
+            authorize: Duration::from_secs(30),
+            idle: Duration::from_secs(600),
+            share: share.map(Duration::from_secs),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn eviction_by_handshake_and_idle() {
         let m = Arc::new(ConnectionManager::new(10, 0));
         let fresh = m.register(peer()).unwrap();
-        let subscribed = m.register(peer()).unwrap();
-        subscribed.handle.set_phase(Phase::Authorized, m.now_ms());
+        let connected = m.register(peer()).unwrap();
+        connected.handle.set_phase(Phase::Connected, m.now_ms());
+        let authorized = m.register(peer()).unwrap();
+        authorized.handle.set_phase(Phase::Authorized, m.now_ms());
+        // A handshake deadline past the idle one, so that only the idle deadline can apply.
+        let d_long_handshake = Deadlines { handshake: Duration::from_secs(3600), ..deadlines(None) };
 
         tokio::time::advance(Duration::from_secs(14)).await;
-        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 0);
+        assert_eq!(m.evict_expired(&d_long_handshake), 0);
+        assert_eq!(m.evict_expired(&deadlines(None)), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30)), 1);
+        assert_eq!(m.evict_expired(&deadlines(None)), 2);
         assert_eq!(fresh.handle.close_requested(), Some(CloseReason::Handshake));
+        assert_eq!(connected.handle.close_requested(), Some(CloseReason::Handshake));
+        drop((fresh, connected));
 
-        m.touch(&subscribed.handle);
+        // Idle applies until authorized; an authorized miner is never closed for silence.
+        let unauthorized = m.register(peer()).unwrap();
+        unauthorized.handle.set_phase(Phase::Connected, m.now_ms());
+        m.touch(&unauthorized.handle);
         tokio::time::advance(Duration::from_secs(599)).await;
-        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
-        assert_eq!(subscribed.handle.close_requested(), None);
+        assert_eq!(m.evict_expired(&d_long_handshake), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
-        m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
-        assert_eq!(subscribed.handle.closed().await, CloseReason::Idle);
+        assert_eq!(m.evict_expired(&d_long_handshake), 1);
+        assert_eq!(unauthorized.handle.closed().await, CloseReason::Idle);
+        tokio::time::advance(Duration::from_secs(6 * 3600)).await;
+        m.evict_expired(&d_long_handshake);
+        assert_eq!(authorized.handle.close_requested(), None, "silent for hours, and authorized");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn share_timeout_runs_from_authorize_and_from_each_share() {
+        let m = Arc::new(ConnectionManager::new(10, 0));
+        let r = m.register(peer()).unwrap();
+        r.handle.set_phase(Phase::Subscribed, m.now_ms());
+        tokio::time::advance(Duration::from_secs(20)).await;
+        r.handle.set_phase(Phase::Authorized, m.now_ms());
+        let d = deadlines(Some(60));
+
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(m.evict_expired(&d), 0, "counted from the authorize, not from the connect");
+        r.handle.share_seen();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(m.evict_expired(&d), 0, "a share restarts it");
+        assert_eq!(m.evict_expired(&deadlines(None)), 0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(m.evict_expired(&deadlines(None)), 0, "off by default");
+        assert_eq!(m.evict_expired(&d), 1);
+        assert_eq!(r.handle.closed().await, CloseReason::NoShares);
     }
 
     #[tokio::test(start_paused = true)]
     async fn authorize_deadline_runs_from_subscribe() {
         let m = Arc::new(ConnectionManager::new(10, 0));
         let r = m.register(peer()).unwrap();
-        let evict = || m.evict_expired(Duration::from_secs(600), Duration::from_secs(15), Duration::from_secs(30));
+        let evict = || m.evict_expired(&deadlines(None));
         tokio::time::advance(Duration::from_secs(10)).await;
         r.handle.set_phase(Phase::Subscribed, m.now_ms());
         tokio::time::advance(Duration::from_secs(29)).await;
