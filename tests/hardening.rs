@@ -214,8 +214,8 @@ async fn a_fast_miner_is_throttled_never_closed(mode: Mode) {
     proxy.shutdown().await;
 }
 
-in_both_modes!(tokio::test, failed_authorizes_back_off_per_address);
-async fn failed_authorizes_back_off_per_address(mode: Mode) {
+in_both_modes!(tokio::test, failed_authorizes_back_off_per_worker);
+async fn failed_authorizes_back_off_per_worker(mode: Mode) {
     let pool = MockPool::start(PoolOptions { reject_user: Some("farm.bad".into()), ..PoolOptions::default() }).await;
     let mut config = mode_config(mode, pool.addr);
     // An aggregate proxy asks the pool about workers only with worker_passthrough.
@@ -224,30 +224,108 @@ async fn failed_authorizes_back_off_per_address(mode: Mode) {
     let mut miner = proxy.miner().await;
     miner.subscribe().await;
     // The workers' authorizes, not an aggregate session's own login as the pool's user.
-    let authorizes = || {
-        pool.recorded_json().iter().filter(|m| m["method"] == "mining.authorize" && m["params"][0] != "acct").count()
+    let authorizes = |worker: &str| {
+        pool.recorded_json().iter().filter(|m| m["method"] == "mining.authorize" && m["params"][0] == worker).count()
     };
 
     // The pool's refusal, relayed in passthrough, the proxy's answer to it in aggregate mode.
     let refused = |reply: Value| reply["error"][0] == 24 && reply["result"] != true;
     assert!(refused(miner.authorize("farm.bad", "x").await));
-    // Within 3 s even a good worker from this address is answered locally.
-    let reply = miner.authorize("farm.good", "x").await;
+    // Within 3 s the failing worker is answered locally...
+    let reply = miner.authorize("farm.bad", "x").await;
     assert_eq!(reply["error"], json!([24, "too many failed authorizations; retry in 3 s", null]));
+    // ...while other workers at its address, on its connection or another, go on.
+    assert_eq!(miner.authorize("farm.good", "x").await["result"], true);
     let mut neighbour = proxy.miner().await;
     neighbour.subscribe().await;
-    assert_eq!(neighbour.authorize("farm.good", "x").await["error"][0], 24, "the backoff is per address");
-    assert_eq!(authorizes(), 1);
+    assert_eq!(neighbour.authorize("farm.good2", "x").await["result"], true, "the backoff is per worker");
+    assert_eq!(authorizes("farm.bad"), 1);
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(3)).await;
     assert!(refused(miner.authorize("farm.bad", "x").await), "forwarded again after 3 s");
-    assert_eq!(authorizes(), 2);
+    assert_eq!(authorizes("farm.bad"), 2);
     tokio::time::advance(Duration::from_secs(5)).await;
-    assert_eq!(miner.authorize("farm.good", "x").await["error"][0], 24, "the second failure doubles the wait to 6 s");
+    assert_eq!(miner.authorize("farm.bad", "x").await["error"][0], 24, "the second failure doubles the wait to 6 s");
+    assert_eq!(authorizes("farm.bad"), 2);
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert_eq!(miner.authorize("farm.good", "x").await["result"], true);
-    assert_eq!(authorizes(), 3);
+    assert!(refused(miner.authorize("farm.bad", "x").await));
+    assert_eq!(authorizes("farm.bad"), 3);
+}
+
+/// Each bad miner's authorize, answered by the proxy while its worker waits out its backoff.
+async fn backed_off(bad: &mut [SimMiner]) {
+    futures::future::join_all(bad.iter_mut().enumerate().map(|(i, m)| async move {
+        let reply = m.authorize(&format!("farm.bad{i}"), "bad").await;
+        assert_eq!(reply["error"][0], 24, "{reply}");
+        assert!(reply["error"][1].as_str().unwrap().starts_with("too many failed authorizations"), "{reply}");
+    }))
+    .await;
+}
+
+in_both_modes!(tokio::test, a_nat_farm_survives_its_bad_passwords);
+/// A NAT farm: 50 miners from 127.0.0.1, 5 of them with a bad password. The 45 others
+/// authorize, reconnect and have their shares accepted throughout, while each bad worker reaches
+/// the pool once and is then answered locally.
+async fn a_nat_farm_survives_its_bad_passwords(mode: Mode) {
+    use futures::future::join_all;
+    const GOOD: usize = 45;
+    const BAD: usize = 5;
+    let pool = MockPool::start(PoolOptions { reject_password: Some("bad".into()), ..PoolOptions::default() }).await;
+    let mut config = mode_config(mode, pool.addr);
+    config.aggregate.worker_passthrough = true;
+    let proxy = spawn_proxy(config).await;
+    let pool_authorizes = |prefix: &str| {
+        pool.recorded_json()
+            .iter()
+            .filter(|m| {
+                m["method"] == "mining.authorize" && m["params"][0].as_str().is_some_and(|u| u.starts_with(prefix))
+            })
+            .count()
+    };
+
+    // The bad ones fail first, so that an address-wide backoff would hit every miner after them.
+    let mut bad = Vec::new();
+    for i in 0..BAD {
+        let mut m = proxy.miner().await;
+        m.subscribe().await;
+        let reply = m.authorize(&format!("farm.bad{i}"), "bad").await;
+        assert!(reply["error"][0] == 24 && reply["result"] != true, "the pool's refusal: {reply}");
+        bad.push(m);
+    }
+    backed_off(&mut bad).await;
+
+    // Connect, authorize and mine; twice, on new connections, with the bad ones retrying between.
+    let mine = |round: usize| {
+        let proxy = &proxy;
+        join_all((0..GOOD).map(move |i| async move {
+            let worker = format!("farm.rig{i}");
+            let mut m = proxy.miner().await;
+            m.subscribe().await;
+            let reply = m.authorize(&worker, "x").await;
+            assert_eq!(reply["result"], true, "round {round}, {worker}: {reply}");
+            assert!(m.wait_job().await, "round {round}, {worker}: no job");
+            for _ in 0..2 {
+                let share = m.any_share();
+                let id = m.submit(&worker, &share).await;
+                let reply = m.wait_reply(&id).await.expect("a share reply");
+                assert_eq!(reply["result"], true, "round {round}, {worker}: {reply}");
+            }
+            m
+        }))
+    };
+    let first = mine(0).await;
+    backed_off(&mut bad).await;
+    drop(first);
+    let second = mine(1).await;
+    backed_off(&mut bad).await;
+
+    assert_eq!(pool_authorizes("farm.bad"), BAD, "each bad worker reached the pool once");
+    assert!(pool_authorizes("farm.rig") >= GOOD, "the good workers were asked about upstream");
+    assert!(eventually(WAIT, || async { pool.accepted() >= (GOOD * 4) as u64 }).await, "{} accepted", pool.accepted());
+    for mut m in second {
+        assert!(!m.expect_closed(Duration::from_millis(1)).await, "the good miners stay connected");
+    }
 }
 
 /// A miner with a submit in flight when the pool sends `line`: the line never reaches the miner,

@@ -44,9 +44,11 @@ pub struct ServerConfig {
     pub rate_limit: u32,
     /// Lines read from a miner at once above the sustained rate.
     pub rate_limit_burst: u32,
-    /// Seconds an IP must wait after its first failed authorize; doubles with each failure.
+    /// Seconds a worker at an address must wait after its first failed authorize; doubles with
+    /// each failure of that worker.
     pub auth_backoff_initial: u64,
-    /// Cap on the wait after failed authorizes, in seconds.
+    /// Cap on the wait after failed authorizes, in seconds; an address as a whole waits at most
+    /// `auth::ADDRESS_BACKOFF_MAX`.
     pub auth_backoff_max: u64,
     /// Expect a PROXY protocol (v1 or v2) header on every miner connection, from a load balancer
     /// in `proxy_protocol_trusted`; its source address then stands for the miner.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::auth::{AuthManager, Rewrite};
+use crate::auth::{Answer, AuthManager, Rewrite};
 use crate::jobs::{next_seq, Job};
 use crate::pool_session::{PoolSession, Step};
 use crate::protocol::code;
@@ -76,7 +76,7 @@ impl Passthrough {
             match up {
                 Up::Share(f) => self.pool.submit(&mut out.to_pool, f, None, now),
                 Up::Authorize { id, user, password } => {
-                    if let Some(message) = self.auth.refusal(self.peer, now) {
+                    if let Some(message) = self.auth.refusal(self.peer, &user, now) {
                         reply_error(out, &id, code::UNAUTHORIZED, &message);
                         continue;
                     }
@@ -114,12 +114,12 @@ impl Passthrough {
             Step::Changed { extranonce: true } => self.miner.set_extranonce(&pool.extranonce1, pool.extranonce2_size),
             Step::Changed { extranonce: false } | Step::Configured => self.miner.set_version_mask(pool.version_mask),
             Step::Subscribed => self.miner.subscribed(&pool.extranonce1, pool.extranonce2_size),
-            Step::Authorized { worker, ok } => {
-                if ok {
-                    self.auth.succeeded(self.peer);
+            Step::Authorized { worker, answer } => {
+                // The pool's reply went to the miner as it came; only an explicit refusal backs
+                // this worker off (see `authorize_answer`).
+                self.auth.answered(self.peer, &worker, answer, now);
+                if answer == Answer::Accepted {
                     self.miner.authorized(worker.to_string(), out);
-                } else {
-                    self.auth.failed(self.peer, now);
                 }
             }
             Step::Verdict { verdict, rtt, .. } => out.events.push(Event::PoolVerdict(verdict, rtt)),

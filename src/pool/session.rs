@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::auth::Rewrite;
+use crate::auth::{Answer, Rewrite};
 use crate::metrics as m;
 use crate::protocol::pool::{self, Notify, PoolMessage};
 use crate::protocol::{code, verdict, write, Id};
@@ -48,7 +48,7 @@ enum Request {
     Authorize {
         worker: Arc<str>,
         upstream: Arc<str>,
-        waiters: Vec<oneshot::Sender<bool>>,
+        waiters: Vec<oneshot::Sender<Answer>>,
         reply_to: Option<Id>,
     },
     Submit {
@@ -97,7 +97,7 @@ pub enum Step {
     /// A relayed authorize was answered.
     Authorized {
         worker: Arc<str>,
-        ok: bool,
+        answer: Answer,
     },
     /// The pool's verdict on a forwarded share, with its round trip if it answered; `miner` is
     /// the session to credit (aggregate mode).
@@ -286,14 +286,14 @@ impl PoolSession {
         rewrite: &Rewrite,
         worker: Arc<str>,
         password: &str,
-        reply: Option<oneshot::Sender<bool>>,
+        reply: Option<oneshot::Sender<Answer>>,
         reply_to: Option<Id>,
         now: Instant,
     ) {
         if !self.relay {
             if self.one_authorize || self.authorized.contains_key(&worker) {
                 if let Some(reply) = reply {
-                    let _ = reply.send(true);
+                    let _ = reply.send(Answer::Accepted);
                 }
                 return;
             }
@@ -334,7 +334,7 @@ impl PoolSession {
         for (_, id) in self.authorizing.drain() {
             if let Some(Request::Authorize { waiters, .. }) = self.pending.remove(&id) {
                 for waiter in waiters {
-                    let _ = waiter.send(true);
+                    let _ = waiter.send(Answer::Accepted);
                 }
             }
         }
@@ -444,10 +444,11 @@ impl PoolSession {
                         if ok.is_ok() {
                             self.authorized.insert(worker.clone(), upstream);
                         }
+                        let answer = authorize_answer(result, error.is_some(), &ok);
                         for waiter in waiters {
-                            let _ = waiter.send(ok.is_ok());
+                            let _ = waiter.send(answer);
                         }
-                        self.relay.then_some(Step::Authorized { worker, ok: ok.is_ok() })
+                        self.relay.then_some(Step::Authorized { worker, answer })
                     }
                     Request::Submit { sent_at, miner, block, .. } => {
                         self.submits_pending -= 1;
@@ -595,6 +596,24 @@ impl PoolSession {
             }
         }
         unanswered
+    }
+}
+
+/// How the pool answered an authorize. Only an explicit refusal is the miner's failure: `false`
+/// with no error, or error 24 (unauthorized worker) whatever the result. Any other error (an
+/// internal error, "not subscribed", a malformed reply) is the pool's trouble and backs no one
+/// off; it still reaches the miner as the pool sent it in passthrough. A timeout or a disconnect
+/// never gets here: the pending authorize is failed without an answer.
+fn authorize_answer(
+    result: Option<&serde_json::value::RawValue>,
+    error: bool,
+    ok: &Result<(), (i64, String)>,
+) -> Answer {
+    match ok {
+        Ok(()) => Answer::Accepted,
+        Err((code::UNAUTHORIZED, _)) => Answer::Refused,
+        Err(_) if !error && result.map(|r| r.get()) == Some("false") => Answer::Refused,
+        Err(_) => Answer::Failed,
     }
 }
 

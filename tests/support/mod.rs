@@ -208,6 +208,8 @@ pub struct PoolOptions {
     pub reject_duplicates: bool,
     /// `mining.authorize` of this user gets `false` and error 24.
     pub reject_user: Option<String>,
+    /// `mining.authorize` with this password gets `false` and error 24, whatever the user.
+    pub reject_password: Option<String>,
     /// The jobs' nbits: the network target, which [`MockPool::blocks`] counts shares against.
     pub nbits: u32,
 }
@@ -225,6 +227,7 @@ impl Default for PoolOptions {
             validate: false,
             reject_duplicates: false,
             reject_user: None,
+            reject_password: None,
             nbits: 0x1d00_ffff,
         }
     }
@@ -578,7 +581,10 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
             let user = params.first().and_then(Value::as_str).unwrap_or_default().to_owned();
             if opts.authorize_once && !conn.authorized.is_empty() {
                 // ckpool: "trying to authorise twice", and nothing is sent back.
-            } else if opts.reject_user.as_deref() == Some(user.as_str()) {
+            } else if opts.reject_user.as_deref() == Some(user.as_str())
+                || opts.reject_password.is_some()
+                    && opts.reject_password.as_deref() == params.get(1).and_then(Value::as_str)
+            {
                 send(json!({"id": id, "result": false, "error": [24, "Unauthorized worker", null]}).to_string());
             } else {
                 conn.authorized.insert(user);

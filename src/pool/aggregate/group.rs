@@ -24,6 +24,7 @@ use tokio::time::{sleep_until, Instant};
 use super::connection::{Connection, OpenError};
 use super::workers::Workers;
 use super::{Context, SessionView};
+use crate::auth::Answer;
 use crate::codec::FrameError;
 use crate::jobs::{next_seq, Job, MAX_JOBS};
 use crate::metrics as m;
@@ -92,7 +93,7 @@ pub enum Upward {
     Share(Forward, Arc<SessionHandle>),
     /// Authorize this worker upstream (`worker_passthrough`) for `miner`; the answer goes to
     /// `reply`.
-    Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<bool>, miner: Arc<SessionHandle> },
+    Authorize { worker: Arc<str>, password: String, reply: oneshot::Sender<Answer>, miner: Arc<SessionHandle> },
 }
 
 /// One pool session and the miners in it.
@@ -611,7 +612,7 @@ fn handle(group: &Group, state: &mut State, session: &mut Connection, buf: &mut 
         Upward::Authorize { worker, password, reply, miner } => {
             if !state.workers.add(&mut session.session, &worker, &password, &miner) {
                 // Never a miner left unauthorized: its shares go under the pool's user.
-                let _ = reply.send(true);
+                let _ = reply.send(Answer::Accepted);
                 return;
             }
             let rewrite = group.context.auth.rewrite();

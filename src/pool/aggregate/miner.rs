@@ -9,6 +9,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{timeout, Instant};
 
 use super::{Seat, Upward, Work};
+use crate::auth::Answer;
 use crate::config::Config;
 use crate::connection::{Shared, NO_POOL};
 use crate::metrics as m;
@@ -103,7 +104,7 @@ impl Member {
         for up in std::mem::take(&mut out.up) {
             let Up::Authorize { id, user, password } = up else { continue };
             let now = Instant::now();
-            if let Some(message) = shared.auth.refusal(peer, now) {
+            if let Some(message) = shared.auth.refusal(peer, &user, now) {
                 reply_error(out, &id, code::UNAUTHORIZED, &message);
                 continue;
             }
@@ -113,13 +114,11 @@ impl Member {
                 Ok(()) => timeout(config.upstream.connect_timeout(), rx).await.ok().and_then(Result::ok),
                 Err(_) => None,
             };
-            // Only the pool's refusal is the miner's failure; its silence is not.
-            match answer {
-                Some(true) => shared.auth.succeeded(peer),
-                Some(false) => shared.auth.failed(peer, now),
-                None => {}
+            // Only the pool's refusal is the miner's failure; its silence or its error is not.
+            if let Some(answer) = answer {
+                shared.auth.answered(peer, &user, answer, now);
             }
-            self.session.on_authorize_answer(&id, user, answer == Some(true), out);
+            self.session.on_authorize_answer(&id, user, answer == Some(Answer::Accepted), out);
         }
     }
 }

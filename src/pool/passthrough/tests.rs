@@ -299,6 +299,22 @@ async fn failed_authorizes_back_off_without_reaching_the_pool() {
     assert_eq!(lines(&out.to_pool)[0]["method"], "mining.authorize");
 }
 
+/// Only `false` or error 24 is the miner's failure: another worker at the address, and the same
+/// worker after the pool's own error, go to the pool at once.
+#[test]
+fn a_pool_error_on_authorize_backs_no_one_off() {
+    let forwarded = |out: &Output| lines(&out.to_pool).first().is_some_and(|l| l["method"] == "mining.authorize");
+    let mut s = session("");
+    miner(&mut s, r#"{"id":1,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+    let out = pool(&mut s, r#"{"id":1,"result":null,"error":[20,"Internal error",null]}"#);
+    assert_eq!(lines(&out.to_miner)[0]["error"][0], 20, "relayed as the pool sent it");
+    assert!(forwarded(&miner(&mut s, r#"{"id":2,"method":"mining.authorize","params":["farm.rig1","x"]}"#)));
+    pool(&mut s, r#"{"id":2,"result":false,"error":null}"#);
+    let out = miner(&mut s, r#"{"id":3,"method":"mining.authorize","params":["farm.rig1","x"]}"#);
+    assert!(!forwarded(&out), "a bare false is a refusal");
+    assert!(forwarded(&miner(&mut s, r#"{"id":4,"method":"mining.authorize","params":["farm.rig2","x"]}"#)));
+}
+
 #[test]
 fn configure_reply_records_the_mask() {
     let mut s = session("");
