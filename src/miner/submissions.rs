@@ -317,14 +317,14 @@ impl SubmissionManager {
         counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()).increment(work);
         let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
         session.info().stats.record_valid(elapsed, share.job_difficulty, share.share_difficulty);
-        session.share_seen();
+        session.share_seen(elapsed);
     }
 
     /// A share the proxy's checks refused: the miner got an error, the pool never saw it.
     pub fn refused(&self, session: &SessionHandle, pool: &SharedString, reason: RejectReason) {
         counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
         session.info().stats.record_refused();
-        session.share_seen();
+        session.share_seen(tokio::time::Instant::now().duration_since(session.connected_at));
     }
 
     /// The pool's verdict on a share the proxy sent it for `session`; `rtt` is the time from

@@ -295,7 +295,7 @@ impl Side {
     /// A pool session of the miner's own, or a seat in a group.
     async fn open(shared: &Shared, config: &Config, handle: &SessionHandle) -> Result<Side, Refused> {
         let Some(aggregator) = &shared.aggregator else {
-            let link = Box::pin(shared.pools.connect()).await.map_err(|NoUpstream| Refused::NoUpstream)?;
+            let link = shared.pools.connect().await.map_err(|NoUpstream| Refused::NoUpstream)?;
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             let session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
             let (job_timeout, submit_timeout) = (config.upstream.job_timeout(), config.upstream.submit_timeout());
@@ -415,8 +415,7 @@ impl Side {
         own.session.on_pool_lost(out);
     }
 
-    fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], out: &mut Output) {
-        let now = Instant::now();
+    fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], now: Instant, out: &mut Output) {
         match self {
             Side::Own(own) => own.session.on_miner_line(line, now, out),
             Side::Member(member) => member.on_miner_line(handle, line, now, out),
@@ -523,7 +522,7 @@ impl Driver<'_> {
         self.shared.registry.touch(self.handle);
         let now = Instant::now();
         self.limiter.allow(1, now);
-        self.side.on_miner_line(self.handle, line, &mut self.out);
+        self.side.on_miner_line(self.handle, line, now, &mut self.out);
         let junk = std::mem::take(&mut self.out.junk);
         if junk > 0 && !self.junk.allow(junk, now) {
             tracing::info!("miner past its junk budget (malformed lines, unknown methods or jobs, repeats)");

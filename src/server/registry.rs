@@ -155,9 +155,9 @@ impl SessionHandle {
 
     /// Records a share from the miner, valid or refused by the proxy's checks: either way the
     /// miner is hashing. Only `server.share_timeout` reads it.
-    pub fn share_seen(&self) {
-        let ms = Instant::now().duration_since(self.connected_at).as_millis() as u64;
-        self.last_share_ms.store(ms, Ordering::Relaxed);
+    /// `elapsed` is the time since the connection began, which the caller has read already.
+    pub fn share_seen(&self, elapsed: Duration) {
+        self.last_share_ms.store(elapsed.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn info(&self) -> std::sync::MutexGuard<'_, SessionInfo> {
@@ -507,7 +507,7 @@ mod tests {
 
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(m.evict_expired(&d), 0, "counted from the authorize, not from the connect");
-        r.handle.share_seen();
+        r.handle.share_seen(Instant::now().duration_since(r.handle.connected_at));
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(m.evict_expired(&d), 0, "a share restarts it");
         assert_eq!(m.evict_expired(&deadlines(None)), 0);
