@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use loka_stratum::config::{Config, Mode, PoolConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 /// An aggregate proxy in front of `pools`, in priority order, with miners starting at `difficulty`.
@@ -25,17 +25,6 @@ fn config(pools: &[&MockPool], difficulty: f64) -> Config {
 
 fn validating(difficulty: f64) -> PoolOptions {
     PoolOptions { extranonce2_size: 8, difficulty, validate: true, reject_duplicates: true, ..PoolOptions::default() }
-}
-
-async fn wait_clean_job(miner: &mut SimMiner, timeout: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let msg = miner.recv_json(left).await?;
-        if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) {
-            return Some(msg);
-        }
-    }
 }
 
 /// The difficulties the pool was asked for with `mining.suggest_difficulty`, in order.
@@ -112,7 +101,7 @@ async fn every_miner_gets_a_difficulty_with_the_backups_first_job() {
     miner.handshake("farm.rig1").await;
     let mark = miner.notifications.len();
     primary.kill().await;
-    assert!(wait_clean_job(&mut miner, WAIT).await.is_some(), "the backup's job");
+    assert!(miner.clean_job(WAIT).await.is_some(), "the backup's job");
     let methods: Vec<&str> = miner.notifications[mark..].iter().filter_map(|n| n["method"].as_str()).collect();
     assert_eq!(methods, ["mining.set_difficulty", "mining.notify"]);
     assert_eq!(miner.difficulty, 1e-12);
@@ -183,7 +172,7 @@ async fn a_refused_connect_is_logged_as_one() {
     let mut miner = proxy.miner().await;
     miner.handshake("farm.rig1").await;
     primary.kill().await;
-    assert!(wait_clean_job(&mut miner, WAIT).await.is_some(), "the backup's job");
+    assert!(miner.clean_job(WAIT).await.is_some(), "the backup's job");
     let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
     let label = primary.label();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains(&label)).collect();

@@ -31,17 +31,6 @@ async fn accepted(miner: &mut SimMiner, worker: &str) {
     assert_eq!(reply["result"], json!(true), "{reply}");
 }
 
-/// Waits until `deadline` for a `mining.notify` with clean_jobs.
-async fn wait_clean_job(miner: &mut SimMiner, deadline: tokio::time::Instant) -> Option<Value> {
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let msg = miner.recv_json(left).await?;
-        if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) {
-            return Some(msg);
-        }
-    }
-}
-
 async fn metrics(proxy: &Proxy) -> String {
     proxy.http_get("/metrics").await.1
 }
@@ -78,7 +67,10 @@ async fn a_hung_pool_is_left_within_seconds_and_no_miner_is_disconnected() {
     }
     let bound = frozen_at + Duration::from_secs(15);
     for (i, miner) in miners.iter_mut().enumerate() {
-        assert!(wait_clean_job(miner, bound).await.is_some(), "miner {i} got the backup's job within 15 s");
+        assert!(
+            miner.clean_job(bound.saturating_duration_since(tokio::time::Instant::now())).await.is_some(),
+            "miner {i} got the backup's job within 15 s"
+        );
     }
     let failover = frozen_at.elapsed();
     eprintln!("hung pool failover: {failover:?} after the pool froze (submit_timeout = 10 s)");
@@ -191,7 +183,7 @@ async fn no_job_of_a_pool_being_left_is_sent_again() {
     let id = miner.request("mining.suggest_difficulty", json!([1e-9])).await;
     assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], json!(true));
     backup.thaw();
-    let clean = wait_clean_job(&mut miner, tokio::time::Instant::now() + WAIT).await;
+    let clean = miner.clean_job(WAIT).await;
     assert!(clean.is_some(), "the backup's job");
     let between = &miner.notifications[mark..];
     let methods: Vec<&str> = between.iter().filter_map(|n| n["method"].as_str()).collect();

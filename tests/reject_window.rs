@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use loka_stratum::config::{Mode, PoolConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::*;
 
 /// Forwarded shares: past the window's minimum of 20, all rejected.
@@ -33,18 +33,6 @@ async fn accepted(miner: &mut SimMiner) {
     assert_eq!(reply["result"], json!(true), "the proxy refused a share (stale after a failover?): {reply}");
 }
 
-/// The next clean job the miner gets within `timeout`.
-async fn clean_job(miner: &mut SimMiner, timeout: Duration) -> Option<Value> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let msg = miner.recv_json(left).await?;
-        if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) {
-            return Some(msg);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_duplicate_rejects_never_fail_over() {
     for code in [21, 22] {
@@ -61,7 +49,7 @@ async fn stale_and_duplicate_rejects_never_fail_over() {
             primary.rejected(),
             SHARES + 1
         );
-        assert!(clean_job(&mut miner, Duration::from_secs(1)).await.is_none(), "code {code}: the session moved");
+        assert!(miner.clean_job(Duration::from_secs(1)).await.is_none(), "code {code}: the session moved");
         assert!(backup.submits().is_empty(), "code {code}");
         assert!(!miner.closed);
         proxy.shutdown().await;
@@ -78,7 +66,7 @@ async fn other_rejects_fail_over() {
         for _ in 0..20 {
             accepted(&mut miner).await;
         }
-        assert!(clean_job(&mut miner, WAIT).await.is_some(), "code {code}: no move to the backup");
+        assert!(miner.clean_job(WAIT).await.is_some(), "code {code}: no move to the backup");
         accepted(&mut miner).await;
         assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await, "code {code}");
         assert!(!miner.closed);

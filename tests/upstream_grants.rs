@@ -34,19 +34,6 @@ async fn accepted(miner: &mut SimMiner, worker: &str, share: &Share) {
     assert_eq!(reply["result"], json!(true), "{reply}");
 }
 
-/// Waits for a clean job (a new pool session's first).
-async fn wait_clean_job(miner: &mut SimMiner) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match miner.recv_json(left).await {
-            Some(msg) if msg["method"] == "mining.notify" && msg["params"][8] == json!(true) => return true,
-            Some(_) => {}
-            None => return false,
-        }
-    }
-}
-
 fn authorizes(pool: &MockPool) -> Vec<String> {
     let users = pool.recorded_json().into_iter().filter(|m| m["method"] == "mining.authorize");
     users.map(|m| m["params"][0].as_str().unwrap_or_default().to_owned()).collect()
@@ -82,7 +69,7 @@ async fn worker_passthrough_on_a_pool_that_answers_one_authorize_per_connection(
     // The next session to this pool asks for no worker: only the proxy's own authorize.
     let before = authorizes(&ckpool).len();
     assert_eq!(ckpool.broadcast(r#"{"id":null,"method":"client.reconnect","params":[]}"#), 1);
-    assert!(wait_clean_job(&mut miners[0]).await, "a job of the new session");
+    assert!(miners[0].clean_job(WAIT).await.is_some(), "a job of the new session");
     let share = miners[0].grind(None);
     accepted(&mut miners[0], "farm.rig1", &share).await;
     assert!(eventually(WAIT, || async { ckpool.accepted() == 5 }).await);
@@ -107,7 +94,7 @@ async fn a_failover_authorizes_only_the_workers_of_live_miners() {
     assert!(eventually(WAIT, || async { primary.accepted() == 2 }).await);
     assert!(eventually(WAIT, || async { proxy.registry.len() == 1 }).await, "the two miners are gone");
     primary.kill().await;
-    assert!(wait_clean_job(&mut stays).await, "the backup's job");
+    assert!(stays.clean_job(WAIT).await.is_some(), "the backup's job");
     let share = stays.grind(None);
     accepted(&mut stays, "farm.a", &share).await;
     assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
@@ -170,7 +157,7 @@ async fn miners_roll_only_inside_the_mask_their_pool_granted() {
     assert_eq!(primary.rejected(), 0);
     // The backup grants nothing: the miner is told so before its first job there.
     primary.kill().await;
-    assert!(wait_clean_job(&mut miner).await);
+    assert!(miner.clean_job(WAIT).await.is_some());
     let set_mask = miner.notifications.iter().rfind(|n| n["method"] == "mining.set_version_mask");
     assert_eq!(set_mask.map(|n| n["params"].clone()), Some(json!(["00000000"])));
     let rolled = Share { version_bits: Some("00002000".into()), ..miner.grind(None) };

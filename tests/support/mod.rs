@@ -898,6 +898,19 @@ impl SimMiner {
         self.stash.iter().cloned().collect()
     }
 
+    /// The next `mining.notify` with clean_jobs set within `timeout` (a new pool session's first
+    /// job, or a switch), skipping everything before it.
+    pub async fn clean_job(&mut self, timeout: Duration) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let msg = self.recv_json(left).await?;
+            if msg["method"] == "mining.notify" && msg["params"][8] == true {
+                return Some(msg);
+            }
+        }
+    }
+
     /// Waits (bounded) until a job has arrived.
     pub async fn wait_job(&mut self) -> bool {
         let deadline = tokio::time::Instant::now() + WAIT;
