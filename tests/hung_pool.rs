@@ -42,6 +42,12 @@ async fn pool_state(proxy: &Proxy, pool: &MockPool) -> String {
     entry["state"].as_str().unwrap().to_owned()
 }
 
+async fn pool_up(proxy: &Proxy, pool: &MockPool) -> bool {
+    let (_, body) = proxy.http_get("/api/v1/pools").await;
+    let pools: Vec<Value> = serde_json::from_str(&body).unwrap();
+    pools.iter().any(|p| p["pool"] == pool.label() && p["up"] == json!(true))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_pool_is_left_within_seconds_and_no_miner_is_disconnected() {
     const MINERS: usize = 10;
@@ -126,8 +132,115 @@ async fn a_passthrough_miner_on_a_hung_pool_is_answered_and_closed_then_served_b
     accepted(&mut again, "farm.rig1").await;
     assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await);
     assert_eq!(primary.subscribes(), 1, "nothing more went to the hung pool");
-    assert_eq!(pool_state(&proxy, &primary).await, "down");
+    assert!(eventually(WAIT, || async { pool_state(&proxy, &primary).await == "down" }).await, "the probe agrees");
     proxy.shutdown().await;
+}
+
+/// A pool that hangs after its probe found it up: the first passthrough miner to arrive gives it
+/// `connect_timeout` to answer its subscribe, then its session moves to the backup with the
+/// miner's lines. The miner hears the backup's answer and is never closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_miner_arriving_at_a_pool_hung_since_its_probe_moves_to_the_backup() {
+    let primary = MockPool::start(validating()).await;
+    let backup = MockPool::start(validating()).await;
+    let mut c = config(Mode::Passthrough, &[&primary, &backup]);
+    c.upstream.connect_timeout = 2;
+    assert_eq!(c.upstream.submit_timeout, 10, "the default, which must not be what ends the wait");
+    let proxy = spawn_proxy(c).await;
+    assert!(eventually(WAIT, || async { pool_state(&proxy, &primary).await == "up" }).await);
+    primary.freeze();
+
+    let mut miner = proxy.miner().await;
+    let started = tokio::time::Instant::now();
+    miner.handshake("farm.rig1").await;
+    eprintln!("hung pool, passthrough miner served by the backup after {:?}", started.elapsed());
+    accepted(&mut miner, "farm.rig1").await;
+    assert!(!miner.closed, "the miner never knew");
+    assert_eq!(backup.accepted(), 1);
+    assert_eq!(backup.subscribes(), 1, "the miner's subscribe, replayed on the backup");
+    let text = metrics(&proxy).await;
+    let reason = "no answer within upstream.connect_timeout";
+    assert_eq!(
+        metric(&text, "loka_upstream_faults_total", &[("pool", &primary.label()), ("reason", reason)]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "loka_connections_closed_total", &[("reason", "pool_fault")]).unwrap_or(0.0), 0.0);
+    // The probe agrees: the pool is down, and the next miner goes straight to the backup.
+    assert!(eventually(WAIT, || async { pool_state(&proxy, &primary).await == "down" }).await);
+    let mut next = proxy.miner().await;
+    next.handshake("farm.rig2").await;
+    accepted(&mut next, "farm.rig2").await;
+    assert_eq!(backup.subscribes(), 2);
+    proxy.shutdown().await;
+}
+
+/// One session's fault (here one bad line to a passthrough miner's session, or to an aggregate
+/// group's) is not the pool's health: the probe checks the pool at once and finds it up, so the
+/// pool is never down and the proxy stays ready. The session that failed goes to the backup while
+/// the pool is in doubt (the backoff its fault earned), and then the pool takes sessions again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sessions_fault_does_not_mark_the_pool_down() {
+    for mode in MODES {
+        let primary = MockPool::start(validating()).await;
+        let backup = MockPool::start(validating()).await;
+        let mut c = config(mode, &[&primary, &backup]);
+        c.upstream.retry_initial_ms = 1_000;
+        c.upstream.retry_max_ms = 4_000;
+        c.upstream.failback_after = 1;
+        let proxy = spawn_proxy(c).await;
+        assert!(eventually(WAIT, || async { pool_up(&proxy, &primary).await }).await);
+        let mut steady = proxy.miner().await;
+        steady.handshake("farm.steady").await;
+        let mut faulted = proxy.miner().await;
+        faulted.handshake("farm.faulted").await;
+        let (probes, sessions) = (primary.probes(), primary.subscribes());
+
+        let conn = primary.newest_connection().expect("a session on the primary");
+        assert!(primary.send_to(conn, "this is not json"));
+        assert!(eventually(WAIT, || async { primary.probes() > probes }).await, "{mode:?}: the probe checks the pool");
+        let label = primary.label();
+        let reason = [("pool", label.as_str()), ("reason", "unparseable message")];
+        assert_eq!(metric(&metrics(&proxy).await, "loka_upstream_faults_total", &reason), Some(1.0), "{mode:?}");
+        match mode {
+            // The faulted session's miner reconnects, to the backup.
+            Mode::Passthrough => {
+                assert!(faulted.expect_closed(WAIT).await);
+                faulted = proxy.miner().await;
+                faulted.handshake("farm.faulted").await;
+                assert_eq!(backup.subscribes(), 1, "the primary is in doubt");
+            }
+            // The group moves to the backup, and no miner is closed.
+            Mode::Aggregate => {
+                for miner in [&mut faulted, &mut steady] {
+                    assert!(miner.clean_job(WAIT).await.is_some(), "the backup's job");
+                }
+                assert_eq!(backup.subscribes(), 1, "the primary is in doubt");
+            }
+        }
+        accepted(&mut faulted, "farm.faulted").await;
+        assert!(eventually(WAIT, || async { backup.accepted() == 1 }).await, "{mode:?}");
+        assert!(pool_up(&proxy, &primary).await, "{mode:?}");
+        assert_eq!(proxy.http_get("/ready").await.0, 200, "{mode:?}");
+        let text = metrics(&proxy).await;
+        assert_eq!(metric(&text, "loka_pool_up", &[("pool", &label)]), Some(1.0), "{mode:?}: never down");
+        assert!(!steady.closed, "{mode:?}");
+
+        // The doubt passes: new passthrough sessions go to the primary again, and the group fails
+        // back to it after failback_after.
+        let mut back = false;
+        for i in 0..20 {
+            if mode == Mode::Passthrough {
+                proxy.miner().await.handshake(&format!("farm.new{i}")).await;
+            }
+            if primary.subscribes() > sessions {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(back, "{mode:?}: the primary takes sessions again");
+        proxy.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,6 +200,10 @@ pub struct Pool {
     failed: Notify,
     /// Faults since the pool last behaved; each doubles the wait before it is tried again.
     faults: AtomicU32,
+    /// Faults reported by sessions, and how many of them the monitor has judged: while some are
+    /// not, the pool is in doubt and other pools go first.
+    fault_seq: AtomicU32,
+    judged_seq: AtomicU32,
     /// A port the pool redirected the proxy to with `client.reconnect`; 0 for none.
     redirect_port: AtomicU16,
     /// `Some` for a `stratum+ssl://` pool.
@@ -277,6 +281,8 @@ impl Pool {
             health: AtomicU8::new(Health::Unknown as u8),
             failed: Notify::new(),
             faults: AtomicU32::new(0),
+            fault_seq: AtomicU32::new(0),
+            judged_seq: AtomicU32::new(0),
             redirect_port: AtomicU16::new(0),
             up_since: std::sync::Mutex::new(None),
             verdicts: Verdicts::default(),
@@ -333,12 +339,35 @@ impl Pool {
         }
     }
 
-    /// The pool broke the protocol: it is down until the monitor's backoff, which grows with
-    /// each fault in a row, lets it be tried again.
+    /// A session found the pool at fault (a bad line, no answer in time, a connect that failed).
+    /// One session's fault is not the pool's health: the monitor probes the pool at once, and
+    /// only the probe marks it down. Meanwhile, and for a backoff that doubles with each fault in
+    /// a row, the pool is in doubt: new sessions try other pools first, so that a pool whose
+    /// sessions keep failing is not hammered. Its time up restarts too, so an aggregate group
+    /// that left it fails back only after `failback_after`.
     pub fn report_fault(&self) {
         self.faults.fetch_add(1, Ordering::AcqRel);
-        self.set_health(Health::Down);
+        self.fault_seq.fetch_add(1, Ordering::AcqRel);
+        let mut since = self.up_since.lock().unwrap_or_else(|e| e.into_inner());
+        if since.is_some() {
+            *since = Some(Instant::now());
+        }
+        drop(since);
         self.failed.notify_one();
+    }
+
+    /// A session reported a fault that the monitor has not judged yet.
+    pub fn in_doubt(&self) -> bool {
+        self.fault_seq.load(Ordering::Acquire) != self.judged_seq.load(Ordering::Acquire)
+    }
+
+    /// The faults up to `seq` (a [`Pool::fault_seq`] read before a probe) are judged.
+    fn judged(&self, seq: u32) {
+        self.judged_seq.store(seq, Ordering::Release);
+    }
+
+    fn fault_seq(&self) -> u32 {
+        self.fault_seq.load(Ordering::Acquire)
     }
 
     /// A session's connection to the pool ended: the monitor checks the pool at once, so that
@@ -510,10 +539,19 @@ impl PoolSet {
         self.current.load().pools.iter().any(|p| p.is_up())
     }
 
-    /// Opens a session to the first pool, in priority order, that is not known to be down.
-    pub async fn connect(&self) -> Result<PoolLink, NoUpstream> {
-        let generation = self.current.load_full();
-        for pool in generation.pools.iter().filter(|p| p.usable()) {
+    /// The pools worth a session, in the order to try them: those not known to be down, in
+    /// priority order, with the ones in doubt last.
+    pub fn candidates(&self) -> Vec<Arc<Pool>> {
+        let mut pools: Vec<_> = self.current.load().pools.iter().filter(|p| p.usable()).cloned().collect();
+        // Stable: priority order holds within each part.
+        pools.sort_by_key(|p| p.in_doubt());
+        pools
+    }
+
+    /// Opens a session to the first of the [candidates](Self::candidates) that takes a connect,
+    /// other than `except`.
+    pub async fn connect(&self, except: Option<&Arc<Pool>>) -> Result<PoolLink, NoUpstream> {
+        for pool in self.candidates().iter().filter(|p| except.is_none_or(|e| !Arc::ptr_eq(p, e))) {
             if let Ok(link) = self.open(pool).await {
                 return Ok(link);
             }
@@ -521,9 +559,9 @@ impl PoolSet {
         Err(NoUpstream)
     }
 
-    /// Opens a connection to one pool. A failure marks the pool down, and its monitor retries it;
-    /// a success proves nothing of its health (a stopped pool process keeps its socket): only
-    /// the probe's handshake does.
+    /// Opens a connection to one pool. A failure is a fault that the pool's probe judges; a
+    /// success proves nothing of its health either (a stopped pool process keeps its socket):
+    /// only the probe's handshake does.
     pub async fn open(&self, pool: &Arc<Pool>) -> io::Result<PoolLink> {
         let generation = self.current.load_full();
         match pool.connect(generation.connect_timeout, generation.keepalive).await {
@@ -534,8 +572,7 @@ impl PoolSet {
             Err(e) => {
                 counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
                 tracing::debug!(pool = %pool.label, error = %e, "pool connect failed");
-                pool.set_health(Health::Down);
-                pool.failed.notify_one();
+                pool.report_fault();
                 Err(e)
             }
         }
@@ -550,22 +587,34 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
     let cancel = generation.retired.clone();
     let mut delay = generation.retry_initial;
     loop {
+        // Faults a probe that succeeds has judged: those reported before it began.
+        let seq = pool.fault_seq();
         match pool.health() {
             Health::Unknown => {
-                let Some(_) = probe_unless(&cancel, &generation, &pool).await else { return };
+                let Some(up) = probe_unless(&cancel, &generation, &pool).await else { return };
+                if up {
+                    pool.judged(seq);
+                }
             }
             Health::Up => {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = pool.failed.notified() => {}
                 }
-                // A session lost its pool: is the pool still there?
-                if pool.health() == Health::Up {
-                    let Some(_) = probe_unless(&cancel, &generation, &pool).await else { return };
-                }
                 // A pool that misbehaves again and again waits longer each time.
                 let faults = pool.faults.load(Ordering::Acquire).min(16);
                 delay = generation.retry_initial.saturating_mul(1 << faults).min(generation.retry_max);
+                // A session lost its pool, or found it at fault: is the pool still there?
+                let seq = pool.fault_seq();
+                let Some(up) = probe_unless(&cancel, &generation, &pool).await else { return };
+                if up && pool.in_doubt() {
+                    // Up, says the probe; the faults still cost the pool the backoff they earned.
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(jitter(delay)) => {}
+                    }
+                    pool.judged(seq);
+                }
             }
             Health::Down => {
                 let wait = jitter(delay);
@@ -575,7 +624,9 @@ async fn monitor(generation: Arc<Generation>, index: usize) {
                     _ = tokio::time::sleep(wait) => {}
                 }
                 let Some(up) = probe_unless(&cancel, &generation, &pool).await else { return };
-                if !up {
+                if up {
+                    pool.judged(seq);
+                } else {
                     delay = (delay * 2).min(generation.retry_max);
                 }
             }
@@ -606,7 +657,7 @@ async fn probe(generation: &Generation, pool: &Arc<Pool>) -> bool {
         session.probe(&mut requests);
         handshake(&mut link, &mut session, requests, deadline).await
     };
-    match handshake.await {
+    let up = match handshake.await {
         Err(e) if !(session.subscribed && session.login_refused) => {
             counter!(m::UPSTREAM_CONNECT_FAILURES, "pool" => pool.label.clone()).increment(1);
             tracing::debug!(pool = %pool.label, error = %e, "pool probe failed");
@@ -617,7 +668,8 @@ async fn probe(generation: &Generation, pool: &Arc<Pool>) -> bool {
             pool.set_health(Health::Up);
             true
         }
-    }
+    };
+    up
 }
 
 /// A delay drawn uniformly from [d/2, d], so that many proxies do not retry in step.

@@ -269,6 +269,11 @@ struct Own {
     started: Instant,
     job_timeout: Duration,
     submit_timeout: Duration,
+    connect_timeout: Duration,
+    /// The miner's lines while neither side has heard from the other, `None` from the pool's
+    /// first line or the miner's first byte. A pool silent for `connect_timeout` after taking
+    /// them is left for the next one, and the lines are replayed there: the miner never knows.
+    unheard: Option<Vec<BytesMut>>,
     /// Set once the proxy starts shutting down: no more miner lines, only replies.
     drain_deadline: Option<Instant>,
 }
@@ -283,7 +288,28 @@ impl Own {
     fn answer_deadline(&mut self) -> Option<Instant> {
         self.session.oldest_waiting().map(|sent| sent + self.submit_timeout)
     }
+
+    /// When a pool that has said nothing to the miner's first lines is judged silent.
+    fn silence_deadline(&self) -> Option<Instant> {
+        self.unheard.as_ref().filter(|lines| !lines.is_empty()).map(|_| self.started + self.connect_timeout)
+    }
+
+    /// Starts over on `link`: the miner's lines so far go to the new pool as they came.
+    fn reopen(&mut self, shared: &Shared, handle: &SessionHandle, link: PoolLink, out: &mut Output) {
+        self.session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
+        self.link = link;
+        self.started = Instant::now();
+        let lines = self.unheard.take().unwrap_or_default();
+        for line in &lines {
+            self.session.on_miner_line(line, self.started, out);
+        }
+        self.unheard = Some(lines);
+    }
 }
+
+/// Lines kept for a replay: a miner sends at most subscribe, configure, authorize,
+/// suggest_difficulty and extranonce.subscribe before the pool's first answer.
+const MAX_UNHEARD: usize = 8;
 
 /// What woke a pool side.
 enum Wake {
@@ -295,11 +321,19 @@ impl Side {
     /// A pool session of the miner's own, or a seat in a group.
     async fn open(shared: &Shared, config: &Config, handle: &SessionHandle) -> Result<Side, Refused> {
         let Some(aggregator) = &shared.aggregator else {
-            let link = shared.pools.connect().await.map_err(|NoUpstream| Refused::NoUpstream)?;
+            let link = shared.pools.connect(None).await.map_err(|NoUpstream| Refused::NoUpstream)?;
             handle.set_phase(Phase::Connected, shared.registry.now_ms());
             let session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
-            let (job_timeout, submit_timeout) = (config.upstream.job_timeout(), config.upstream.submit_timeout());
-            let own = Own { session, link, started: Instant::now(), job_timeout, submit_timeout, drain_deadline: None };
+            let own = Own {
+                session,
+                link,
+                started: Instant::now(),
+                job_timeout: config.upstream.job_timeout(),
+                submit_timeout: config.upstream.submit_timeout(),
+                connect_timeout: config.upstream.connect_timeout(),
+                unheard: Some(Vec::new()),
+                drain_deadline: None,
+            };
             return Ok(Side::Own(Box::new(own)));
         };
         let seat = aggregator.admit().await?;
@@ -326,7 +360,8 @@ impl Side {
             Side::Own(own) => {
                 let job = own.job_deadline();
                 let answer = own.answer_deadline().unwrap_or(job);
-                own.drain_deadline.unwrap_or(job).min(job).min(answer)
+                let silence = own.silence_deadline().unwrap_or(job);
+                own.drain_deadline.unwrap_or(job).min(job).min(answer).min(silence)
             }
             Side::Member(member) => member.session.next_check().expect("a local session has a vardiff"),
         }
@@ -381,6 +416,8 @@ impl Side {
         };
         if own.drain_deadline.is_some_and(|drain| drain <= now) {
             own.session.on_shutdown_deadline(out);
+        } else if own.silence_deadline().is_some_and(|silence| silence <= now) {
+            // The driver moves the session (see `Driver::leave_silent_pool`).
         } else if own.answer_deadline().is_some_and(|answer| answer <= now) {
             own.session.on_answer_timeout(now, own.submit_timeout, out);
         } else if own.job_deadline() <= now {
@@ -394,7 +431,10 @@ impl Side {
         let own = match (self, wake) {
             (Side::Member(member), Wake::Work(changed)) => return member.on_changed(changed, out),
             (Side::Own(own), Wake::Pool(line)) => match line {
-                Some(Ok(line)) => return own.session.on_pool_line(&line, now, out),
+                Some(Ok(line)) => {
+                    own.unheard = None;
+                    return own.session.on_pool_line(&line, now, out);
+                }
                 Some(Err(FrameError::TooLong(max))) => {
                     counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
                     tracing::warn!(max, pool = %own.link.pool().label, "pool line over the cap");
@@ -417,7 +457,14 @@ impl Side {
 
     fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], now: Instant, out: &mut Output) {
         match self {
-            Side::Own(own) => own.session.on_miner_line(line, now, out),
+            Side::Own(own) => {
+                let heard = out.to_miner.len();
+                own.session.on_miner_line(line, now, out);
+                match &mut own.unheard {
+                    Some(lines) if out.to_miner.len() == heard && lines.len() < MAX_UNHEARD => lines.push(line.into()),
+                    _ => own.unheard = None,
+                }
+            }
             Side::Member(member) => member.on_miner_line(handle, line, now, out),
         }
     }
@@ -476,6 +523,7 @@ impl Driver<'_> {
                         let now = Instant::now();
                         if due <= now {
                             self.side.on_deadline(now, &mut self.out);
+                            close = self.leave_silent_pool(now).await;
                         }
                     }
                     wake = self.side.wake() => self.side.on_wake(wake, Instant::now(), &mut self.out),
@@ -514,6 +562,33 @@ impl Driver<'_> {
                 return CloseReason::Shutdown;
             }
         }
+    }
+
+    /// Passthrough, when the pool took the miner's first lines and said nothing for
+    /// `connect_timeout`: a pool that hangs with its socket open, found before its probe finds it.
+    /// The pool is reported, and the session moves to the next pool with the miner's lines; with
+    /// none to move to it stays, and `submit_timeout` ends it.
+    async fn leave_silent_pool(&mut self, now: Instant) -> Option<CloseReason> {
+        let Side::Own(own) = &mut self.side else { return None };
+        if own.silence_deadline().is_none_or(|silence| silence > now) {
+            return None;
+        }
+        let pool = own.link.pool().clone();
+        let reason = "no answer within upstream.connect_timeout";
+        counter!(m::UPSTREAM_FAULTS, "pool" => pool.metric_label.clone(), "reason" => reason).increment(1);
+        tracing::warn!(pool = %pool.label, reason, "pool silent; moving the session to the next pool");
+        pool.report_fault();
+        // Boxed: the wait's state is held only while it lasts.
+        let connect = Box::pin(self.shared.pools.connect(Some(&pool)));
+        match unless_closed(self.shared, self.handle, connect).await {
+            Ok(Ok(link)) => own.reopen(self.shared, self.handle, link, &mut self.out),
+            Ok(Err(NoUpstream)) => own.unheard = None,
+            Err(reason) => {
+                own.session.on_miner_closing(&mut self.out);
+                return Some(reason);
+            }
+        }
+        None
     }
 
     /// One line from the miner, within its rate limit. Returns a line the miner sent while its

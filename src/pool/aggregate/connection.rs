@@ -40,7 +40,7 @@ impl std::ops::DerefMut for Connection {
 /// Why a pool session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum OpenError {
-    /// The TCP or TLS connect failed: the pool is marked down already, and its monitor retries it.
+    /// The TCP or TLS connect failed: counted as the pool's fault already, for its probe to judge.
     #[error("connect failed: {0}")]
     Connect(io::Error),
     /// The pool did not complete the handshake in time, or broke the protocol in it.

@@ -305,9 +305,9 @@ fn settle_queue(group: &Group, rx: &mut mpsc::Receiver<Upward>) {
     }
 }
 
-/// The first pool, in priority order, that completes a handshake.
+/// The first pool, in priority order and those in doubt last, that completes a handshake.
 async fn connect(context: &Arc<Context>) -> Option<Connection> {
-    for pool in context.pools.pools().into_iter().filter(|p| p.usable()) {
+    for pool in context.pools.candidates() {
         match Connection::open(context.clone(), pool.clone()).await {
             Ok(session) => return Some(session),
             Err(error) => error.report(&pool, "failover"),
@@ -590,11 +590,11 @@ async fn serve(group: &Group, state: &mut State, session: &mut Connection, rx: &
 fn better_pool(context: &Context, current: &Arc<Pool>) -> Option<Arc<Pool>> {
     let pools = context.pools.pools();
     match pools.iter().position(|p| Arc::ptr_eq(p, current)) {
-        None => pools.into_iter().find(|p| p.usable()),
+        None => context.pools.candidates().into_iter().next(),
         Some(index) => pools
             .into_iter()
             .take(index)
-            .find(|p| p.is_up() && p.up_for().is_some_and(|t| t >= context.settings().failback_after)),
+            .find(|p| p.is_up() && !p.in_doubt() && p.up_for().is_some_and(|t| t >= context.settings().failback_after)),
     }
 }
 

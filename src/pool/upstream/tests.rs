@@ -66,11 +66,16 @@ async fn connects_in_priority_order_skipping_dead_pools() {
         ]),
         CancellationToken::new(),
     );
-    let link = set.connect().await.unwrap();
+    let link = set.connect(None).await.unwrap();
     assert_eq!(link.pool().label, format!("localhost:{}", live.local_addr().unwrap().port()));
-    assert!(!set.pools()[0].usable() && set.pools()[1].usable());
-    // The dead pool is now skipped without a connect attempt.
-    assert!(set.connect().await.is_ok());
+    // One failed connect is a fault for the probe to judge, not the pool's health: the pool is
+    // in doubt, and tried after the others.
+    assert!(set.pools()[0].usable() && set.pools()[0].in_doubt());
+    assert!(!set.pools()[1].in_doubt());
+    let order: Vec<_> = set.candidates().iter().map(|p| p.label.clone()).collect();
+    assert_eq!(order, [set.pools()[1].label.clone(), set.pools()[0].label.clone()]);
+    let link = set.connect(None).await.unwrap();
+    assert_eq!(link.pool().label, set.pools()[1].label, "the dead pool is tried last");
     drop(dead);
 }
 
@@ -90,7 +95,7 @@ async fn monitor_brings_a_pool_back() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(set.connect().await.is_err());
+    assert!(set.connect(None).await.is_err());
     tokio::spawn(answer_like_a_pool(probe.listen(16).unwrap(), true));
     let mut up = false;
     for _ in 0..400 {
@@ -172,7 +177,7 @@ async fn a_reload_replaces_the_pools_and_retires_their_monitors() {
     set.replace(&config(&[format!("stratum+tcp://{b}")]), &tracker);
     assert_eq!(set.pools()[0].label, b.to_string());
     assert_eq!(old[0].label, a.to_string(), "sessions holding the old pool keep it");
-    assert_eq!(set.connect().await.unwrap().pool().label, b.to_string());
+    assert_eq!(set.connect(None).await.unwrap().pool().label, b.to_string());
     shutdown.cancel();
     tracker.close();
     tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every monitor stops");
