@@ -98,7 +98,7 @@ impl Batch {
     fn events_text(&self) -> String {
         let mut text = format!("loka-stratum: {}", changes(self.received));
         for e in &self.events {
-            let _ = write!(text, "\n{}: {} → {} at {}", e.worker, e.from, e.to, rfc3339(e.at));
+            let _ = write!(text, "\n{}: {} → {} at {}", shown(&e.worker), e.from, e.to, rfc3339(e.at));
             if let Some(address) = e.address {
                 let _ = write!(text, " from {address}");
             }
@@ -115,13 +115,31 @@ impl Batch {
         if self.dropped > 0 {
             let _ = write!(text, ", and {} not itemised (the notifier's queue was full)", self.dropped);
         }
-        let names: Vec<_> = self.events.iter().map(|e| e.worker.as_str()).collect();
+        let names: Vec<_> = self.events.iter().map(|e| shown(&e.worker)).collect();
         let _ = write!(text, ".\nWorkers: {}", names.join(", "));
         if self.received > names.len() as u64 {
             let _ = write!(text, " and {} more", self.received - names.len() as u64);
         }
         text
     }
+}
+
+/// Longest worker name the `text` shows; the JSON fields carry it whole.
+const SHOWN_NAME: usize = 64;
+
+/// A worker name as the `text` shows it. Names come from miners, and chat services act on markup
+/// in the text: `<!channel>` in Slack, `@everyone` in Discord, `@all` in Mattermost. So only
+/// letters, digits and `._-:` are shown, anything else as `_`, and at most [`SHOWN_NAME`] of them.
+fn shown(name: &str) -> String {
+    let mut shown: String = name
+        .chars()
+        .take(SHOWN_NAME)
+        .map(|c| if c.is_alphanumeric() || "._-:".contains(c) { c } else { '_' })
+        .collect();
+    if name.chars().nth(SHOWN_NAME).is_some() {
+        shown.push('…');
+    }
+    shown
 }
 
 fn changes(n: u64) -> String {
@@ -206,6 +224,21 @@ mod tests {
                 + 1;
             assert_eq!(ours, format!("{}-{month:02}-{}T{}Z", parts[3], parts[1], parts[4]), "{secs}");
         }
+    }
+
+    #[test]
+    fn names_in_the_text_carry_no_markup() {
+        assert_eq!(shown("wallet.rig-01:a"), "wallet.rig-01:a");
+        assert_eq!(shown("<!channel> @everyone\n*x*"), "__channel___everyone__x_");
+        let long = "w".repeat(100);
+        assert_eq!(shown(&long), format!("{}…", &long[..64]));
+        let mut batch = Batch::new(1);
+        batch.push(event("<!here>", WorkerState::Online, WorkerState::Offline));
+        let v = json(&batch);
+        assert!(v["text"].as_str().unwrap().contains("\n__here_: online → offline"), "{v}");
+        assert_eq!(v["events"][0]["worker"], "<!here>", "the JSON keeps the name as it is");
+        batch.push(event("@all", WorkerState::Online, WorkerState::Offline));
+        assert!(json(&batch)["text"].as_str().unwrap().ends_with("Workers: __here_ and 1 more"));
     }
 
     #[test]
