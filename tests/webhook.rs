@@ -225,23 +225,27 @@ async fn one_event_as_json() {
     assert_eq!(receiver.count(), 1);
 }
 
-/// Changes within the window go as one POST; `min_interval` spaces the POSTs that follow.
+/// Changes within the window go as one POST, though they came apart; `min_interval` spaces the
+/// POSTs that follow past what the window alone would.
 #[tokio::test]
 async fn coalesced_and_rate_limited() {
     let (receiver, url) = Receiver::start(&[]).await;
     let mut settings = quick(&url);
-    settings.coalesce = Duration::from_millis(300);
-    settings.min_interval = Duration::from_millis(800);
+    settings.coalesce = Duration::from_secs(1);
+    settings.min_interval = Duration::from_millis(2_500);
     let running = Running::start(settings);
     running.notifier.send(offline("a"));
+    sleep(Duration::from_millis(100)).await;
     running.notifier.send(event("b", WorkerState::Online, WorkerState::Stale));
+    sleep(Duration::from_millis(100)).await;
     running.notifier.send(event("c", WorkerState::Offline, WorkerState::Online));
     assert!(receiver.wait_for(1).await);
     let workers: Vec<_> = receiver.body(0)["events"].as_array().unwrap().iter().map(|e| e["worker"].clone()).collect();
     assert_eq!(workers, [json!("a"), json!("b"), json!("c")]);
+    // Its window closes a second after it, but the POST waits for min_interval.
     running.notifier.send(offline("d"));
     assert!(receiver.wait_for(2).await);
-    assert!(receiver.gap(0, 1) >= Duration::from_millis(800));
+    assert!(receiver.gap(0, 1) >= Duration::from_millis(2_500), "{:?}", receiver.gap(0, 1));
     assert_eq!(receiver.body(1)["events"][0]["worker"], "d");
     running.stop().await;
     assert_eq!(receiver.count(), 2);

@@ -274,3 +274,35 @@ async fn deliver(settings: Arc<Settings>, batch: Batch) {
     counter!(WEBHOOK_POSTS, "result" => "failed").increment(1);
     counter!(WEBHOOK_EVENTS, "result" => "failed").increment(events);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notable_changes() {
+        use WorkerState::*;
+        let change =
+            |from, to| Event { worker: "w".into(), from, to, at: SystemTime::now(), address: None, pool: None };
+        for (from, to, notable) in [
+            (Online, Offline, true),
+            (Online, Stale, true),
+            (Stale, Online, true),
+            (Offline, Online, true),
+            (NeverSeen, Online, true),
+            (Stale, Offline, true),
+            (Online, Online, false),
+            (Offline, NeverSeen, false),
+        ] {
+            assert_eq!(change(from, to).is_notable(), notable, "{from} → {to}");
+        }
+    }
+
+    #[test]
+    fn off_without_a_url() {
+        let (notifier, task) = start(&NotifyConfig::default(), CancellationToken::new()).unwrap();
+        assert!(task.is_none() && notifier.queue.is_none());
+        let config = NotifyConfig { webhook_url: "gopher://x".into(), ..NotifyConfig::default() };
+        assert_eq!(start(&config, CancellationToken::new()).err().unwrap(), "expected an http:// or https:// URL");
+    }
+}
