@@ -15,6 +15,8 @@
 //! - [`server`]: the listeners, the accept loop, the cleanup task and the drain; [`registry`] (the
 //!   `ConnectionManager`), [`connection`] (one task per miner), [`proxy_protocol`], [`tls`],
 //!   [`systemd`], [`admin`] (the HTTP port) and [`hashrate`].
+//! - [`notify`]: the operator's webhook for worker state changes, coalesced, rate-limited and
+//!   retried.
 //! - [`metrics`]: every metric name, described in one place; [`config`], [`cli`], [`logging`]:
 //!   settings and process set-up.
 #![forbid(unsafe_code)]
@@ -24,6 +26,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod miner;
+pub mod notify;
 pub mod pool;
 pub mod server;
 pub mod stratum;

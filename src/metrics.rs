@@ -85,6 +85,12 @@ pub const AGGREGATE_SESSION_MINERS: &str = "loka_aggregate_session_miners";
 /// Label `state` (`live`, `quarantined`). Aggregate mode: extranonce1 prefixes held by miners, and
 /// freed ones waiting until no live job can have used them.
 pub const AGGREGATE_PREFIXES: &str = "loka_aggregate_prefixes";
+/// Label `result`: `ok` (delivered), `retried` (an attempt failed and another follows), `failed`
+/// (given up: out of retries, a status not worth retrying, or shutdown). POSTs to `[notify] webhook_url`.
+pub const WEBHOOK_POSTS: &str = "loka_webhook_posts_total";
+/// Label `result`: `delivered`, `failed` (in a POST given up), `dropped` (the notifier's queue was
+/// full; the next POST's summary counts them). Worker state changes for the webhook.
+pub const WEBHOOK_EVENTS: &str = "loka_webhook_events_total";
 
 /// How often histogram samples are folded into their buckets between scrapes.
 const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -175,6 +181,14 @@ fn describe() {
     describe_gauge!(AGGREGATE_SESSIONS, "Aggregate pool sessions that are on a pool.");
     describe_gauge!(AGGREGATE_SESSION_MINERS, "Miners in each aggregate pool session.");
     describe_gauge!(AGGREGATE_PREFIXES, "Extranonce1 prefixes held by miners, or quarantined after they left.");
+    describe_counter!(
+        WEBHOOK_POSTS,
+        "POSTs to the worker webhook: ok, retried (an attempt failed), failed (given up)."
+    );
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Worker state changes for the webhook: delivered, failed (in a POST given up), dropped (queue full)."
+    );
 }
 
 /// The `result` label of [`UPSTREAM_SHARES`].
@@ -229,6 +243,12 @@ pub fn register(pools: &[String], max_connections: usize) {
         counter!(FAILOVERS, "kind" => kind).increment(0);
     }
     gauge!(AGGREGATE_SESSIONS).increment(0.0);
+    for result in ["ok", "retried", "failed"] {
+        counter!(WEBHOOK_POSTS, "result" => result).increment(0);
+    }
+    for result in ["delivered", "failed", "dropped"] {
+        counter!(WEBHOOK_EVENTS, "result" => result).increment(0);
+    }
     for state in ["live", "quarantined"] {
         gauge!(AGGREGATE_PREFIXES, "state" => state).increment(0.0);
     }

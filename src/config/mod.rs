@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use pool_url::PoolUrl;
 pub use sections::{
-    AggregateConfig, HttpConfig, LogConfig, LogFormat, Mode, PoolConfig, ServerConfig, UpstreamConfig, VardiffSettings,
+    masked_url, AggregateConfig, HttpConfig, LogConfig, LogFormat, Mode, NotifyConfig, PoolConfig, ServerConfig,
+    UpstreamConfig, VardiffSettings,
 };
 
 use crate::cli::RunArgs;
@@ -33,6 +34,7 @@ pub struct Config {
     pub log: LogConfig,
     pub aggregate: AggregateConfig,
     pub vardiff: VardiffSettings,
+    pub notify: NotifyConfig,
     /// Ordered by priority: the first reachable pool wins.
     pub pools: Vec<PoolConfig>,
 }
@@ -193,9 +195,10 @@ fn apply_flags(config: &mut Config, args: &RunArgs) -> Result<(), ConfigError> {
 }
 
 impl Config {
-    /// The effective configuration as TOML, with pool passwords masked.
+    /// The effective configuration as TOML, with pool passwords and the webhook's path masked.
     pub fn masked_toml(&self) -> String {
         let mut masked = self.clone();
+        masked.notify.webhook_url = masked_url(&masked.notify.webhook_url);
         for pool in &mut masked.pools {
             if !pool.password.is_empty() {
                 pool.password = "***".into();
@@ -393,8 +396,11 @@ mod tests {
     fn masked_toml_hides_passwords() {
         let mut config = valid();
         config.pools.push(PoolConfig { url: "stratum+tcp://b:1".into(), user: "b".into(), ..PoolConfig::default() });
+        config.notify.webhook_url = "https://hooks.example.com/services/T0/B0/secret".into();
         let text = config.masked_toml();
         assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("webhook_url = \"https://hooks.example.com/***\""), "{text}");
+        assert!(!format!("{:?}", config.notify).contains("secret"));
         assert!(text.contains("password = \"***\""), "{text}");
         assert!(text.contains("password = \"\""), "{text}");
         let back = from_toml(&text).unwrap();

@@ -163,6 +163,73 @@ impl Default for VardiffSettings {
     }
 }
 
+/// The operator's webhook for worker state changes (`crate::notify`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// `http://` or `https://` URL that worker events are POSTed to as JSON; empty: off. Its path
+    /// is a secret for most services (Slack, Discord), so logs and `Debug` show only the host.
+    pub webhook_url: String,
+    /// https only: a PEM file of CA certificates to trust instead of the system's roots.
+    pub webhook_ca_file: String,
+    /// Seconds one POST may take, from connect to the response's status line.
+    pub webhook_timeout: u64,
+    /// Seconds events are gathered into one POST, from the first of them.
+    pub webhook_coalesce: u64,
+    /// Events one POST lists one by one; past it the window goes as one summary.
+    pub webhook_max_events: usize,
+    /// Seconds at least between the starts of two POSTs (retries aside).
+    pub webhook_min_interval: u64,
+    /// Further attempts after a POST fails on a connection error, a timeout, 429 or 5xx.
+    pub webhook_retries: u32,
+    /// First wait before a retry, in milliseconds; doubles with jitter.
+    pub webhook_retry_initial_ms: u64,
+    /// Cap on the wait before a retry, a `Retry-After` included, in milliseconds.
+    pub webhook_retry_max_ms: u64,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: String::new(),
+            webhook_ca_file: String::new(),
+            webhook_timeout: 10,
+            webhook_coalesce: 10,
+            webhook_max_events: 20,
+            webhook_min_interval: 1,
+            webhook_retries: 5,
+            webhook_retry_initial_ms: 1_000,
+            webhook_retry_max_ms: 60_000,
+        }
+    }
+}
+
+impl fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifyConfig")
+            .field("webhook_url", &masked_url(&self.webhook_url))
+            .field("webhook_ca_file", &self.webhook_ca_file)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_coalesce", &self.webhook_coalesce)
+            .field("webhook_max_events", &self.webhook_max_events)
+            .field("webhook_min_interval", &self.webhook_min_interval)
+            .field("webhook_retries", &self.webhook_retries)
+            .field("webhook_retry_initial_ms", &self.webhook_retry_initial_ms)
+            .field("webhook_retry_max_ms", &self.webhook_retry_max_ms)
+            .finish()
+    }
+}
+
+/// A webhook URL with everything after its host replaced by `***`: Slack's and Discord's
+/// webhook URLs carry their token in the path.
+pub fn masked_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url[start..].find(['/', '?', '#']) {
+        Some(end) => format!("{}/***", &url[..start + end]),
+        None => url.to_owned(),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{Config, ConfigError, PoolUrl};
+use super::{masked_url, Config, ConfigError, PoolUrl};
 use crate::proxy_protocol::Trusted;
 
 impl Config {
@@ -40,8 +40,8 @@ impl Config {
             })?;
         }
         let (s, u) = (&self.server, &self.upstream);
-        let a = &self.aggregate;
-        let limits: [(&str, u64); 23] = [
+        let (a, n) = (&self.aggregate, &self.notify);
+        let limits: [(&str, u64); 26] = [
             ("server.max_connections", s.max_connections as u64),
             ("server.idle_timeout", s.idle_timeout),
             ("server.handshake_timeout", s.handshake_timeout),
@@ -65,6 +65,9 @@ impl Config {
             ("upstream.failback_after", u.failback_after),
             ("aggregate.miners_per_upstream", a.miners_per_upstream as u64),
             ("aggregate.max_upstreams", a.max_upstreams as u64),
+            ("notify.webhook_timeout", n.webhook_timeout),
+            ("notify.webhook_max_events", n.webhook_max_events as u64),
+            ("notify.webhook_retry_initial_ms", n.webhook_retry_initial_ms),
         ];
         if let Some((key, value)) = limits.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::invalid(*key, value, "must be greater than zero"));
@@ -98,6 +101,7 @@ impl Config {
             ));
         }
         self.validate_aggregate()?;
+        self.validate_notify()?;
         check_template(&u.user_template).map_err(|reason| {
             ConfigError::invalid("upstream.user_template", format!("{:?}", u.user_template), reason)
         })?;
@@ -146,6 +150,38 @@ impl Config {
     }
 }
 
+impl Config {
+    fn validate_notify(&self) -> Result<(), ConfigError> {
+        let n = &self.notify;
+        if n.webhook_max_events > MAX_WEBHOOK_EVENTS {
+            return Err(ConfigError::invalid(
+                "notify.webhook_max_events",
+                n.webhook_max_events,
+                format!("must be at most {MAX_WEBHOOK_EVENTS}: past it, a summary says more"),
+            ));
+        }
+        if n.webhook_retry_max_ms < n.webhook_retry_initial_ms {
+            return Err(ConfigError::invalid(
+                "notify.webhook_retry_max_ms",
+                n.webhook_retry_max_ms,
+                format!("must be at least notify.webhook_retry_initial_ms = {}", n.webhook_retry_initial_ms),
+            ));
+        }
+        if !n.webhook_ca_file.is_empty() {
+            crate::tls::verifying_client_config(&n.webhook_ca_file).map_err(|reason| {
+                ConfigError::invalid("notify.webhook_ca_file", format!("{:?}", n.webhook_ca_file), reason)
+            })?;
+        }
+        crate::notify::Settings::from_config(n).map_err(|reason| {
+            ConfigError::invalid("notify.webhook_url", format!("{:?}", masked_url(&n.webhook_url)), reason)
+        })?;
+        Ok(())
+    }
+}
+
+/// Events one webhook POST may list; a chat message past it is a wall nobody reads.
+const MAX_WEBHOOK_EVENTS: usize = 1000;
+
 /// Accepts only the placeholders the auth manager substitutes, so a typo such as `{wroker}` is
 /// caught at start-up instead of reaching the pool verbatim.
 fn check_template(template: &str) -> Result<(), String> {
@@ -174,7 +210,34 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 27] = [
+        let cases: [(Breaker, &str); 36] = [
+            (
+                |c| c.notify.webhook_url = "ftp://hooks.example.com/T0/secret".into(),
+                "notify.webhook_url: \"ftp://hooks.example.com/***\" (expected an http:// or https:// URL)",
+            ),
+            (
+                |c| c.notify.webhook_url = "hooks.example.com".into(),
+                "notify.webhook_url: \"hooks.example.com\" (expected",
+            ),
+            (|c| c.notify.webhook_url = "https://".into(), "notify.webhook_url: \"https://\" (not a URL"),
+            (
+                |c| {
+                    c.notify.webhook_url = "http://hooks.example.com/x".into();
+                    c.notify.webhook_ca_file = "/etc/hostname".into();
+                },
+                "notify.webhook_ca_file: \"/etc/hostname\" (/etc/hostname: no certificate in the file)",
+            ),
+            (
+                |c| c.notify.webhook_ca_file = "/nonexistent/ca.pem".into(),
+                "notify.webhook_ca_file: \"/nonexistent/ca.pem\" (/nonexistent/ca.pem:",
+            ),
+            (|c| c.notify.webhook_timeout = 0, "notify.webhook_timeout: 0 (must be greater than zero)"),
+            (|c| c.notify.webhook_max_events = 0, "notify.webhook_max_events: 0 (must be greater than zero)"),
+            (|c| c.notify.webhook_max_events = 5000, "notify.webhook_max_events: 5000 (must be at most 1000"),
+            (
+                |c| c.notify.webhook_retry_max_ms = 10,
+                "notify.webhook_retry_max_ms: 10 (must be at least notify.webhook_retry_initial_ms = 1000)",
+            ),
             (|c| c.aggregate.prefix_bytes = 5, "aggregate.prefix_bytes: 5 (must be 1 to 4)"),
             (
                 |c| c.aggregate.miners_per_upstream = 70_000,
@@ -235,6 +298,10 @@ mod tests {
         config.validate().unwrap();
         config.server.proxy_protocol = true;
         config.server.proxy_protocol_trusted = vec!["10.0.0.0/8".into(), "127.0.0.1".into(), "::1/128".into()];
+        config.validate().unwrap();
+        config.notify.webhook_url = "https://hooks.example.com/services/T0/B0/XYZ".into();
+        config.validate().unwrap();
+        config.notify.webhook_url = "http://[::1]:8080/hook".into();
         config.validate().unwrap();
         assert!(config.server.proxy_protocol_trusted().contains("10.9.8.7".parse().unwrap()));
     }

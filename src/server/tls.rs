@@ -45,25 +45,34 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
 
 /// How to verify a pool's certificate, from its `ca_file` and `fingerprint`.
 pub fn client_config(pool: &PoolConfig) -> Result<Arc<ClientConfig>, String> {
+    if pool.fingerprint.is_empty() {
+        return verifying_client_config(&pool.ca_file);
+    }
+    let fingerprint = parse_fingerprint(&pool.fingerprint)?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { fingerprint, provider: provider() }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A client that verifies servers against the CA certificates in `ca_file`, or against the
+/// system's roots when it is empty.
+pub fn verifying_client_config(ca_file: &str) -> Result<Arc<ClientConfig>, String> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let config = if !pool.fingerprint.is_empty() {
-        let fingerprint = parse_fingerprint(&pool.fingerprint)?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate { fingerprint, provider: provider() }))
-            .with_no_client_auth()
-    } else if !pool.ca_file.is_empty() {
+    let config = if ca_file.is_empty() {
+        builder.with_root_certificates(system_roots()).with_no_client_auth()
+    } else {
         let mut roots = RootCertStore::empty();
-        let certs = read_certificates(Path::new(&pool.ca_file))?;
-        let (added, _) = roots.add_parsable_certificates(certs);
+        let (added, _) = roots.add_parsable_certificates(read_certificates(Path::new(ca_file))?);
         if added == 0 {
-            return Err(format!("{}: no usable CA certificate", pool.ca_file));
+            return Err(format!("{ca_file}: no usable CA certificate"));
         }
         builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder.with_root_certificates(system_roots()).with_no_client_auth()
     };
     Ok(Arc::new(config))
 }
