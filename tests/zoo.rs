@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use loka_stratum::config::{Config, Mode, PoolConfig};
+use loka_stratum::config::Mode;
 use serde_json::{json, Value};
 use support::firmware::{Bitaxe, CpuMiner, NatFarm, VersionRollingAsic, XnsubMiner, S19};
 use support::*;
@@ -17,16 +17,6 @@ use tokio::time::Instant;
 async fn metric_now(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
     let (_, text) = proxy.http_get("/metrics").await;
     metric(&text, name, labels).unwrap_or(0.0)
-}
-
-/// A proxy in `mode` in front of `pools`, in priority order; miners work at the pools' 1e-12.
-fn config(mode: Mode, pools: &[&MockPool]) -> Config {
-    let mut c = mode_config(mode, pools[0].addr);
-    c.pools = pools
-        .iter()
-        .map(|p| PoolConfig { url: p.url(), user: "acct".into(), password: "pw".into(), ..PoolConfig::default() })
-        .collect();
-    c
 }
 
 async fn submit(miner: &mut SimMiner, worker: &str, share: &Share) -> Value {
@@ -163,6 +153,8 @@ async fn xnsub_miner(mode: Mode) {
     let proxy = spawn_proxy(mode_config(mode, pool.addr)).await;
     let mut nh = XnsubMiner::connect(proxy.addr, "farm.nh").await;
     assert_eq!(nh.share().await.expect("answered")["result"], true);
+    // An aggregated miner is answered before the pool sees its share: let it arrive first.
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await);
     let size_before = nh.miner.extranonce2_size;
     assert_eq!(pool.set_extranonce(6), 1);
     assert!(nh.miner.clean_job(WAIT).await.is_some(), "a clean job after the change");
@@ -320,6 +312,7 @@ async fn at_once(mode: Mode, around: u64) {
     miner.handshake("farm.rig1").await;
     let share = miner.grind(None);
     assert_eq!(submit(&mut miner, "farm.rig1", &share).await["result"], true);
+    assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await, "judged before the change");
     assert_eq!(pool.set_difficulty(NEW), 1);
     match mode {
         Mode::Passthrough => {
@@ -384,7 +377,7 @@ in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), a_pool_
 async fn a_pool_that_hangs_with_its_socket_open(mode: Mode) {
     let primary = MockPool::start(PoolOptions::validating()).await;
     let backup = MockPool::start(PoolOptions::validating()).await;
-    let mut c = config(mode, &[&primary, &backup]);
+    let mut c = pools_config(mode, &[&primary, &backup]);
     c.upstream.submit_timeout = 2;
     let proxy = spawn_proxy(c).await;
     let mut miner = proxy.miner().await;

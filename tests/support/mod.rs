@@ -1199,6 +1199,16 @@ pub fn mode_config(mode: Mode, pool: SocketAddr) -> Config {
     c
 }
 
+/// [`mode_config`] in front of `pools`, in priority order.
+pub fn pools_config(mode: Mode, pools: &[&MockPool]) -> Config {
+    let mut c = mode_config(mode, pools[0].addr);
+    c.pools = pools
+        .iter()
+        .map(|p| PoolConfig { url: p.url(), user: "acct".into(), password: "pw".into(), ..PoolConfig::default() })
+        .collect();
+    c
+}
+
 /// Pool sessions a proxy in `mode` holds with no miner: an aggregate proxy opens its first pool
 /// session at start, a passthrough proxy opens one per miner.
 pub fn idle_pool_sessions(mode: Mode) -> usize {
