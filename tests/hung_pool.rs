@@ -6,23 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use loka_stratum::config::{Config, Mode, PoolConfig};
+use loka_stratum::config::Mode;
 use serde_json::{json, Value};
 use support::*;
-
-/// A proxy in `mode` in front of `pools`, in priority order; miners work at the pools' 1e-12.
-fn config(mode: Mode, pools: &[&MockPool]) -> Config {
-    let mut c = mode_config(mode, pools[0].addr);
-    c.pools = pools
-        .iter()
-        .map(|p| PoolConfig { url: p.url(), user: "acct".into(), password: "pw".into(), ..PoolConfig::default() })
-        .collect();
-    c
-}
-
-fn validating() -> PoolOptions {
-    PoolOptions { extranonce2_size: 8, validate: true, reject_duplicates: true, ..PoolOptions::default() }
-}
 
 async fn accepted(miner: &mut SimMiner, worker: &str) {
     let share = miner.any_share();
@@ -51,9 +37,9 @@ async fn pool_up(proxy: &Proxy, pool: &MockPool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_pool_is_left_within_seconds_and_no_miner_is_disconnected() {
     const MINERS: usize = 10;
-    let primary = MockPool::start(validating()).await;
-    let backup = MockPool::start(validating()).await;
-    let c = config(Mode::Aggregate, &[&primary, &backup]);
+    let primary = MockPool::start(PoolOptions::validating()).await;
+    let backup = MockPool::start(PoolOptions::validating()).await;
+    let c = pools_config(Mode::Aggregate, &[&primary, &backup]);
     assert_eq!(c.upstream.submit_timeout, 10, "the default");
     let proxy = spawn_proxy(c).await;
     let mut miners = Vec::new();
@@ -105,9 +91,9 @@ async fn a_hung_pool_is_left_within_seconds_and_no_miner_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passthrough_miner_on_a_hung_pool_is_answered_and_closed_then_served_by_the_backup() {
-    let primary = MockPool::start(validating()).await;
-    let backup = MockPool::start(validating()).await;
-    let mut c = config(Mode::Passthrough, &[&primary, &backup]);
+    let primary = MockPool::start(PoolOptions::validating()).await;
+    let backup = MockPool::start(PoolOptions::validating()).await;
+    let mut c = pools_config(Mode::Passthrough, &[&primary, &backup]);
     c.upstream.submit_timeout = 2;
     let proxy = spawn_proxy(c).await;
     let mut miner = proxy.miner().await;
@@ -141,9 +127,9 @@ async fn a_passthrough_miner_on_a_hung_pool_is_answered_and_closed_then_served_b
 /// miner's lines. The miner hears the backup's answer and is never closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passthrough_miner_arriving_at_a_pool_hung_since_its_probe_moves_to_the_backup() {
-    let primary = MockPool::start(validating()).await;
-    let backup = MockPool::start(validating()).await;
-    let mut c = config(Mode::Passthrough, &[&primary, &backup]);
+    let primary = MockPool::start(PoolOptions::validating()).await;
+    let backup = MockPool::start(PoolOptions::validating()).await;
+    let mut c = pools_config(Mode::Passthrough, &[&primary, &backup]);
     c.upstream.connect_timeout = 2;
     assert_eq!(c.upstream.submit_timeout, 10, "the default, which must not be what ends the wait");
     let proxy = spawn_proxy(c).await;
@@ -181,9 +167,9 @@ async fn a_passthrough_miner_arriving_at_a_pool_hung_since_its_probe_moves_to_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sessions_fault_does_not_mark_the_pool_down() {
     for mode in MODES {
-        let primary = MockPool::start(validating()).await;
-        let backup = MockPool::start(validating()).await;
-        let mut c = config(mode, &[&primary, &backup]);
+        let primary = MockPool::start(PoolOptions::validating()).await;
+        let backup = MockPool::start(PoolOptions::validating()).await;
+        let mut c = pools_config(mode, &[&primary, &backup]);
         c.upstream.retry_initial_ms = 1_000;
         c.upstream.retry_max_ms = 4_000;
         c.upstream.failback_after = 1;
@@ -271,9 +257,9 @@ async fn a_pool_that_takes_connects_and_never_answers_is_not_up() {
 /// pool's job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_job_of_a_pool_being_left_is_sent_again() {
-    let primary = MockPool::start(validating()).await;
-    let backup = MockPool::start(validating()).await;
-    let mut c = config(Mode::Aggregate, &[&primary, &backup]);
+    let primary = MockPool::start(PoolOptions::validating()).await;
+    let backup = MockPool::start(PoolOptions::validating()).await;
+    let mut c = pools_config(Mode::Aggregate, &[&primary, &backup]);
     c.upstream.submit_timeout = 1;
     c.upstream.connect_timeout = 3;
     let proxy = spawn_proxy(c).await;

@@ -85,56 +85,9 @@ async fn metric_now(proxy: &Proxy, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric(&text, name, labels).unwrap_or(0.0)
 }
 
-/// Reads until the next `mining.notify` (bounded); replies met on the way are stashed.
-async fn next_notify(miner: &mut SimMiner, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match miner.recv_json(left).await {
-            Some(msg) if msg["method"] == "mining.notify" => return true,
-            Some(_) => {}
-            None => return false,
-        }
-    }
-}
-
-// The jobs cross real sockets from the mock pool, so these cases run on the real clock with
-// timeouts of a second or two: paused time races real sockets.
-
-in_both_modes!(tokio::test, idle_timeout_spares_an_authorized_miner);
-/// `idle_timeout` is for connections that have not authorized. An authorized miner that finds
-/// no share for hours (a Bitaxe at a pool difficulty of 1M) stays, and keeps getting its jobs.
-async fn idle_timeout_spares_an_authorized_miner(mode: Mode) {
-    let pool = MockPool::start(PoolOptions::default()).await;
-    let mut config = mode_config(mode, pool.addr);
-    config.server.idle_timeout = 1;
-    let proxy = spawn_proxy(config).await;
-    let idle_before = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "idle")]).await;
-    let mut slow = proxy.miner().await;
-    slow.handshake("farm.bitaxe").await;
-    let mut unauthorized = proxy.miner().await;
-    unauthorized.subscribe().await;
-
-    // Five notify intervals, each longer than idle_timeout, without a line from the miner.
-    for round in 0..5 {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(pool.new_job() >= 1, "the pool has a session");
-        assert!(next_notify(&mut slow, WAIT).await, "round {round}: the silent miner still gets its jobs");
-    }
-    assert!(!slow.closed, "an authorized miner is not evicted for silence");
-    assert!(
-        unauthorized.expect_closed(Duration::from_secs(1)).await,
-        "a connection that never authorizes is closed by idle_timeout, before authorize_timeout (30 s)"
-    );
-    let idle = metric_now(&proxy, "loka_connections_closed_total", &[("reason", "idle")]).await - idle_before;
-    assert_eq!(idle, 1.0, "one idle eviction: the unauthorized connection");
-
-    // And its work still goes through.
-    let share = slow.any_share();
-    let id = slow.submit("farm.bitaxe", &share).await;
-    assert_eq!(slow.wait_reply(&id).await.unwrap()["result"], json!(true));
-    proxy.shutdown().await;
-}
+// The idle timeout and a slow miner: `slow_bitaxe` in tests/zoo.rs. The jobs cross real sockets
+// from the mock pool, so these cases run on the real clock with timeouts of a second or two:
+// paused time races real sockets.
 
 in_both_modes!(tokio::test, share_timeout_closes_a_miner_without_shares);
 /// `share_timeout`, off by default, closes an authorized miner that sends no share for that

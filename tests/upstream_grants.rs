@@ -1,6 +1,6 @@
 //! What a pool grants, over real sockets: worker authorizes (a pool that answers one per
 //! connection, as ckpool does; the workers a failover authorizes again) and version rolling
-//! (refused, ignored, narrower, changed by a failover).
+//! (ignored, narrower, changed by a failover; refused: tests/zoo.rs).
 
 mod support;
 
@@ -102,29 +102,6 @@ async fn a_failover_authorizes_only_the_workers_of_live_miners() {
     assert_eq!(authorizes(&backup), ["acct", "farm.a"], "farm.b has no live miner");
     proxy.shutdown().await;
 }
-
-/// A pool that refuses `mining.configure`: no version rolling, and no version bits upstream.
-async fn a_pool_that_refuses_version_rolling(mode: Mode) {
-    let refusing = MockPool::start(pool(PoolOptions { configure: Configure::Refuse, ..PoolOptions::default() })).await;
-    let proxy = spawn_proxy(mode_config(mode, refusing.addr)).await;
-    let mut miner = proxy.miner().await;
-    let reply = miner.configure("1fffe000").await;
-    // Passthrough relays the pool's error; aggregate mode answers false itself.
-    assert_ne!(reply["result"]["version-rolling"], json!(true), "{reply}");
-    assert_eq!(miner.version_mask, None, "{reply}");
-    miner.handshake("farm.rig1").await;
-    let rolled = Share { version_bits: Some("00002000".into()), ..miner.grind(None) };
-    assert_eq!(reply_to_submit(&mut miner, "farm.rig1", &rolled).await["error"][0], 20, "refused here");
-    // Bits of zero roll nothing: the share goes up without them, as the pool expects.
-    let unrolled = Share { version_bits: Some("00000000".into()), ..miner.grind(None) };
-    accepted(&mut miner, "farm.rig1", &unrolled).await;
-    assert!(eventually(WAIT, || async { refusing.accepted() == 1 }).await);
-    assert_eq!(refusing.rejected(), 0);
-    assert_eq!(refusing.submits()[0]["params"].as_array().unwrap().len(), 5);
-    proxy.shutdown().await;
-}
-
-in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), a_pool_that_refuses_version_rolling);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miners_roll_only_inside_the_mask_their_pool_granted() {

@@ -212,6 +212,11 @@ pub struct PoolOptions {
     pub reject_password: Option<String>,
     /// The jobs' nbits: the network target, which [`MockPool::blocks`] counts shares against.
     pub nbits: u32,
+    /// Judge every share by the difficulty in force now, not by the one its job was sent under:
+    /// a [`MockPool::set_difficulty`] applies at once, to the jobs already out.
+    pub difficulty_at_once: bool,
+    /// A new job with clean_jobs = true on every subscribed connection this often.
+    pub clean_jobs_every: Option<Duration>,
 }
 
 impl Default for PoolOptions {
@@ -229,7 +234,41 @@ impl Default for PoolOptions {
             reject_user: None,
             reject_password: None,
             nbits: 0x1d00_ffff,
+            difficulty_at_once: false,
+            clean_jobs_every: None,
         }
+    }
+}
+
+/// The pool zoo: pools as real ones behave. Each validates every share's sha256d, its job and its
+/// extranonce2 (8 bytes, room for an aggregate proxy's prefix), and refuses duplicates. A pool
+/// that hangs with its socket open is any of them after [`MockPool::freeze`] (a SIGSTOPped pool).
+impl PoolOptions {
+    /// A pool that checks every share as a real one does.
+    pub fn validating() -> PoolOptions {
+        PoolOptions { extranonce2_size: 8, validate: true, reject_duplicates: true, ..PoolOptions::default() }
+    }
+
+    /// ckpool: a second `mining.authorize` on a connection is ignored, never answered.
+    pub fn ckpool() -> PoolOptions {
+        PoolOptions { authorize_once: true, ..Self::validating() }
+    }
+
+    /// A pool without version rolling: `mining.configure` is an unknown method.
+    pub fn no_version_rolling() -> PoolOptions {
+        PoolOptions { configure: Configure::Refuse, ..Self::validating() }
+    }
+
+    /// A pool that applies `mining.set_difficulty` at once, to the jobs already out, instead of
+    /// from the next job (see [`MockPool::set_difficulty`]).
+    pub fn difficulty_at_once() -> PoolOptions {
+        PoolOptions { difficulty_at_once: true, ..Self::validating() }
+    }
+
+    /// A pool that sends a new job with `clean_jobs = true` every `every`, as pools do on every
+    /// new block and some on every job.
+    pub fn clean_jobs_every(every: Duration) -> PoolOptions {
+        PoolOptions { clean_jobs_every: Some(every), ..Self::validating() }
     }
 }
 
@@ -384,6 +423,23 @@ impl MockPool {
         self.broadcast(NEW_JOB)
     }
 
+    /// Sends a fresh job with clean_jobs = false on every connection: the earlier jobs stay valid.
+    pub fn new_job_kept(&self) -> usize {
+        self.broadcast(NEW_JOB_KEPT)
+    }
+
+    /// Sends `mining.set_difficulty` on every connection. It applies to the jobs sent after it,
+    /// or, with [`PoolOptions::difficulty_at_once`], to every share from now on.
+    pub fn set_difficulty(&self, difficulty: f64) -> usize {
+        self.broadcast(&format!("{SET_DIFFICULTY}{difficulty}"))
+    }
+
+    /// Sends `mining.set_extranonce` with a fresh extranonce1 and `extranonce2_size`, then a
+    /// clean job, on every connection; shares of the earlier jobs are refused from then on.
+    pub fn set_extranonce(&self, extranonce2_size: usize) -> usize {
+        self.broadcast(&format!("{SET_EXTRANONCE}{extranonce2_size}"))
+    }
+
     /// Sends `line` to every connected proxy session.
     pub fn broadcast(&self, line: &str) -> usize {
         let conns = self.state.conns.lock().unwrap();
@@ -451,11 +507,21 @@ async fn accept_loop(listener: TcpListener, state: Arc<PoolState>) {
 
 /// Sent through a connection's outgoing queue, it makes the connection issue a new job.
 const NEW_JOB: &str = "\u{0}new-job";
+/// The same, with clean_jobs = false.
+const NEW_JOB_KEPT: &str = "\u{0}new-job-kept";
+/// A prefix: the connection takes the difficulty that follows and sends it.
+const SET_DIFFICULTY: &str = "\u{0}set-difficulty ";
+/// A prefix: the connection takes a new extranonce1 and the extranonce2 size that follows.
+const SET_EXTRANONCE: &str = "\u{0}set-extranonce ";
 
 /// One proxy session's state on the pool side.
 struct PoolConn {
     id: u64,
     extranonce1: [u8; 4],
+    extranonce2_size: usize,
+    /// The difficulty sent last.
+    difficulty: f64,
+    subscribed: bool,
     mask: Option<u32>,
     authorized: HashSet<String>,
     seen: HashSet<(String, Vec<u8>, u32, u32, u32)>,
@@ -486,6 +552,9 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
     let mut conn = PoolConn {
         id,
         extranonce1: NEXT_EXTRANONCE1.fetch_add(1, Ordering::Relaxed).to_be_bytes(),
+        extranonce2_size: state.opts.extranonce2_size,
+        difficulty: state.opts.difficulty,
+        subscribed: false,
         mask: None,
         authorized: HashSet::new(),
         seen: HashSet::new(),
@@ -495,12 +564,19 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
     let mut frozen = state.frozen.subscribe();
     // Decided by the first line: the proxy's health probe subscribes as "… probe".
     let mut probe = None;
+    let mut clean_jobs =
+        state.opts.clean_jobs_every.map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
     loop {
         if frozen.wait_for(|f| !*f).await.is_err() {
             return;
         }
         tokio::select! {
             _ = frozen.changed() => {}
+            _ = async { clean_jobs.as_mut().unwrap().tick().await }, if clean_jobs.is_some() => {
+                if conn.subscribed {
+                    let _ = conn.out.send(NEW_JOB.to_owned());
+                }
+            }
             line = lines.next() => match line {
                 Some(Ok(line)) => {
                     let probe = *probe.get_or_insert_with(|| {
@@ -524,17 +600,40 @@ async fn pool_conn(state: Arc<PoolState>, stream: TcpStream) {
                 }
                 _ => return,
             },
-            Some(mut out) = rx.recv() => {
-                if out == NEW_JOB {
-                    let job = new_job(conn.id, conn.jobs.len() as u64, state.opts.nbits);
-                    out = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
-                    conn.jobs.insert(job.id.clone(), (job, state.opts.difficulty));
-                }
+            Some(out) = rx.recv() => {
+                let out = pool_command(&state, &mut conn, out);
                 if writer.write_all(format!("{out}\n").as_bytes()).await.is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+/// Carries out a command sent through a connection's queue ([`NEW_JOB`] and the like) and returns
+/// the lines to send; any other line is sent as it is.
+fn pool_command(state: &PoolState, conn: &mut PoolConn, out: String) -> String {
+    let notify = |conn: &mut PoolConn, clean: bool| {
+        let mut job = new_job(conn.id, conn.jobs.len() as u64, state.opts.nbits);
+        job.clean = clean;
+        let line = json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string();
+        conn.jobs.insert(job.id.clone(), (job, conn.difficulty));
+        line
+    };
+    if out == NEW_JOB || out == NEW_JOB_KEPT {
+        notify(conn, out == NEW_JOB)
+    } else if let Some(d) = out.strip_prefix(SET_DIFFICULTY) {
+        conn.difficulty = d.parse().expect("a difficulty");
+        json!({"id": null, "method": "mining.set_difficulty", "params": [conn.difficulty]}).to_string()
+    } else if let Some(size) = out.strip_prefix(SET_EXTRANONCE) {
+        conn.extranonce1 = NEXT_EXTRANONCE1.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+        conn.extranonce2_size = size.parse().expect("a size");
+        conn.jobs.clear();
+        let params = json!([hex::encode(conn.extranonce1), conn.extranonce2_size]);
+        let set = json!({"id": null, "method": "mining.set_extranonce", "params": params}).to_string();
+        format!("{set}\n{}", notify(conn, true))
+    } else {
+        out
     }
 }
 
@@ -569,13 +668,14 @@ fn handle_pool_line(state: &PoolState, conn: &mut PoolConn, line: &str) {
                 json!([
                     [["mining.set_difficulty", "1"], ["mining.notify", "1"]],
                     hex::encode(conn.extranonce1),
-                    opts.extranonce2_size
+                    conn.extranonce2_size
                 ]),
             ));
+            conn.subscribed = true;
             let job = new_job(conn.id, conn.jobs.len() as u64, opts.nbits);
-            send(json!({"id": null, "method": "mining.set_difficulty", "params": [opts.difficulty]}).to_string());
+            send(json!({"id": null, "method": "mining.set_difficulty", "params": [conn.difficulty]}).to_string());
             send(json!({"id": null, "method": "mining.notify", "params": job.notify_params()}).to_string());
-            conn.jobs.insert(job.id.clone(), (job, opts.difficulty));
+            conn.jobs.insert(job.id.clone(), (job, conn.difficulty));
         }
         "mining.authorize" => {
             let user = params.first().and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -684,7 +784,7 @@ fn check_submit(state: &PoolState, conn: &mut PoolConn, params: &[Value]) -> Res
         let Some((job, difficulty)) = conn.jobs.get(p[1]) else {
             return Err((21, "Job not found"));
         };
-        if p[2].len() != opts.extranonce2_size * 2 || hex::decode(p[2]).is_err() {
+        if p[2].len() != conn.extranonce2_size * 2 || hex::decode(p[2]).is_err() {
             return Err((20, "Invalid extranonce2 size"));
         }
         let (Some(ntime), Some(nonce)) = (ntime, nonce) else {
@@ -704,7 +804,8 @@ fn check_submit(state: &PoolState, conn: &mut PoolConn, params: &[Value]) -> Res
         if hash_difficulty(&hash) >= nbits_difficulty(job.nbits) {
             state.blocks.fetch_add(1, Ordering::SeqCst);
         }
-        if hash_difficulty(&hash) < *difficulty {
+        let difficulty = if opts.difficulty_at_once { conn.difficulty } else { *difficulty };
+        if hash_difficulty(&hash) < difficulty {
             return Err((23, "Low difficulty share"));
         }
     }
@@ -1095,6 +1196,16 @@ pub fn mode_config(mode: Mode, pool: SocketAddr) -> Config {
     c.upstream.mode = mode;
     c.vardiff.start_difficulty = 1e-12;
     c.vardiff.min_difficulty = 1e-12;
+    c
+}
+
+/// [`mode_config`] in front of `pools`, in priority order.
+pub fn pools_config(mode: Mode, pools: &[&MockPool]) -> Config {
+    let mut c = mode_config(mode, pools[0].addr);
+    c.pools = pools
+        .iter()
+        .map(|p| PoolConfig { url: p.url(), user: "acct".into(), password: "pw".into(), ..PoolConfig::default() })
+        .collect();
     c
 }
 
