@@ -15,12 +15,15 @@
 //! - [`server`]: the listeners, the accept loop, the cleanup task and the drain; [`registry`] (the
 //!   `ConnectionManager`), [`connection`] (one task per miner), [`proxy_protocol`], [`tls`],
 //!   [`systemd`], [`admin`] (the HTTP port) and [`hashrate`].
+//! - [`inventory`]: every worker ever authorized, its state, counters and hashrate history, kept
+//!   in a redb file across restarts.
 //! - [`metrics`]: every metric name, described in one place; [`config`], [`cli`], [`logging`]:
 //!   settings and process set-up.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod miner;

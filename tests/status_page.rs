@@ -106,6 +106,7 @@ async fn api_endpoints_and_page_over_http() {
             "rejected",
             "uptime_s",
             "version",
+            "worker_states",
             "workers"
         ]
     );
@@ -117,7 +118,7 @@ async fn api_endpoints_and_page_over_http() {
     assert_eq!(summary["pool_rejected"], json!(0));
     assert_eq!(summary["version"], json!(env!("CARGO_PKG_VERSION")));
     assert!(summary["uptime_s"].is_u64(), "{summary}");
-    let workers = get_json(&proxy, "/api/v1/workers").await;
+    let workers = get_json(&proxy, "/api/v1/connections").await;
     let sum: f64 = workers.as_array().unwrap().iter().map(|w| w["hashrate_5m"].as_f64().unwrap()).sum();
     let total = summary["hashrate_5m"].as_f64().unwrap();
     // The same figures, read moments later: a rate's divisor, the seconds the session has been

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use pool_url::PoolUrl;
 pub use sections::{
-    AggregateConfig, HttpConfig, LogConfig, LogFormat, Mode, PoolConfig, ServerConfig, UpstreamConfig, VardiffSettings,
+    AggregateConfig, HttpConfig, InventoryConfig, LogConfig, LogFormat, Mode, PoolConfig, ServerConfig,
+    StoreErrorPolicy, UpstreamConfig, VardiffSettings,
 };
 
 use crate::cli::RunArgs;
@@ -33,6 +34,7 @@ pub struct Config {
     pub log: LogConfig,
     pub aggregate: AggregateConfig,
     pub vardiff: VardiffSettings,
+    pub inventory: InventoryConfig,
     /// Ordered by priority: the first reachable pool wins.
     pub pools: Vec<PoolConfig>,
 }
@@ -64,6 +66,7 @@ const ENV_SEPARATOR: &str = "__";
 /// Loads the configuration: built-in defaults ← `file` ← `LOKA_…` environment ← flags in `args`,
 /// then validates it.
 pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> {
+    let config_file = file;
     let file = file
         .map(|path| {
             std::fs::read_to_string(path)
@@ -74,6 +77,7 @@ pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> 
     let file = file.as_ref().map(|(text, origin)| (text.as_str(), origin.as_str()));
     let mut config = layered(file, loka_env())?;
     apply_flags(&mut config, args)?;
+    config.inventory.resolve_data_dir(config_file);
     config.validate()?;
     Ok(config)
 }

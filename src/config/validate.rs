@@ -98,11 +98,44 @@ impl Config {
             ));
         }
         self.validate_aggregate()?;
+        self.validate_inventory()?;
         check_template(&u.user_template).map_err(|reason| {
             ConfigError::invalid("upstream.user_template", format!("{:?}", u.user_template), reason)
         })?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", format!("{:?}", self.log.level), e.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_inventory(&self) -> Result<(), ConfigError> {
+        let i = &self.inventory;
+        for (key, value) in [
+            ("inventory.worker_stale_after", i.worker_stale_after),
+            ("inventory.worker_offline_after", i.worker_offline_after),
+            ("inventory.worker_forget_after", i.worker_forget_after),
+            ("inventory.history_interval", i.history_interval),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, value, "must be greater than zero"));
+            }
+        }
+        if !(1..=5).contains(&i.flush_interval) {
+            return Err(ConfigError::invalid("inventory.flush_interval", i.flush_interval, "must be 1 to 5"));
+        }
+        if i.history_interval > 86_400 {
+            return Err(ConfigError::invalid(
+                "inventory.history_interval",
+                i.history_interval,
+                "must be at most 86400",
+            ));
+        }
+        if i.worker_forget_after < i.worker_offline_after {
+            return Err(ConfigError::invalid(
+                "inventory.worker_forget_after",
+                i.worker_forget_after,
+                format!("must be at least inventory.worker_offline_after = {}", i.worker_offline_after),
+            ));
+        }
         Ok(())
     }
 
