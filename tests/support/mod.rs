@@ -3,6 +3,7 @@
 //! Every wait here is bounded, so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod firmware;
 
 use std::collections::{HashMap, HashSet, VecDeque};
