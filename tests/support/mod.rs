@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod firmware;
+pub mod promtool;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
