@@ -282,3 +282,22 @@ async fn a_store_that_cannot_be_opened_stops_start_up_unless_memory_is_allowed()
     assert!(eventually(WAIT, || async { worker(&proxy, "mem.rig").await["accepted"] == 1 }).await);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_thresholds_but_not_the_store() {
+    let pool = pool().await;
+    let mut c = config(Mode::Passthrough, &pool);
+    c.inventory.worker_stale_after = 3600;
+    let proxy = spawn_proxy(c.clone()).await;
+    let _miner = mine(&proxy, "slow.rig", 0).await;
+    assert_eq!(worker(&proxy, "slow.rig").await["state"], "online");
+    c.inventory.data_dir = proxy.data_dir.as_ref().unwrap().path().display().to_string();
+    let mut moved = c.clone();
+    moved.inventory.data_dir.push_str("/elsewhere");
+    let refused = proxy.reloader.reload(moved).unwrap_err();
+    assert!(refused.contains("inventory.data_dir"), "{refused}");
+    c.inventory.worker_stale_after = 3;
+    proxy.reloader.reload(c).unwrap();
+    assert!(eventually(WAIT, || async { worker(&proxy, "slow.rig").await["state"] == "stale" }).await);
+    proxy.shutdown().await;
+}
