@@ -207,7 +207,15 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 27] = [
+        let cases: [(Breaker, &str); 32] = [
+            (|c| c.inventory.worker_stale_after = 0, "inventory.worker_stale_after: 0 (must be greater than zero)"),
+            (|c| c.inventory.worker_offline_after = 0, "inventory.worker_offline_after: 0"),
+            (|c| c.inventory.flush_interval = 6, "inventory.flush_interval: 6 (must be 1 to 5)"),
+            (|c| c.inventory.history_interval = 90_000, "inventory.history_interval: 90000 (must be at most 86400)"),
+            (
+                |c| c.inventory.worker_forget_after = 30,
+                "inventory.worker_forget_after: 30 (must be at least inventory.worker_offline_after = 60)",
+            ),
             (|c| c.aggregate.prefix_bytes = 5, "aggregate.prefix_bytes: 5 (must be 1 to 4)"),
             (
                 |c| c.aggregate.miners_per_upstream = 70_000,
@@ -270,5 +278,19 @@ mod tests {
         config.server.proxy_protocol_trusted = vec!["10.0.0.0/8".into(), "127.0.0.1".into(), "::1/128".into()];
         config.validate().unwrap();
         assert!(config.server.proxy_protocol_trusted().contains("10.9.8.7".parse().unwrap()));
+    }
+
+    /// The store sits beside the config file, or in ./loka-data without one; a set one stays.
+    #[test]
+    fn data_dir_defaults() {
+        let resolved = |set: &str, file: Option<&str>| {
+            let mut c = crate::config::InventoryConfig { data_dir: set.into(), ..Default::default() };
+            c.resolve_data_dir(file.map(Path::new));
+            c.data_dir
+        };
+        assert_eq!(resolved("", Some("/etc/loka-stratum/loka.toml")), "/etc/loka-stratum");
+        assert_eq!(resolved("", Some("loka.toml")), ".");
+        assert_eq!(resolved("", None), "loka-data");
+        assert_eq!(resolved("/var/lib/loka-stratum", Some("/etc/loka.toml")), "/var/lib/loka-stratum");
     }
 }

@@ -247,7 +247,7 @@ struct Inner {
     removed: Vec<Box<str>>,
     /// When the hashrates were last decayed, on the monotonic clock.
     last_sample: tokio::time::Instant,
-    /// Transitions to offline since start-up, for the counter's tests and the summary.
+    /// Workers by state, in the order of [`WorkerState::ALL`].
     counts: [usize; 4],
 }
 

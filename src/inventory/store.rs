@@ -2,8 +2,8 @@
 //! sessions and writes the changes in the background.
 //!
 //! redb rather than SQLite: pure Rust (no C build), one file, and copy-on-write B-trees whose
-//! commit is atomic, so a crash at any moment leaves the last committed state and there is no
-//! journal to recover. A commit is durable (fsynced) when it returns.
+//! two-phase commit is atomic, so a crash at any moment leaves the last committed state and there
+//! is no journal to replay. A commit is durable (fsynced) when it returns.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -175,7 +175,10 @@ impl Store {
     async fn write(&self, batch: Batch) -> Result<(), StoreError> {
         let Some(db) = self.db() else { return Ok(()) };
         let write = move || -> Result<(), StoreError> {
-            let tx = db.begin_write().map_err(db_error)?;
+            let mut tx = db.begin_write().map_err(db_error)?;
+            // The allocator state goes with each commit, so that opening after a crash needs no
+            // walk of the whole file.
+            tx.set_quick_repair(true);
             {
                 let mut workers = tx.open_table(WORKERS).map_err(db_error)?;
                 let mut history = tx.open_table(HISTORY).map_err(db_error)?;

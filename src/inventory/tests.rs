@@ -43,8 +43,9 @@ fn reconnects_count_over_24_hours() {
     assert_eq!(w.reconnects_24h(48 * 3600), 0);
 }
 
-/// The size a worker costs: the budget is about 360 bytes a worker with its map entry and name.
+/// The size a worker costs: 192 bytes, boxed, beside a 24-byte map entry and its name; the
+/// budget is about 360 bytes a worker.
 #[test]
 fn a_worker_is_small() {
-    assert!(std::mem::size_of::<Worker>() <= 208, "{}", std::mem::size_of::<Worker>());
+    assert!(std::mem::size_of::<Worker>() <= 192, "{}", std::mem::size_of::<Worker>());
 }

@@ -585,6 +585,28 @@ mod tests {
         assert_eq!((s.accepted, s.rejected, s.accepted_difficulty), (60, 1, 60.0));
     }
 
+    /// Each share is handed on once, whoever takes it; an idle session allocates nothing.
+    #[test]
+    fn deltas_hand_each_share_on_once() {
+        let mut s = WorkerStats::default();
+        let pool = PoolTally::default();
+        assert_eq!(s.take_delta(&pool), None);
+        assert!(s.detail.is_none());
+        s.record_valid(Duration::from_secs(1), 2.0, 3.0);
+        s.record_refused(RejectReason::Duplicate);
+        pool.accepted.fetch_add(1, Ordering::Relaxed);
+        let d = s.take_delta(&pool).unwrap();
+        assert_eq!((d.accepted, d.work, d.pool_accepted), (1, 2.0, 1));
+        assert_eq!(d.rejected_by[RejectReason::Duplicate.local_index()], 1);
+        assert_eq!(s.take_delta(&pool), None, "nothing new");
+        s.record_refused(RejectReason::Stale);
+        let d = s.take_delta(&pool).unwrap();
+        assert_eq!((d.accepted, d.rejected_by[0], d.rejected_by.iter().sum::<u32>()), (0, 1, 1));
+        for (i, reason) in RejectReason::LOCAL.iter().enumerate() {
+            assert_eq!(reason.local_index(), i);
+        }
+    }
+
     #[test]
     fn codes_map_to_reasons() {
         assert_eq!(RejectReason::from_code(21), RejectReason::Stale);

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod firmware;
+pub mod promtool;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
