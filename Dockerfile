@@ -14,9 +14,13 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --no-create-home --shell /usr/sbin/nologin loka-stratum
+    && useradd --system --no-create-home --shell /usr/sbin/nologin loka-stratum \
+    && install -d -o loka-stratum -g loka-stratum -m 0700 /var/lib/loka-stratum
 COPY --from=builder /src/target/release/loka-stratum /usr/local/bin/loka-stratum
 COPY config/loka-stratum.toml /etc/loka-stratum/loka-stratum.toml
+# The worker inventory (workers.redb): mount a volume here to keep it across containers.
+ENV LOKA_INVENTORY__DATA_DIR=/var/lib/loka-stratum
+VOLUME /var/lib/loka-stratum
 USER loka-stratum
 EXPOSE 3333 9090
 ENTRYPOINT ["/usr/local/bin/loka-stratum"]

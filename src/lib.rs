@@ -17,12 +17,15 @@
 //!   [`systemd`], [`admin`] (the HTTP port) and [`hashrate`].
 //! - [`notify`]: the operator's webhook for worker state changes, coalesced, rate-limited and
 //!   retried.
+//! - [`inventory`]: every worker ever authorized, its state, counters and hashrate history, kept
+//!   in a redb file across restarts.
 //! - [`metrics`]: every metric name, described in one place; [`config`], [`cli`], [`logging`]:
 //!   settings and process set-up.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod inventory;
 pub mod logging;
 pub mod metrics;
 pub mod miner;

@@ -79,7 +79,7 @@ fn run(args: RunArgs) -> ExitCode {
         let server = match Server::bind(config).await {
             Ok(server) => server,
             Err(e) => {
-                error!(error = %e, "cannot bind listeners");
+                error!(error = %e, "cannot start: a port could not be bound or the worker store opened");
                 return ExitCode::from(EX_UNAVAILABLE);
             }
         };

@@ -57,6 +57,10 @@ pub const POOL_REDIRECTS: &str = "loka_pool_redirects_total";
 /// Label `pool`. 1 when the last connect attempt to the pool succeeded.
 pub const POOL_UP: &str = "loka_pool_up";
 pub const READY: &str = "loka_ready";
+/// Label `state` (`online`, `stale`, `offline`, `never_seen`). Workers in the inventory by state.
+pub const WORKERS: &str = "loka_workers";
+/// Workers that went offline: their last session closed and `worker_offline_after` passed.
+pub const WORKER_OFFLINE_TRANSITIONS: &str = "loka_worker_offline_transitions_total";
 /// Label `reason` (`no_upstream`, `full`).
 pub const MINERS_REFUSED: &str = "loka_miners_refused_total";
 /// Label `pool`. Shares valid at the miner's difficulty but below the pool's and no block
@@ -165,6 +169,11 @@ fn describe() {
     describe_counter!(POOL_REDIRECTS, "client.reconnect requests from pools, by outcome.");
     describe_gauge!(POOL_UP, "1 when the pool completed its last probe (subscribe, login, a job), else 0.");
     describe_gauge!(READY, "1 when the listener is bound and a pool is reachable, else 0.");
+    describe_gauge!(WORKERS, "Workers in the inventory, by state (online, stale, offline, never_seen).");
+    describe_counter!(
+        WORKER_OFFLINE_TRANSITIONS,
+        "Workers that went offline: no session left for inventory.worker_offline_after."
+    );
     describe_counter!(MINERS_REFUSED, "Miner sessions answered with an error and closed, by reason.");
     describe_counter!(
         SHARES_LOCAL_ONLY,

@@ -371,7 +371,7 @@ async fn a_pool_that_rejects_most_shares_is_failed_over() {
     // The group credits each verdict to the miner whose share it was; the miner's own counts
     // are the proxy's verdicts.
     let worker = || async {
-        let (_, body) = proxy.http_get("/api/v1/workers").await;
+        let (_, body) = proxy.http_get("/api/v1/connections").await;
         serde_json::from_str::<Vec<Value>>(&body).unwrap().pop().expect("one worker")
     };
     assert!(eventually(WAIT, || async { worker().await["pool_accepted"] == 1 }).await, "{}", worker().await);

@@ -145,9 +145,10 @@ fn bad_configs_exit_64_before_binding() {
 fn sigterm_stops_the_daemon() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
+    let data = tempfile::tempdir().unwrap();
     let child = command(
         &["--listen", &listen, "--http-listen", "127.0.0.1:0", "--pool", "stratum+tcp://127.0.0.1:1"],
-        &[("LOKA_SERVER__SHUTDOWN_GRACE", "1")],
+        &[("LOKA_SERVER__SHUTDOWN_GRACE", "1"), ("LOKA_INVENTORY__DATA_DIR", data.path().to_str().unwrap())],
     )
     .spawn()
     .unwrap();

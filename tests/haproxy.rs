@@ -70,7 +70,7 @@ fn require_haproxy() {
 }
 
 async fn workers(proxy: &Proxy) -> Vec<Value> {
-    let (status, body) = proxy.http_get("/api/v1/workers").await;
+    let (status, body) = proxy.http_get("/api/v1/connections").await;
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

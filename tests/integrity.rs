@@ -254,7 +254,7 @@ async fn workers_api_shows_best_share_and_validated_hashrate() {
         let id = miner.submit("farm.rig1", &share).await;
         assert_eq!(miner.wait_reply(&id).await.unwrap()["result"], true);
     }
-    let (_, body) = proxy.http_get("/api/v1/workers").await;
+    let (_, body) = proxy.http_get("/api/v1/connections").await;
     let workers: Vec<Value> = serde_json::from_str(&body).unwrap();
     let w = &workers[0];
     let reported = w["best_share_difficulty"].as_f64().unwrap();

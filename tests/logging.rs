@@ -19,7 +19,9 @@ const MINER_SECRET: &str = "miner-secret-91bc";
 async fn logs_of_a_session(format: &str) -> String {
     let pool = MockPool::start(PoolOptions::default()).await;
     let listen = reserve_port();
+    let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_loka-stratum"))
+        .env("LOKA_INVENTORY__DATA_DIR", data.path())
         .args(["--listen", &listen.to_string(), "--http-listen", "127.0.0.1:0", "--pool", &pool.url()])
         .args(["--pool-user", "acct", "--pool-password", POOL_SECRET, "--log-format", format, "-vv"])
         .env("LOKA_UPSTREAM__USER_TEMPLATE", "{pool_user}.{worker}")

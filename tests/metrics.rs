@@ -123,7 +123,7 @@ async fn admin_port_matches_the_pool(mode: Mode) {
     );
     assert!(text.contains("# HELP loka_shares_accepted_total"), "{text}");
 
-    let (status, body) = proxy.http_get("/api/v1/workers").await;
+    let (status, body) = proxy.http_get("/api/v1/connections").await;
     assert_eq!(status, 200);
     let workers: Vec<Value> = serde_json::from_str(&body).unwrap();
     assert_eq!(workers.len(), MINERS, "{body}");

@@ -33,9 +33,9 @@ fn v2(client: &str) -> Vec<u8> {
         .unwrap()
 }
 
-/// The peers `/api/v1/workers` lists, by worker name.
+/// The peers `/api/v1/connections` lists, by worker name.
 async fn worker_peers(proxy: &Proxy) -> Vec<(String, String)> {
-    let (status, body) = proxy.http_get("/api/v1/workers").await;
+    let (status, body) = proxy.http_get("/api/v1/connections").await;
     assert_eq!(status, 200, "{body}");
     let workers: Vec<Value> = serde_json::from_str(&body).unwrap();
     let mut peers: Vec<_> = workers

@@ -3,15 +3,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
-
 use serde_json::{json, Value};
+use support::browser::{dump_dom, screenshot, section};
 use support::*;
-
-/// How long one chromium run may take before it is killed and the test fails.
-const BROWSER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A worker name that would become an element if the page ever used it as markup.
 const HOSTILE_WORKER: &str = "farm.<img src=x id=injected>";
@@ -106,6 +100,7 @@ async fn api_endpoints_and_page_over_http() {
             "rejected",
             "uptime_s",
             "version",
+            "worker_states",
             "workers"
         ]
     );
@@ -117,7 +112,7 @@ async fn api_endpoints_and_page_over_http() {
     assert_eq!(summary["pool_rejected"], json!(0));
     assert_eq!(summary["version"], json!(env!("CARGO_PKG_VERSION")));
     assert!(summary["uptime_s"].is_u64(), "{summary}");
-    let workers = get_json(&proxy, "/api/v1/workers").await;
+    let workers = get_json(&proxy, "/api/v1/connections").await;
     let sum: f64 = workers.as_array().unwrap().iter().map(|w| w["hashrate_5m"].as_f64().unwrap()).sum();
     let total = summary["hashrate_5m"].as_f64().unwrap();
     // The same figures, read moments later: a rate's divisor, the seconds the session has been
@@ -138,73 +133,13 @@ async fn api_endpoints_and_page_over_http() {
     proxy.shutdown().await;
 }
 
-/// Runs chromium headless on `url` with `extra` arguments; returns its stdout. Fails the test
-/// when chromium is missing, fails or runs past [`BROWSER_TIMEOUT`].
-async fn chromium(url: &str, extra: &[String]) -> String {
-    let profile = tempfile::tempdir().expect("a temporary profile directory");
-    let mut command = tokio::process::Command::new("chromium");
-    command
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "`chromium` is not on PATH: this test needs a headless browser. Run `.ci/run`, or \
-             `apt-get install chromium`"
-        ),
-        Err(e) => panic!("starting chromium: {e}"),
-    };
-    // Dropping the future on timeout drops the child, which kills it.
-    let output = tokio::time::timeout(BROWSER_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("chromium did not finish within {BROWSER_TIMEOUT:?}"))
-        .expect("chromium's output");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "chromium failed ({}):\n{}\n{stdout}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
-/// The markup of `<section id="…">`, from the dumped DOM.
-fn section<'a>(dom: &'a str, id: &str) -> &'a str {
-    let start = dom.find(&format!("<section id=\"{id}\"")).unwrap_or_else(|| panic!("no section {id} in\n{dom}"));
-    let len = dom[start..].find("</section>").expect("the section ends");
-    &dom[start..start + len]
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_in_a_browser() {
     let Farm { pool, proxy, miners } = farm().await;
     let url = format!("http://{}/", proxy.http);
 
-    let dom = chromium(&url, &["--dump-dom".to_owned()]).await;
-    let workers = section(&dom, "workers");
+    let dom = dump_dom(&url).await;
+    let workers = section(&dom, "connections");
     for (worker, miner) in miners.iter().filter(|(w, _)| w != HOSTILE_WORKER) {
         assert!(workers.contains(&format!("<td>{worker}</td>")), "{worker} missing from\n{workers}");
         let peer = miner.local_addr().to_string();
@@ -213,6 +148,15 @@ async fn status_page_in_a_browser() {
     // The hostile name is shown as text: escaped in the DOM, and no element was made from it.
     assert!(workers.contains("<td>farm.&lt;img src=x id=injected&gt;</td>"), "{workers}");
     assert!(!dom.contains("id=\"injected\""), "a worker name became markup:\n{dom}");
+    // The inventory's table lists the same workers, as links to their detail; none needs a look.
+    let inventory = section(&dom, "workers");
+    assert!(inventory.contains("1–4 of 4 workers"), "{inventory}");
+    for (worker, _) in miners.iter().filter(|(w, _)| w != HOSTILE_WORKER) {
+        assert!(inventory.contains(&format!("\">{worker}</a>")), "{worker} missing from\n{inventory}");
+    }
+    assert!(inventory.contains("\">farm.&lt;img src=x id=injected&gt;</a>"), "{inventory}");
+    let attention = section(&dom, "attention");
+    assert!(attention.contains("id=\"c-online\">4<") && attention.contains("every worker is online"), "{attention}");
     let pools = section(&dom, "pools");
     assert!(pools.contains(&format!("<td>{}</td>", pool.label())), "{pools}");
     assert!(pools.contains("data-state=\"up\""), "the pool is not shown as up:\n{pools}");
@@ -223,11 +167,7 @@ async fn status_page_in_a_browser() {
     let chart = section(&dom, "hashrate");
     assert!(chart.contains("<line") && chart.contains("H/s</text>"), "{chart}");
 
-    let png = target_dir().join("status-page.png");
-    let _ = std::fs::remove_file(&png);
-    chromium(&url, &[format!("--screenshot={}", png.display()), "--window-size=1280,1000".to_owned()]).await;
-    let size = std::fs::metadata(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display())).len();
-    assert!(size > 10_000, "the screenshot {} is only {size} bytes", png.display());
+    screenshot(&url, "status-page.png", 1280, 1000).await;
 
     proxy.shutdown().await;
 }

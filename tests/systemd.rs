@@ -15,6 +15,8 @@ const CHILD_TIMEOUT: Duration = Duration::from_secs(20);
 /// A running daemon. Dropping it (a failed assertion included) kills the process.
 struct Daemon {
     child: Child,
+    /// The daemon's worker store; removed with it.
+    _data: tempfile::TempDir,
     listen: String,
     stderr: Option<JoinHandle<String>>,
 }
@@ -37,6 +39,8 @@ impl Daemon {
         }
         cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET").env("LOKA_SERVER__SHUTDOWN_GRACE", "1");
         cmd.envs(env.iter().copied());
+        let data = tempfile::tempdir().unwrap();
+        cmd.env("LOKA_INVENTORY__DATA_DIR", data.path());
         let mut child = cmd.spawn().unwrap();
         let mut pipe = child.stderr.take().unwrap();
         // Drained on a thread so a chatty child cannot block on a full pipe.
@@ -45,7 +49,7 @@ impl Daemon {
             let _ = pipe.read_to_string(&mut text);
             text
         });
-        Daemon { child, listen, stderr: Some(stderr) }
+        Daemon { child, _data: data, listen, stderr: Some(stderr) }
     }
 
     fn terminate(&self) {

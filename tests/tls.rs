@@ -428,7 +428,7 @@ async fn tls_listener_for_miners(mode: Mode) {
     let id = plain.submit("plain.rig1", &share).await;
     assert_eq!(plain.wait_reply(&id).await.expect("a submit reply")["result"], json!(true));
 
-    let (status, body) = proxy.http_get("/api/v1/workers").await;
+    let (status, body) = proxy.http_get("/api/v1/connections").await;
     assert_eq!(status, 200, "{body}");
     let workers: Vec<Value> = serde_json::from_str(&body).unwrap();
     let tls_worker = workers.iter().find(|w| w["worker"] == "tls.rig1").unwrap_or_else(|| panic!("{body}"));

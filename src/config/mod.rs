@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use pool_url::PoolUrl;
 pub use sections::{
-    masked_url, AggregateConfig, HttpConfig, LogConfig, LogFormat, Mode, NotifyConfig, PoolConfig, ServerConfig,
-    UpstreamConfig, VardiffSettings,
+    masked_url, AggregateConfig, HttpConfig, InventoryConfig, LogConfig, LogFormat, Mode, NotifyConfig, PoolConfig,
+    ServerConfig, StoreErrorPolicy, UpstreamConfig, VardiffSettings,
 };
 
 use crate::cli::RunArgs;
@@ -35,6 +35,7 @@ pub struct Config {
     pub aggregate: AggregateConfig,
     pub vardiff: VardiffSettings,
     pub notify: NotifyConfig,
+    pub inventory: InventoryConfig,
     /// Ordered by priority: the first reachable pool wins.
     pub pools: Vec<PoolConfig>,
 }
@@ -66,6 +67,7 @@ const ENV_SEPARATOR: &str = "__";
 /// Loads the configuration: built-in defaults ← `file` ← `LOKA_…` environment ← flags in `args`,
 /// then validates it.
 pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> {
+    let config_file = file;
     let file = file
         .map(|path| {
             std::fs::read_to_string(path)
@@ -76,6 +78,7 @@ pub fn load(file: Option<&Path>, args: &RunArgs) -> Result<Config, ConfigError> 
     let file = file.as_ref().map(|(text, origin)| (text.as_str(), origin.as_str()));
     let mut config = layered(file, loka_env())?;
     apply_flags(&mut config, args)?;
+    config.inventory.resolve_data_dir(config_file);
     config.validate()?;
     Ok(config)
 }

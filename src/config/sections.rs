@@ -230,6 +230,38 @@ pub fn masked_url(url: &str) -> String {
     }
 }
 
+/// The worker inventory: where it is kept and when a worker counts as stale, offline or forgotten.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    /// The directory of `workers.redb`. Empty: the config file's directory with `--config`, else
+    /// `loka-data` in the working directory ([`InventoryConfig::resolve_data_dir`]).
+    pub data_dir: String,
+    /// Seconds an online worker may go without an accepted share (counted from its authorize
+    /// while it has none) before it is `stale`.
+    pub worker_stale_after: u64,
+    /// Seconds a worker whose last session closed stays online, so that a reconnect counts as a
+    /// reconnect and not as going offline.
+    pub worker_offline_after: u64,
+    /// Seconds after which a worker not seen is dropped from the inventory and its store.
+    pub worker_forget_after: u64,
+    /// What a store that cannot be opened does: `fail` start-up, or `memory`: a warning and an
+    /// inventory that is not kept across restarts.
+    pub on_store_error: StoreErrorPolicy,
+    /// Seconds between the store's commits of changed workers (1 to 5): what a crash may lose.
+    pub flush_interval: u64,
+    /// Seconds between two points of a worker's hashrate history; the store keeps 24 hours of
+    /// them (86400 / history_interval points per worker).
+    pub history_interval: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreErrorPolicy {
+    Fail,
+    Memory,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -324,6 +356,46 @@ impl Default for UpstreamConfig {
             failback_after: 60,
             max_reject_rate: 0.5,
         }
+    }
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: String::new(),
+            worker_stale_after: 900,
+            worker_offline_after: 60,
+            worker_forget_after: 30 * 86_400,
+            on_store_error: StoreErrorPolicy::Fail,
+            flush_interval: 5,
+            history_interval: 300,
+        }
+    }
+}
+
+impl InventoryConfig {
+    /// Fills an empty `data_dir`: the directory of `config_file` when there is one, else
+    /// `loka-data` in the working directory.
+    pub fn resolve_data_dir(&mut self, config_file: Option<&std::path::Path>) {
+        if !self.data_dir.is_empty() {
+            return;
+        }
+        let dir = match config_file.and_then(std::path::Path::parent) {
+            Some(parent) if parent.as_os_str().is_empty() => std::path::PathBuf::from("."),
+            Some(parent) => parent.to_owned(),
+            None => std::path::PathBuf::from("loka-data"),
+        };
+        self.data_dir = dir.display().to_string();
+    }
+
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_secs(self.worker_stale_after)
+    }
+    pub fn offline_after(&self) -> Duration {
+        Duration::from_secs(self.worker_offline_after)
+    }
+    pub fn forget_after(&self) -> Duration {
+        Duration::from_secs(self.worker_forget_after)
     }
 }
 

@@ -102,11 +102,44 @@ impl Config {
         }
         self.validate_aggregate()?;
         self.validate_notify()?;
+        self.validate_inventory()?;
         check_template(&u.user_template).map_err(|reason| {
             ConfigError::invalid("upstream.user_template", format!("{:?}", u.user_template), reason)
         })?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::invalid("log.level", format!("{:?}", self.log.level), e.to_string()))?;
+        Ok(())
+    }
+
+    fn validate_inventory(&self) -> Result<(), ConfigError> {
+        let i = &self.inventory;
+        for (key, value) in [
+            ("inventory.worker_stale_after", i.worker_stale_after),
+            ("inventory.worker_offline_after", i.worker_offline_after),
+            ("inventory.worker_forget_after", i.worker_forget_after),
+            ("inventory.history_interval", i.history_interval),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, value, "must be greater than zero"));
+            }
+        }
+        if !(1..=5).contains(&i.flush_interval) {
+            return Err(ConfigError::invalid("inventory.flush_interval", i.flush_interval, "must be 1 to 5"));
+        }
+        if i.history_interval > 86_400 {
+            return Err(ConfigError::invalid(
+                "inventory.history_interval",
+                i.history_interval,
+                "must be at most 86400",
+            ));
+        }
+        if i.worker_forget_after < i.worker_offline_after {
+            return Err(ConfigError::invalid(
+                "inventory.worker_forget_after",
+                i.worker_forget_after,
+                format!("must be at least inventory.worker_offline_after = {}", i.worker_offline_after),
+            ));
+        }
         Ok(())
     }
 
@@ -210,7 +243,7 @@ mod tests {
     /// Each case breaks one thing in a valid config; the message must name key and value.
     #[test]
     fn validation_errors_name_key_and_value() {
-        let cases: [(Breaker, &str); 36] = [
+        let cases: [(Breaker, &str); 41] = [
             (
                 |c| c.notify.webhook_url = "ftp://hooks.example.com/T0/secret".into(),
                 "notify.webhook_url: \"ftp://hooks.example.com/***\" (expected an http:// or https:// URL)",
@@ -237,6 +270,14 @@ mod tests {
             (
                 |c| c.notify.webhook_retry_max_ms = 10,
                 "notify.webhook_retry_max_ms: 10 (must be at least notify.webhook_retry_initial_ms = 1000)",
+            ),
+            (|c| c.inventory.worker_stale_after = 0, "inventory.worker_stale_after: 0 (must be greater than zero)"),
+            (|c| c.inventory.worker_offline_after = 0, "inventory.worker_offline_after: 0"),
+            (|c| c.inventory.flush_interval = 6, "inventory.flush_interval: 6 (must be 1 to 5)"),
+            (|c| c.inventory.history_interval = 90_000, "inventory.history_interval: 90000 (must be at most 86400)"),
+            (
+                |c| c.inventory.worker_forget_after = 30,
+                "inventory.worker_forget_after: 30 (must be at least inventory.worker_offline_after = 60)",
             ),
             (|c| c.aggregate.prefix_bytes = 5, "aggregate.prefix_bytes: 5 (must be 1 to 4)"),
             (
@@ -304,5 +345,19 @@ mod tests {
         config.notify.webhook_url = "http://[::1]:8080/hook".into();
         config.validate().unwrap();
         assert!(config.server.proxy_protocol_trusted().contains("10.9.8.7".parse().unwrap()));
+    }
+
+    /// The store sits beside the config file, or in ./loka-data without one; a set one stays.
+    #[test]
+    fn data_dir_defaults() {
+        let resolved = |set: &str, file: Option<&str>| {
+            let mut c = crate::config::InventoryConfig { data_dir: set.into(), ..Default::default() };
+            c.resolve_data_dir(file.map(Path::new));
+            c.data_dir
+        };
+        assert_eq!(resolved("", Some("/etc/loka-stratum/loka.toml")), "/etc/loka-stratum");
+        assert_eq!(resolved("", Some("loka.toml")), ".");
+        assert_eq!(resolved("", None), "loka-data");
+        assert_eq!(resolved("/var/lib/loka-stratum", Some("/etc/loka.toml")), "/var/lib/loka-stratum");
     }
 }

@@ -43,6 +43,20 @@ impl RejectReason {
         RejectReason::NotSubscribed,
     ];
 
+    /// The index of a local reason in [`RejectReason::LOCAL`]; `Other`, which the proxy never
+    /// gives, counts as malformed.
+    pub fn local_index(self) -> usize {
+        match self {
+            RejectReason::Stale => 0,
+            RejectReason::BadJob => 1,
+            RejectReason::Malformed | RejectReason::Other => 2,
+            RejectReason::Duplicate => 3,
+            RejectReason::LowDifficulty => 4,
+            RejectReason::Unauthorized => 5,
+            RejectReason::NotSubscribed => 6,
+        }
+    }
+
     /// The reasons [`RejectReason::from_code`] gives a pool's reject.
     pub const POOL: [RejectReason; 6] = [
         RejectReason::Stale,
@@ -232,16 +246,58 @@ pub struct WorkerStats {
     pub accepted_difficulty: f64,
     pub best_share_difficulty: f64,
     pub last_share: Option<SystemTime>,
+    /// Allocated with the first share, so that connections that never mine stay small.
+    detail: Option<Box<Detail>>,
+}
+
+/// What a session that has sent a share keeps besides its totals.
+#[derive(Debug, Clone)]
+struct Detail {
     /// Validated work per 10-second bucket: (bucket number since the session began, difficulty
-    /// sum). Allocated with the first share, so that connections that never mine stay small.
-    window: Option<Box<[(u64, f64); BUCKETS]>>,
+    /// sum).
+    window: [(u64, f64); BUCKETS],
+    /// Refused shares by reason, in the order of [`RejectReason::LOCAL`].
+    rejected_by: [u32; 7],
+    /// What [`WorkerStats::take_delta`] last handed on.
+    reported: Reported,
+}
+
+/// The counts a session had handed on to the worker inventory.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reported {
+    accepted: u64,
+    rejected_by: [u32; 7],
+    work: f64,
+    pool_accepted: u64,
+    pool_rejected: u64,
+}
+
+/// A session's shares since the inventory last read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Delta {
+    pub accepted: u64,
+    /// By reason, in the order of [`RejectReason::LOCAL`].
+    pub rejected_by: [u32; 7],
+    /// The accepted difficulty.
+    pub work: f64,
+    pub pool_accepted: u64,
+    pub pool_rejected: u64,
+    pub last_share: Option<SystemTime>,
 }
 
 impl WorkerStats {
+    fn detail(&mut self) -> &mut Detail {
+        self.detail.get_or_insert_with(|| {
+            Box::new(Detail { window: [(0, 0.0); BUCKETS], rejected_by: [0; 7], reported: Reported::default() })
+        })
+    }
+
     /// A share the proxy's checks refused.
-    pub fn record_refused(&mut self) {
+    pub fn record_refused(&mut self, reason: RejectReason) {
         self.last_share = Some(SystemTime::now());
         self.rejected += 1;
+        let slot = &mut self.detail().rejected_by[reason.local_index()];
+        *slot = slot.saturating_add(1);
     }
 
     /// A share that passed the proxy's checks: counted, and added to the hashrate window.
@@ -252,12 +308,39 @@ impl WorkerStats {
         self.accepted_difficulty += job_difficulty;
         self.best_share_difficulty = self.best_share_difficulty.max(share_difficulty);
         let bucket = elapsed.as_secs() / BUCKET_SECS;
-        let window = self.window.get_or_insert_with(|| Box::new([(0, 0.0); BUCKETS]));
-        let slot = &mut window[(bucket % BUCKETS as u64) as usize];
+        let slot = &mut self.detail().window[(bucket % BUCKETS as u64) as usize];
         if slot.0 != bucket {
             *slot = (bucket, 0.0);
         }
         slot.1 += job_difficulty;
+    }
+
+    /// Refused shares by reason, in the order of [`RejectReason::LOCAL`].
+    pub fn rejected_by(&self) -> [u32; 7] {
+        self.detail.as_ref().map_or([0; 7], |d| d.rejected_by)
+    }
+
+    /// The shares and the pool's verdicts (`pool`, this session's tally) since the last call,
+    /// or `None` when there are none. Each share is handed on once, whoever calls.
+    pub fn take_delta(&mut self, pool: &PoolTally) -> Option<Delta> {
+        let (pool_accepted, pool_rejected) = (pool.accepted(), pool.rejected());
+        if self.detail.is_none() && pool_accepted == 0 && pool_rejected == 0 {
+            return None;
+        }
+        let (accepted, work, last_share) = (self.accepted, self.accepted_difficulty, self.last_share);
+        let detail = self.detail();
+        let now = Reported { accepted, rejected_by: detail.rejected_by, work, pool_accepted, pool_rejected };
+        let was = std::mem::replace(&mut detail.reported, now);
+        let delta = Delta {
+            accepted: now.accepted - was.accepted,
+            rejected_by: std::array::from_fn(|i| now.rejected_by[i] - was.rejected_by[i]),
+            work: now.work - was.work,
+            pool_accepted: now.pool_accepted - was.pool_accepted,
+            pool_rejected: now.pool_rejected - was.pool_rejected,
+            last_share,
+        };
+        let empty = Delta { last_share, ..Delta::default() };
+        (delta != empty).then_some(delta)
     }
 
     /// Hashes per second over the last five minutes (or the session's life, if shorter), from the
@@ -265,8 +348,9 @@ impl WorkerStats {
     pub fn hashrate(&self, elapsed: Duration) -> f64 {
         let current = elapsed.as_secs() / BUCKET_SECS;
         let oldest = (current + 1).saturating_sub(BUCKETS as u64);
-        let Some(window) = &self.window else { return 0.0 };
-        let work: f64 = window.iter().filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current).map(|(_, d)| d).sum();
+        let Some(detail) = &self.detail else { return 0.0 };
+        let work: f64 =
+            detail.window.iter().filter(|(b, d)| *d > 0.0 && *b >= oldest && *b <= current).map(|(_, d)| d).sum();
         let secs = elapsed.min(HASHRATE_WINDOW).as_secs_f64().max(1.0);
         work * 4_294_967_296.0 / secs
     }
@@ -323,7 +407,7 @@ impl SubmissionManager {
     /// A share the proxy's checks refused: the miner got an error, the pool never saw it.
     pub fn refused(&self, session: &SessionHandle, pool: &SharedString, reason: RejectReason) {
         counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
-        session.info().stats.record_refused();
+        session.info().stats.record_refused(reason);
         session.share_seen(tokio::time::Instant::now().duration_since(session.connected_at));
     }
 
@@ -354,7 +438,7 @@ impl SubmissionManager {
     }
 }
 
-/// A worker as `/api/v1/workers` shows it.
+/// A live session as `/api/v1/connections` shows it.
 #[derive(Debug, Serialize)]
 pub struct WorkerView {
     pub session_id: u64,
@@ -497,8 +581,30 @@ mod tests {
         assert_eq!(s.best_share_difficulty, 60.5);
         // After five minutes of nothing, the window is empty.
         assert_eq!(s.hashrate(Duration::from_secs(400)), 0.0);
-        s.record_refused();
+        s.record_refused(RejectReason::Stale);
         assert_eq!((s.accepted, s.rejected, s.accepted_difficulty), (60, 1, 60.0));
+    }
+
+    /// Each share is handed on once, whoever takes it; an idle session allocates nothing.
+    #[test]
+    fn deltas_hand_each_share_on_once() {
+        let mut s = WorkerStats::default();
+        let pool = PoolTally::default();
+        assert_eq!(s.take_delta(&pool), None);
+        assert!(s.detail.is_none());
+        s.record_valid(Duration::from_secs(1), 2.0, 3.0);
+        s.record_refused(RejectReason::Duplicate);
+        pool.accepted.fetch_add(1, Ordering::Relaxed);
+        let d = s.take_delta(&pool).unwrap();
+        assert_eq!((d.accepted, d.work, d.pool_accepted), (1, 2.0, 1));
+        assert_eq!(d.rejected_by[RejectReason::Duplicate.local_index()], 1);
+        assert_eq!(s.take_delta(&pool), None, "nothing new");
+        s.record_refused(RejectReason::Stale);
+        let d = s.take_delta(&pool).unwrap();
+        assert_eq!((d.accepted, d.rejected_by[0], d.rejected_by.iter().sum::<u32>()), (0, 1, 1));
+        for (i, reason) in RejectReason::LOCAL.iter().enumerate() {
+            assert_eq!(reason.local_index(), i);
+        }
     }
 
     #[test]

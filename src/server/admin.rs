@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State as Extract;
+use axum::extract::{FromRef, State as Extract};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregator, SessionView};
 use crate::hashrate::{History, Sample};
+use crate::inventory::{api as inventory_api, Inventory};
 use crate::registry::{ConnectionManager, Phase};
 use crate::submissions::WorkerView;
 use crate::upstream::PoolSet;
@@ -34,6 +35,14 @@ pub struct State {
     pub started: Instant,
     /// Cancelled when the listeners close: a draining proxy is not ready, whatever its pools.
     pub draining: CancellationToken,
+    /// Every worker ever authorized, with its state.
+    pub inventory: Arc<Inventory>,
+}
+
+impl FromRef<State> for Arc<Inventory> {
+    fn from_ref(state: &State) -> Self {
+        state.inventory.clone()
+    }
 }
 
 /// The status page: inline CSS and script, no external assets, so it works offline and
@@ -48,7 +57,9 @@ pub fn router(state: State) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
-        .route("/api/v1/workers", get(workers))
+        .route("/api/v1/workers", get(inventory_api::list))
+        .route("/api/v1/workers/{name}", get(inventory_api::one).delete(inventory_api::delete))
+        .route("/api/v1/connections", get(connections))
         .route("/api/v1/pools", get(pools))
         .route("/api/v1/sessions", get(sessions))
         .route("/api/v1/summary", get(summary))
@@ -85,7 +96,8 @@ async fn metrics(Extract(state): Extract<State>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render())
 }
 
-async fn workers(Extract(state): Extract<State>) -> Json<Vec<WorkerView>> {
+/// `/api/v1/connections`: the authorized sessions open now, one per miner connection.
+async fn connections(Extract(state): Extract<State>) -> Json<Vec<WorkerView>> {
     Json(
         state
             .registry
@@ -177,6 +189,8 @@ struct Summary {
     connections: usize,
     /// Authorized sessions.
     workers: usize,
+    /// The inventory's workers by state, as `/api/v1/workers` counts them.
+    worker_states: inventory_api::Counts,
     /// The sum of the workers' `hashrate_5m`, in hashes per second.
     hashrate_5m: f64,
     /// Shares of the sessions connected now: a worker's counts leave with its connection. The
@@ -195,13 +209,14 @@ async fn summary(Extract(state): Extract<State>) -> Json<Summary> {
         uptime_s: state.started.elapsed().as_secs(),
         connections: sessions.len(),
         workers: 0,
+        worker_states: inventory_api::Counts::of(state.inventory.counts()),
         hashrate_5m: 0.0,
         accepted: 0,
         rejected: 0,
         pool_accepted: 0,
         pool_rejected: 0,
     };
-    // The same figures as /api/v1/workers, so the page's totals match its table.
+    // The same figures as /api/v1/connections, so the page's totals match its table.
     for view in sessions.iter().filter(|h| h.phase() == Phase::Authorized).map(|h| WorkerView::of(h)) {
         summary.workers += 1;
         summary.hashrate_5m += view.hashrate_5m;

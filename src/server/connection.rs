@@ -24,6 +24,7 @@ use crate::aggregate::{Aggregator, Refused};
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, Mode};
+use crate::inventory::Inventory;
 use crate::metrics as m;
 use crate::passthrough::Passthrough;
 use crate::protocol::{code, miner, write, Id};
@@ -43,6 +44,8 @@ pub struct Shared {
     pub submissions: SubmissionManager,
     /// Aggregate mode's pool sessions; `None` in passthrough mode.
     pub aggregator: Option<Arc<Aggregator>>,
+    /// Every worker ever authorized; told of each authorize and each close.
+    pub inventory: Arc<Inventory>,
     /// Cancelled on SIGINT/SIGTERM: sessions stop reading and drain their in-flight requests.
     pub shutdown: CancellationToken,
 }
@@ -50,7 +53,7 @@ pub struct Shared {
 impl Shared {
     /// Everything the connections share, from a validated config. In aggregate mode the first
     /// pool session opens at once, as a task of `tracker`.
-    pub fn new(config: Config, tracker: &TaskTracker) -> Self {
+    pub fn new(config: Config, inventory: Arc<Inventory>, tracker: &TaskTracker) -> Self {
         let shutdown = CancellationToken::new();
         let server = &config.server;
         let pools = Arc::new(PoolSet::new(&config, shutdown.clone()));
@@ -67,6 +70,7 @@ impl Shared {
             auth,
             submissions: SubmissionManager,
             aggregator,
+            inventory,
             shutdown,
             config: ArcSwap::from_pointee(config),
         }
@@ -103,6 +107,11 @@ pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, regi
     });
     counter!(m::CONNECTIONS_CLOSED, "reason" => reason.as_str()).increment(1);
     gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
+    // The name is cloned once per connection, so that no lock is held across the inventory's.
+    let worker = handle.info().worker.clone();
+    if let Some(worker) = worker {
+        shared.inventory.session_closed(&handle, &worker);
+    }
     drop(registration);
 }
 
@@ -654,7 +663,15 @@ impl Driver<'_> {
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");
-                    handle.info().worker = Some(worker);
+                    let previous = handle.info().worker.clone();
+                    if previous.as_deref() != Some(worker.as_str()) {
+                        // A second name on one connection: the session moves to it.
+                        if let Some(previous) = previous {
+                            self.shared.inventory.session_closed(handle, &previous);
+                        }
+                        self.shared.inventory.authorized(handle, &worker);
+                        handle.info().worker = Some(worker);
+                    }
                 }
                 Event::Difficulty(d) => {
                     handle.info().difficulty = Some(d);

@@ -60,7 +60,7 @@ impl History {
 }
 
 /// The sum of every authorized session's hashrate over the last five minutes, computed as
-/// `/api/v1/workers` computes each worker's `hashrate_5m`.
+/// `/api/v1/connections` computes each worker's `hashrate_5m`.
 pub fn total(registry: &ConnectionManager) -> f64 {
     let now = tokio::time::Instant::now();
     registry

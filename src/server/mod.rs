@@ -64,6 +64,9 @@ impl Server {
                 .collect::<Vec<_>>(),
             config.server.max_connections,
         );
+        // Before any port: a store that cannot be opened stops start-up.
+        let inventory =
+            crate::inventory::Inventory::open(&config.inventory).map_err(|e| io::Error::other(e.to_string()))?;
         let listener = listen(config.server.listen)?;
         let tls = match config.server.tls_addr() {
             Ok(None) => None,
@@ -78,7 +81,7 @@ impl Server {
         let http = TcpListener::bind(config.http.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
         let tracker = TaskTracker::new();
-        let shared = Arc::new(Shared::new(config, &tracker));
+        let shared = Arc::new(Shared::new(config, inventory, &tracker));
         Ok(Server { listener, http, shared, prometheus, tracker, tls })
     }
 
@@ -104,6 +107,10 @@ impl Server {
         self.shared.registry.clone()
     }
 
+    pub fn inventory(&self) -> Arc<crate::inventory::Inventory> {
+        self.shared.inventory.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let Server { listener, http, shared, prometheus, tracker, tls } = self;
@@ -120,12 +127,14 @@ impl Server {
                 history: history.clone(),
                 started: Instant::now(),
                 draining: draining.clone(),
+                inventory: shared.inventory.clone(),
             },
             admin_stop.clone(),
         ));
         shared.pools.spawn_monitors(&tracker);
         tracker.spawn(m::upkeep(prometheus.clone(), shared.shutdown.clone()));
         tracker.spawn(cleanup(shared.clone()));
+        tracker.spawn(shared.inventory.clone().run(shared.registry.clone(), shared.shutdown.clone()));
         tracker.spawn(crate::hashrate::sample(shared.registry.clone(), history, shared.shutdown.clone()));
 
         // Both listeners stop together when `shutdown` resolves.
@@ -150,6 +159,11 @@ impl Server {
         let grace = shared.config().server.shutdown_grace() + Duration::from_secs(1);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(sessions = shared.registry.len(), "drain did not finish within the grace period");
+        }
+        // After the sessions: their last counts are in the inventory's last flush.
+        let flush = shared.inventory.shutdown(&shared.registry);
+        if tokio::time::timeout(crate::inventory::store::SHUTDOWN_FLUSH, flush).await.is_err() {
+            tracing::warn!("the worker store's last flush did not finish in time");
         }
         admin_stop.cancel();
         let _ = admin_task.await;
@@ -180,6 +194,10 @@ impl Reloader {
             ),
             ("log.format", old.log.format != new.log.format),
             ("upstream.mode", old.upstream.mode != new.upstream.mode),
+            ("inventory.data_dir", old.inventory.data_dir != new.inventory.data_dir),
+            ("inventory.on_store_error", old.inventory.on_store_error != new.inventory.on_store_error),
+            ("inventory.flush_interval", old.inventory.flush_interval != new.inventory.flush_interval),
+            ("inventory.history_interval", old.inventory.history_interval != new.inventory.history_interval),
         ];
         if let Some((key, _)) = needs_restart.iter().find(|(_, changed)| *changed) {
             return Err(format!("{key} changed, which needs a restart"));
@@ -204,6 +222,7 @@ impl Reloader {
             self.shared.pools.replace(&new, &self.tracker);
         }
         gauge!(m::CONNECTIONS_MAX).set(server.max_connections as f64);
+        self.shared.inventory.reconfigure(&new.inventory);
         crate::logging::set_level(&new.log.level);
         self.shared.set_config(new);
         Ok(())

@@ -3,7 +3,9 @@
 //! Every wait here is bounded, so a broken proxy fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod firmware;
+pub mod promtool;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use loka_stratum::config::{Config, Mode, PoolConfig};
+use loka_stratum::inventory::Inventory;
 use loka_stratum::registry::ConnectionManager;
 use loka_stratum::server::{Reloader, Server};
 use serde_json::{json, Value};
@@ -1254,10 +1257,13 @@ pub struct Proxy {
     /// The TLS miner listener, when `server.tls_listen` is set.
     pub tls: Option<SocketAddr>,
     pub registry: Arc<ConnectionManager>,
+    pub inventory: Arc<Inventory>,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<()>,
     /// Applies a new configuration as SIGHUP would.
     pub reloader: Reloader,
+    /// The proxy's own data directory, when the test gave none; removed with the proxy.
+    pub data_dir: Option<tempfile::TempDir>,
 }
 
 /// Logs go to the test output when `RUST_LOG` is set.
@@ -1270,8 +1276,13 @@ fn init_logs() {
     }
 }
 
-pub async fn spawn_proxy(config: Config) -> Proxy {
+pub async fn spawn_proxy(mut config: Config) -> Proxy {
     init_logs();
+    // Each proxy its own worker store, unless the test shares one on purpose (a restart).
+    let data_dir = config.inventory.data_dir.is_empty().then(|| tempfile::tempdir().expect("a temporary directory"));
+    if let Some(dir) = &data_dir {
+        config.inventory.data_dir = dir.path().display().to_string();
+    }
     config.validate().expect("test config is valid");
     let server = Server::bind(config).await.expect("proxy binds");
     let (stop, rx) = oneshot::channel::<()>();
@@ -1279,11 +1290,12 @@ pub async fn spawn_proxy(config: Config) -> Proxy {
     let http = server.http_addr();
     let tls = server.tls_addr();
     let registry = server.registry();
+    let inventory = server.inventory();
     let reloader = server.reloader();
     let task = tokio::spawn(server.run(async move {
         let _ = rx.await;
     }));
-    Proxy { addr, http, tls, registry, stop: Some(stop), task, reloader }
+    Proxy { addr, http, tls, registry, inventory, stop: Some(stop), task, reloader, data_dir }
 }
 
 impl Proxy {
