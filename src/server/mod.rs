@@ -182,8 +182,12 @@ pub struct Reloader {
 
 impl Reloader {
     /// Puts `new` (already validated) in force, or refuses it and leaves the running one.
-    pub fn reload(&self, new: Config) -> Result<(), String> {
+    pub fn reload(&self, mut new: Config) -> Result<(), String> {
         let old = self.shared.config();
+        // An unset data directory (a config built in code rather than loaded) keeps the store.
+        if new.inventory.data_dir.is_empty() {
+            new.inventory.data_dir.clone_from(&old.inventory.data_dir);
+        }
         let needs_restart = [
             ("server.listen", old.server.listen != new.server.listen),
             ("http.listen", old.http.listen != new.http.listen),
