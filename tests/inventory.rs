@@ -184,7 +184,7 @@ async fn stale_online_offline_and_their_events(mode: Mode) {
     let mut events = proxy.inventory.subscribe();
     let name = || "idle.rig".to_owned();
     let mut miner = mine(&proxy, "idle.rig", 0).await;
-    assert_eq!(next(&mut events).await, (name(), Offline, Online), "a new worker comes online");
+    assert_eq!(next(&mut events).await, (name(), NeverSeen, Online), "a new worker comes online");
     assert_eq!(next(&mut events).await, (name(), Online, Stale), "connected, with no share");
     assert_eq!(worker(&proxy, "idle.rig").await["state"], "stale");
     assert_eq!(get(&proxy, "/api/v1/workers?state=stale").await["total"], 1);

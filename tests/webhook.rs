@@ -1,9 +1,11 @@
 //! The worker webhook against a receiver on 127.0.0.1 that records every request and answers
 //! from a script: what crosses the wire, coalescing, the outage summary, retries, timeouts,
-//! https, and the flush on shutdown.
+//! https, and the flush on shutdown; and end to end, a proxy's workers going offline and back.
 //!
 //! Real time with short settings, not a paused clock: the notifier's timers race real sockets,
 //! and a paused runtime would jump its timers while the receiver's bytes are in flight.
+
+mod support;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -451,4 +453,47 @@ async fn flushed_on_shutdown() {
     drop(notifier);
     timeout(WAIT, task).await.expect("the notifier stops").unwrap();
     assert_eq!(receiver.body(0)["events"][0]["worker"], "c");
+}
+
+/// End to end, in both modes: a worker that leaves is offline after `worker_offline_after`, and
+/// the proxy POSTs that to the webhook; when it comes back, that too. A new worker's first
+/// authorize is not news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_worker_going_offline_and_back_reaches_the_webhook() {
+    for mode in support::MODES {
+        let (receiver, url) = Receiver::start(&[]).await;
+        let pool = support::MockPool::start(support::PoolOptions::default()).await;
+        let mut config = support::mode_config(mode, pool.addr);
+        config.notify.webhook_url = url;
+        config.notify.webhook_coalesce = 1;
+        config.inventory.worker_offline_after = 1;
+        let proxy = support::spawn_proxy(config).await;
+        let mut steady = proxy.miner().await;
+        steady.handshake("farm.steady").await;
+        let mut leaving = proxy.miner().await;
+        leaving.handshake("farm.leaving").await;
+        sleep(Duration::from_secs(2)).await;
+        assert_eq!(receiver.count(), 0, "{mode:?}: new workers are not news");
+
+        drop(leaving);
+        assert!(receiver.wait_for(1).await, "{mode:?}: the offline worker is POSTed");
+        let body = receiver.body(0);
+        assert_eq!(body["type"], "worker_events", "{mode:?}: {body}");
+        let events = body["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "{mode:?}: {body}");
+        assert_eq!(events[0]["worker"], "farm.leaving");
+        assert_eq!((&events[0]["from"], &events[0]["to"]), (&json!("online"), &json!("offline")));
+        assert_eq!(events[0]["address"], "127.0.0.1");
+
+        let mut back = proxy.miner().await;
+        back.handshake("farm.leaving").await;
+        assert!(receiver.wait_for(2).await, "{mode:?}: its return is POSTed");
+        let body = receiver.body(1);
+        let events = body["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "{mode:?}: {body}");
+        assert_eq!((&events[0]["from"], &events[0]["to"]), (&json!("offline"), &json!("online")), "{body}");
+        assert!(!steady.closed);
+        proxy.shutdown().await;
+        assert_eq!(receiver.count(), 2, "{mode:?}: the shutdown sends nothing");
+    }
 }

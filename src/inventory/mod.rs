@@ -73,12 +73,13 @@ impl WorkerState {
     }
 }
 
-/// A worker's change of state, as [`Inventory::subscribe`] sends it.
-#[derive(Debug, Clone, PartialEq)]
+/// A worker's change of state, as [`Inventory::subscribe`] sends it and the webhook delivers it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Transition {
     pub worker: String,
     pub from: WorkerState,
     pub to: WorkerState,
+    #[serde(serialize_with = "crate::notify::serialize_time")]
     pub at: SystemTime,
     pub address: Option<IpAddr>,
     pub pool: Option<String>,
@@ -138,7 +139,8 @@ struct Worker {
 impl Worker {
     fn new(now: u32) -> Self {
         Worker {
-            state: WorkerState::Offline,
+            // Until its first authorize moves it: a new worker does not come back online.
+            state: WorkerState::NeverSeen,
             dirty: true,
             sessions: 0,
             pool: NO_POOL,
@@ -400,7 +402,7 @@ impl Inventory {
         worker.dirty = true;
         let to = worker.judged(now, &timing);
         if !known {
-            inner.counts[WorkerState::Offline as usize] += 1;
+            inner.counts[WorkerState::NeverSeen as usize] += 1;
         }
         self.moved(inner, name, from, to);
     }

@@ -35,6 +35,20 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
     #[error("worker store: {0}")]
     Db(Box<redb::Error>),
+    /// The runtime shut down before the store's work on its blocking pool ran.
+    #[error("worker store: the runtime stopped before the work ran")]
+    Cancelled,
+}
+
+/// Runs `work` on the blocking pool, where a database's file I/O belongs.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(StoreError::Cancelled),
+    }
 }
 
 fn db_error(e: impl Into<redb::Error>) -> StoreError {
@@ -168,7 +182,7 @@ impl Store {
             }
             Ok(points)
         };
-        tokio::task::spawn_blocking(read).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        blocking(read).await
     }
 
     /// Writes `batch` in one durable transaction.
@@ -199,7 +213,7 @@ impl Store {
             }
             tx.commit().map_err(db_error)
         };
-        tokio::task::spawn_blocking(write).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        blocking(write).await
     }
 }
 

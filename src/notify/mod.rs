@@ -13,22 +13,21 @@ mod http;
 mod payload;
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::counter;
 use rand::Rng;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use self::http::{Attempt, Endpoint};
+pub(crate) use self::payload::serialize_time;
 use self::payload::Batch;
 use crate::config::NotifyConfig;
 use crate::metrics::{WEBHOOK_EVENTS, WEBHOOK_POSTS};
@@ -37,45 +36,16 @@ use crate::metrics::{WEBHOOK_EVENTS, WEBHOOK_POSTS};
 /// when the task is starved; past it events are counted, not kept.
 pub const QUEUE: usize = 4096;
 
-/// A worker's state as the inventory sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WorkerState {
-    Online,
-    Stale,
-    Offline,
-    NeverSeen,
-}
-
-impl WorkerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Online => "online",
-            Self::Stale => "stale",
-            Self::Offline => "offline",
-            Self::NeverSeen => "never_seen",
-        }
-    }
-}
-
-/// One worker's change of state.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Event {
-    pub worker: String,
-    pub from: WorkerState,
-    pub to: WorkerState,
-    #[serde(serialize_with = "payload::serialize_time")]
-    pub at: SystemTime,
-    /// The address the worker's session came from, if one is known.
-    pub address: Option<IpAddr>,
-    pub pool: Option<String>,
-}
+/// The inventory's worker states and changes of state: what the notifier delivers.
+pub use crate::inventory::{Transition as Event, WorkerState};
 
 impl Event {
-    /// Whether the operator is told: a worker going offline or stale, or coming back online.
-    /// `never_seen` is the inventory's state after a restart, not a change in the farm.
+    /// Whether the operator is told: a worker going offline or stale, or coming back online from
+    /// either. `never_seen` is a worker not seen since the proxy started, or a new one: its first
+    /// authorize is not news, and the proxy's restart must not page anyone.
     pub fn is_notable(&self) -> bool {
-        self.from != self.to && matches!(self.to, WorkerState::Online | WorkerState::Stale | WorkerState::Offline)
+        use WorkerState::{Offline, Online, Stale};
+        self.from != self.to && matches!((self.from, self.to), (_, Offline | Stale) | (Offline | Stale, Online))
     }
 }
 
@@ -133,6 +103,14 @@ impl Notifier {
         Self { queue: None, dropped: Arc::default() }
     }
 
+    /// `count` events never reached the notifier: the next POST is a summary that counts them.
+    pub fn lost(&self, count: u64) {
+        if self.queue.is_some() {
+            self.dropped.fetch_add(count, Ordering::Relaxed);
+            counter!(WEBHOOK_EVENTS, "result" => "dropped").increment(count);
+        }
+    }
+
     /// Offers `event` to the webhook; never waits. Events that are not notable are ignored.
     pub fn send(&self, event: Event) {
         let Some(queue) = &self.queue else { return };
@@ -142,6 +120,21 @@ impl Notifier {
         if queue.try_send(event).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             counter!(WEBHOOK_EVENTS, "result" => "dropped").increment(1);
+        }
+    }
+}
+
+/// Hands the inventory's changes of state to `notifier` until `cancel`; changes the channel lost
+/// while this task was behind are counted as dropped, and the next POST is a summary.
+pub async fn forward(mut changes: broadcast::Receiver<Event>, notifier: Notifier, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            change = changes.recv() => match change {
+                Ok(event) => notifier.send(event),
+                Err(broadcast::error::RecvError::Lagged(lost)) => notifier.lost(lost),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
         }
     }
 }
@@ -282,14 +275,21 @@ mod tests {
     #[test]
     fn notable_changes() {
         use WorkerState::*;
-        let change =
-            |from, to| Event { worker: "w".into(), from, to, at: SystemTime::now(), address: None, pool: None };
+        let change = |from, to| Event {
+            worker: "w".into(),
+            from,
+            to,
+            at: std::time::SystemTime::now(),
+            address: None,
+            pool: None,
+        };
         for (from, to, notable) in [
             (Online, Offline, true),
             (Online, Stale, true),
             (Stale, Online, true),
             (Offline, Online, true),
-            (NeverSeen, Online, true),
+            (NeverSeen, Online, false),
+            (NeverSeen, Offline, true),
             (Stale, Offline, true),
             (Online, Online, false),
             (Offline, NeverSeen, false),

@@ -147,7 +147,7 @@ fn changes(n: u64) -> String {
 }
 
 /// Serializes a time as RFC 3339 in UTC.
-pub fn serialize_time<S: Serializer>(at: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_time<S: Serializer>(at: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&rfc3339(*at))
 }
 

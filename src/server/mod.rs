@@ -48,6 +48,8 @@ pub struct Server {
     tracker: TaskTracker,
     /// The miners' TLS listener, when `server.tls_listen` is set.
     tls: Option<(TcpListener, TlsAcceptor)>,
+    /// The worker webhook's task and what stops it, when `notify.webhook_url` is set.
+    webhook: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 impl Server {
@@ -67,6 +69,14 @@ impl Server {
         // Before any port: a store that cannot be opened stops start-up.
         let inventory =
             crate::inventory::Inventory::open(&config.inventory).map_err(|e| io::Error::other(e.to_string()))?;
+        let stop_webhook = CancellationToken::new();
+        let webhook = match crate::notify::start(&config.notify, stop_webhook.clone()).map_err(io::Error::other)? {
+            (_, None) => None,
+            (notifier, Some(task)) => {
+                tokio::spawn(crate::notify::forward(inventory.subscribe(), notifier, stop_webhook.clone()));
+                Some((stop_webhook, task))
+            }
+        };
         let listener = listen(config.server.listen)?;
         let tls = match config.server.tls_addr() {
             Ok(None) => None,
@@ -82,7 +92,7 @@ impl Server {
         tracing::info!(listen = %listener.local_addr()?, http = %http.local_addr()?, pools = config.pools.len(), "listening");
         let tracker = TaskTracker::new();
         let shared = Arc::new(Shared::new(config, inventory, &tracker));
-        Ok(Server { listener, http, shared, prometheus, tracker, tls })
+        Ok(Server { listener, http, shared, prometheus, tracker, tls, webhook })
     }
 
     /// A handle that applies a reloaded configuration to this server while it runs.
@@ -113,7 +123,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        let Server { listener, http, shared, prometheus, tracker, tls } = self;
+        let Server { listener, http, shared, prometheus, tracker, tls, webhook } = self;
         let admin_stop = CancellationToken::new();
         let draining = CancellationToken::new();
         let history = Arc::new(crate::hashrate::History::default());
@@ -165,6 +175,11 @@ impl Server {
         if tokio::time::timeout(crate::inventory::store::SHUTDOWN_FLUSH, flush).await.is_err() {
             tracing::warn!("the worker store's last flush did not finish in time");
         }
+        // The webhook sends what it holds, within its own grace.
+        if let Some((stop, task)) = webhook {
+            stop.cancel();
+            let _ = task.await;
+        }
         admin_stop.cancel();
         let _ = admin_task.await;
         tracing::info!("stopped");
@@ -198,6 +213,7 @@ impl Reloader {
             ),
             ("log.format", old.log.format != new.log.format),
             ("upstream.mode", old.upstream.mode != new.upstream.mode),
+            ("notify", old.notify != new.notify),
             ("inventory.data_dir", old.inventory.data_dir != new.inventory.data_dir),
             ("inventory.on_store_error", old.inventory.on_store_error != new.inventory.on_store_error),
             ("inventory.flush_interval", old.inventory.flush_interval != new.inventory.flush_interval),
