@@ -56,6 +56,8 @@ enum Request {
         miner: Option<Arc<SessionHandle>>,
         reply_to: Option<Id>,
         block: Option<BlockCandidate>,
+        /// The pool's difficulty for the share's job, which the share met.
+        difficulty: f64,
     },
     Other {
         reply_to: Option<Id>,
@@ -268,7 +270,9 @@ impl PoolSession {
             let _ = write!(buf, ",\"{bits:08x}\"");
         }
         buf.extend_from_slice(b"]}\n");
-        self.pending.insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to, block: f.block });
+        let difficulty = f.job.upstream_difficulty;
+        self.pending
+            .insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to, block: f.block, difficulty });
         self.waiting.push_back((id, now));
         self.submits_pending += 1;
         SubmissionManager.forwarded(&self.pool.metric_label, f.block.as_ref().map(|b| &b.hash));
@@ -450,7 +454,7 @@ impl PoolSession {
                         }
                         self.relay.then_some(Step::Authorized { worker, answer })
                     }
-                    Request::Submit { sent_at, miner, block, .. } => {
+                    Request::Submit { sent_at, miner, block, difficulty, .. } => {
                         self.submits_pending -= 1;
                         let rtt = now.saturating_duration_since(sent_at);
                         let verdict = match &ok {
@@ -468,10 +472,15 @@ impl PoolSession {
                         // stays with the pool it has. Only what can say the pool is unhealthy
                         // counts: healthy pools answer stale to shares that cross a new block and
                         // duplicate to one sent again, and refuse as shares the block candidates
-                        // sent below their share target.
+                        // sent below their share target. Nor does low difficulty on a share that
+                        // met its job's difficulty when the pool has raised it since: some pools
+                        // apply `set_difficulty` at once, not from their next job.
+                        let raised = verdict == PoolVerdict::Rejected(RejectReason::LowDifficulty)
+                            && self.difficulty > difficulty;
                         let counts =
                             !matches!(verdict, PoolVerdict::Rejected(RejectReason::Stale | RejectReason::Duplicate))
-                                && !block.is_some_and(|b| b.below_share_target);
+                                && !block.is_some_and(|b| b.below_share_target)
+                                && !raised;
                         if !self.relay && counts {
                             if self.verdicts.len() == REJECT_WINDOW {
                                 self.verdicts.pop_front();
