@@ -463,16 +463,21 @@ impl Inventory {
             let Some(name) = info.worker.as_deref() else { continue };
             let pool = inner.pool_index(upstream.as_deref());
             let Some(worker) = inner.workers.get_mut(name) else { continue };
+            // Written when something changed: an idle worker's `last_seen` alone waits for the
+            // next history point (see `flush`), so that a farm of idle miners is not rewritten
+            // every few seconds.
             if let Some(delta) = &delta {
                 worker.add(delta);
+                worker.dirty = true;
             }
             if worker.sessions > 0 {
                 worker.last_seen = now;
-                worker.difficulty = difficulty.unwrap_or(worker.difficulty);
-                if pool != NO_POOL {
-                    worker.pool = pool;
+                let difficulty = difficulty.unwrap_or(worker.difficulty);
+                let pool = if pool == NO_POOL { worker.pool } else { pool };
+                if (difficulty, pool) != (worker.difficulty, worker.pool) {
+                    (worker.difficulty, worker.pool) = (difficulty, pool);
+                    worker.dirty = true;
                 }
-                worker.dirty = true;
             }
         }
         let at = tokio::time::Instant::now();

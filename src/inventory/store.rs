@@ -24,7 +24,7 @@ const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 /// (worker name, unix seconds) → hashes per second over the point's interval.
 const HISTORY: TableDefinition<(&str, u64), f64> = TableDefinition::new("history");
 /// redb's page cache: the store is written in batches and read rarely.
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
+const CACHE_BYTES: usize = 1024 * 1024;
 /// How long the history is kept.
 const HISTORY_SPAN: u64 = 86_400;
 pub const FILE_NAME: &str = "workers.redb";
@@ -295,6 +295,8 @@ impl Inventory {
                 let mut forget = Vec::new();
                 for (name, worker) in inner.workers.iter_mut() {
                     if worker.state.is_live() {
+                        // Its `last_seen`, kept current in memory, reaches the store here too.
+                        worker.dirty = true;
                         batch.points.push((name.clone(), worker.work_point * HASHES_PER_DIFFICULTY / interval));
                     } else if worker.sessions == 0 && u64::from(now.saturating_sub(worker.last_seen)) >= forget_after {
                         forget.push(name.clone());
@@ -308,32 +310,49 @@ impl Inventory {
                     self.forgotten(&mut inner, name, worker.state);
                 }
             }
-            let inner = &mut *inner;
-            for (name, worker) in inner.workers.iter_mut().filter(|(_, w)| w.dirty) {
-                worker.dirty = false;
-                let pool = inner.pools.get(usize::from(worker.pool)).map(|p| &**p);
-                let record = serde_json::to_vec(&Record::of(worker, pool, now)).expect("a record serializes");
-                batch.records.push((name.clone(), record));
-            }
             batch.removed = std::mem::take(&mut inner.removed);
         }
-        if batch.records.is_empty() && batch.removed.is_empty() && batch.points.is_empty() && batch.prune.is_empty() {
-            return;
-        }
-        let (names, removed): (Vec<_>, _) =
-            (batch.records.iter().map(|(n, _)| n.clone()).collect(), batch.removed.clone());
-        if let Err(e) = self.store.write(batch).await {
-            tracing::error!(error = %e, "cannot write the worker store; retrying with the next flush");
-            let mut inner = self.lock();
-            for name in names {
-                if let Some(worker) = inner.workers.get_mut(&name) {
-                    worker.dirty = true;
+        // In transactions of at most FLUSH_CHUNK workers: what a flush holds in memory at once
+        // does not grow with the farm.
+        loop {
+            {
+                let mut inner = self.lock();
+                let inner = &mut *inner;
+                for (name, worker) in inner.workers.iter_mut().filter(|(_, w)| w.dirty).take(FLUSH_CHUNK) {
+                    worker.dirty = false;
+                    let pool = inner.pools.get(usize::from(worker.pool)).map(|p| &**p);
+                    let record = serde_json::to_vec(&Record::of(worker, pool, now)).expect("a record serializes");
+                    batch.records.push((name.clone(), record));
                 }
             }
-            inner.removed.extend(removed);
+            let more = batch.records.len() == FLUSH_CHUNK;
+            if batch.records.is_empty() && batch.removed.is_empty() && batch.points.is_empty() && batch.prune.is_empty()
+            {
+                return;
+            }
+            let (names, removed): (Vec<_>, _) =
+                (batch.records.iter().map(|(n, _)| n.clone()).collect(), batch.removed.clone());
+            if let Err(e) = self.store.write(std::mem::take(&mut batch)).await {
+                tracing::error!(error = %e, "cannot write the worker store; retrying with the next flush");
+                let mut inner = self.lock();
+                for name in names {
+                    if let Some(worker) = inner.workers.get_mut(&name) {
+                        worker.dirty = true;
+                    }
+                }
+                inner.removed.extend(removed);
+                return;
+            }
+            if !more {
+                return;
+            }
+            batch.at = u64::from(now);
         }
     }
 }
+
+/// Workers written in one transaction.
+const FLUSH_CHUNK: usize = 512;
 
 /// How long a flush may take before the shutdown stops waiting for it.
 pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
