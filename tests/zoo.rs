@@ -156,6 +156,8 @@ async fn xnsub_miner(mode: Mode) {
     // An aggregated miner is answered before the pool sees its share: let it arrive first.
     assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await);
     let size_before = nh.miner.extranonce2_size;
+    // The proxy's health probe may still hold a connection: the change is for the session alone.
+    assert!(eventually(WAIT, || async { pool.connections() == 1 }).await, "one pool session");
     assert_eq!(pool.set_extranonce(6), 1);
     assert!(nh.miner.clean_job(WAIT).await.is_some(), "a clean job after the change");
     let set = nh.miner.notifications.iter().rfind(|n| n["method"] == "mining.set_extranonce").cloned();
@@ -312,6 +314,8 @@ async fn at_once(mode: Mode, around: u64) {
     let share = miner.grind(None);
     assert_eq!(submit(&mut miner, "farm.rig1", &share).await["result"], true);
     assert!(eventually(WAIT, || async { pool.accepted() == 1 }).await, "judged before the change");
+    // The proxy's health probe may still hold a connection: the change is for the session alone.
+    assert!(eventually(WAIT, || async { pool.connections() == 1 }).await, "one pool session");
     assert_eq!(pool.set_difficulty(NEW), 1);
     match mode {
         Mode::Passthrough => {
