@@ -279,9 +279,8 @@ struct Own {
     job_timeout: Duration,
     submit_timeout: Duration,
     connect_timeout: Duration,
-    /// The miner's lines while neither side has heard from the other, `None` from the pool's
-    /// first line or the miner's first byte. A pool silent for `connect_timeout` after taking
-    /// them is left for the next one, and the lines are replayed there: the miner never knows.
+    /// The miner's lines until the pool's first line or the miner's first byte (then `None`):
+    /// replayed on the next pool if this one stays silent for `connect_timeout`.
     unheard: Option<Vec<BytesMut>>,
     /// Set once the proxy starts shutting down: no more miner lines, only replies.
     drain_deadline: Option<Instant>,
@@ -316,8 +315,7 @@ impl Own {
     }
 }
 
-/// Lines kept for a replay: a miner sends at most subscribe, configure, authorize,
-/// suggest_difficulty and extranonce.subscribe before the pool's first answer.
+/// Lines kept for a replay: subscribe, configure, authorize, suggest_difficulty, xnsub and more.
 const MAX_UNHEARD: usize = 8;
 
 /// What woke a pool side.
@@ -426,7 +424,7 @@ impl Side {
         if own.drain_deadline.is_some_and(|drain| drain <= now) {
             own.session.on_shutdown_deadline(out);
         } else if own.silence_deadline().is_some_and(|silence| silence <= now) {
-            // The driver moves the session (see `Driver::leave_silent_pool`).
+            // `Driver::leave_silent_pool` moves the session.
         } else if own.answer_deadline().is_some_and(|answer| answer <= now) {
             own.session.on_answer_timeout(now, own.submit_timeout, out);
         } else if own.job_deadline() <= now {
@@ -514,6 +512,8 @@ impl Driver<'_> {
             let mut close: Option<CloseReason> = None;
             // Handled after the select, whose futures would otherwise be held across its await.
             let mut line = first.take();
+            // A passed deadline: a silent pool is left after the select, not inside its arm.
+            let mut expired = None;
             if line.is_none() {
                 let due = self.side.deadline();
                 let throttled = self.limiter.ready_at(Instant::now());
@@ -532,7 +532,7 @@ impl Driver<'_> {
                         let now = Instant::now();
                         if due <= now {
                             self.side.on_deadline(now, &mut self.out);
-                            close = self.leave_silent_pool(now).await;
+                            expired = Some(now);
                         }
                     }
                     wake = self.side.wake() => self.side.on_wake(wake, Instant::now(), &mut self.out),
@@ -551,6 +551,9 @@ impl Driver<'_> {
                         }
                     },
                 }
+            }
+            if let Some(now) = expired {
+                close = close.or(self.leave_silent_pool(now).await);
             }
             if let Some(line) = line {
                 first = self.miner_line(&line, &mut close).await;
@@ -574,9 +577,8 @@ impl Driver<'_> {
     }
 
     /// Passthrough, when the pool took the miner's first lines and said nothing for
-    /// `connect_timeout`: a pool that hangs with its socket open, found before its probe finds it.
-    /// The pool is reported, and the session moves to the next pool with the miner's lines; with
-    /// none to move to it stays, and `submit_timeout` ends it.
+    /// `connect_timeout` (hung with its socket open): the pool is reported, and the session moves
+    /// to the next pool with the miner's lines; with none to move to, `submit_timeout` ends it.
     async fn leave_silent_pool(&mut self, now: Instant) -> Option<CloseReason> {
         let Side::Own(own) = &mut self.side else { return None };
         if own.silence_deadline().is_none_or(|silence| silence > now) {
