@@ -46,15 +46,8 @@ impl RejectReason {
     /// The index of a local reason in [`RejectReason::LOCAL`]; `Other`, which the proxy never
     /// gives, counts as malformed.
     pub fn local_index(self) -> usize {
-        match self {
-            RejectReason::Stale => 0,
-            RejectReason::BadJob => 1,
-            RejectReason::Malformed | RejectReason::Other => 2,
-            RejectReason::Duplicate => 3,
-            RejectReason::LowDifficulty => 4,
-            RejectReason::Unauthorized => 5,
-            RejectReason::NotSubscribed => 6,
-        }
+        let reason = if self == RejectReason::Other { RejectReason::Malformed } else { self };
+        Self::LOCAL.iter().position(|r| *r == reason).expect("every other reason is in LOCAL")
     }
 
     /// The reasons [`RejectReason::from_code`] gives a pool's reject.
