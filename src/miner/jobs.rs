@@ -145,8 +145,10 @@ pub struct Sent {
     /// Shares taken under this id; allocated with the first, freed with the entry. Boxed, so that
     /// an entry with none costs a pointer, not an empty set's 48 bytes: a book holds 16 entries
     /// for every idle miner.
+    /// Hashed with foldhash: a key is remembered only once its share passed sha256d, so a miner
+    /// cannot choose keys that collide.
     #[allow(clippy::box_collection)]
-    seen: Option<Box<HashSet<ShareKey>>>,
+    seen: Option<Box<HashSet<ShareKey, foldhash::fast::RandomState>>>,
 }
 
 /// What the book knows of a job id.

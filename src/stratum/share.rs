@@ -7,11 +7,14 @@
 //!   merkle root ‖ ntime (LE) ‖ nbits (LE) ‖ nonce (LE)
 //! - the hash is sha256d(header), read as a little-endian 256-bit number.
 
+use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};
 
 /// A 256-bit number as 32 little-endian bytes: hashes and targets alike.
 pub type U256Le = [u8; 32];
 
+/// sha256d of any bytes: the reference the share path's fixed-size forms below are checked
+/// against (by the tests here and the fuzz target).
 pub fn sha256d(data: &[u8]) -> [u8; 32] {
     Sha256::digest(Sha256::digest(data)).into()
 }
@@ -23,7 +26,7 @@ pub fn coinbase_hash(coinb1: &[u8], extranonce1: &[u8], extranonce2: &[u8], coin
     h.update(extranonce1);
     h.update(extranonce2);
     h.update(coinb2);
-    Sha256::digest(h.finalize()).into()
+    sha256_of_hash(&h.finalize().into())
 }
 
 /// Folds the merkle branch into the coinbase hash.
@@ -33,9 +36,53 @@ pub fn merkle_root(coinbase_hash: [u8; 32], branch: &[[u8; 32]]) -> [u8; 32] {
     for entry in branch {
         pair[..32].copy_from_slice(&root);
         pair[32..].copy_from_slice(entry);
-        root = sha256d(&pair);
+        root = sha256_of_hash(&compress(IV, &[&pair, &PADDING_64]));
     }
     root
+}
+
+/// sha256d of an 80-byte header.
+pub fn header_hash(header: &[u8; 80]) -> [u8; 32] {
+    let mut tail = [0u8; 64];
+    tail[..16].copy_from_slice(&header[64..]);
+    tail[16] = 0x80;
+    tail[62..].copy_from_slice(&(80u16 * 8).to_be_bytes());
+    sha256_of_hash(&compress(IV, &[header[..64].try_into().expect("64 bytes"), &tail]))
+}
+
+// The share path hashes fixed-size inputs (32, 64 and 80 bytes), so their padding is known: the
+// compression function runs on whole blocks, without the streaming API's buffering.
+
+/// SHA-256's initial state.
+const IV: [u32; 8] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+/// The padding block after a 64-byte message.
+const PADDING_64: [u8; 64] = {
+    let mut block = [0u8; 64];
+    block[0] = 0x80;
+    block[62] = 0x02; // 512 bits
+    block
+};
+
+/// Runs whole blocks through the compression function from `state`; the digest's bytes.
+fn compress(mut state: [u32; 8], blocks: &[&[u8; 64]]) -> [u8; 32] {
+    for block in blocks {
+        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block[..])));
+    }
+    let mut digest = [0u8; 32];
+    for (bytes, word) in digest.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    digest
+}
+
+/// sha256 of a 32-byte hash: one block.
+fn sha256_of_hash(hash: &[u8; 32]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(hash);
+    block[32] = 0x80;
+    block[62] = 0x01; // 256 bits
+    compress(IV, &[&block])
 }
 
 /// The 80-byte block header. `prevhash` is as the notify carries it.
@@ -138,7 +185,8 @@ mod tests {
         let prev = stratum_prevhash("00000000000008a3a41b85b8b29ad444def299fee21793cd8b9e567eab02cd81");
         let root = le("2b12fcf1b09288fcaff797d71e950e71ae42b91e8bdb2304758dfcffc2b620e3");
         let h = header(1, &prev, &root, 1305998791, 0x1a44b9f2, 2504433986);
-        let hash = sha256d(&h);
+        let hash = header_hash(&h);
+        assert_eq!(hash, sha256d(&h));
         assert_eq!(display_hash(&hash), "00000000000000001e8d6829a8a21adc5d38d0a473b144b6765798e61f98bd1d");
         assert!(meets(&hash, &target_from_nbits(0x1a44b9f2)));
         assert!(difficulty_of(&hash) > 244_112.0, "the block met its network difficulty");
@@ -163,7 +211,8 @@ mod tests {
             let root = merkle_root(coinbase_hash(coinb1, en1, en2, coinb2), &[]);
             assert_eq!(root, le("4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b"));
             let h = header(1, &[0; 32], &root, 1231006505, 0x1d00ffff, 2083236893);
-            let hash = sha256d(&h);
+            let hash = header_hash(&h);
+            assert_eq!(hash, sha256d(&h));
             assert_eq!(display_hash(&hash), "000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f");
             assert!(meets(&hash, &target_from_nbits(0x1d00ffff)));
         }
