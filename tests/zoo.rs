@@ -53,6 +53,41 @@ async fn fast_asic(mode: Mode) {
     proxy.shutdown().await;
 }
 
+in_both_modes!(tokio::test(flavor = "multi_thread", worker_threads = 2), shares_in_one_write);
+/// An S19 that flushes 50 shares in one write, as firmware does after a stall: the proxy takes
+/// the lines it already holds in one pass (32 at most) and answers them in one write. Each share
+/// is answered once, in the order sent, counted once, and accepted by the pool once.
+async fn shares_in_one_write(mode: Mode) {
+    let pool = MockPool::start(PoolOptions::validating()).await;
+    let mut c = mode_config(mode, pool.addr);
+    c.vardiff.max_difficulty = 1e-12;
+    let proxy = spawn_proxy(c).await;
+    let accepted_before = metric_now(&proxy, "loka_shares_accepted_total", &[("pool", &pool.label())]).await;
+    let mut s19 = S19::connect(proxy.addr, "farm.s19").await;
+    let mut burst = String::new();
+    for id in 1..=50 {
+        let s = s19.miner.grind(None);
+        let params = json!([s19.worker, s.job_id, s.extranonce2, s.ntime, s.nonce]);
+        burst += &json!({"id": id, "method": "mining.submit", "params": params}).to_string();
+        burst.push('\n');
+    }
+    s19.miner.send_bytes(burst.as_bytes()).await;
+    let mut ids = Vec::new();
+    while ids.len() < 50 {
+        let reply = s19.miner.recv_json(WAIT).await.expect("every share of the burst is answered");
+        if reply["id"].is_u64() {
+            assert_eq!(reply["result"], true, "{reply}");
+            ids.push(reply["id"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(ids, (1..=50).collect::<Vec<_>>(), "answered in the order sent");
+    pool_accepted(&pool, 50).await;
+    let accepted = metric_now(&proxy, "loka_shares_accepted_total", &[("pool", &pool.label())]).await;
+    assert_eq!(accepted - accepted_before, 50.0, "each share counted once");
+    assert!(s19.miner.recv_json(Duration::from_millis(200)).await.is_none_or(|m| !m["id"].is_u64()), "no reply twice");
+    proxy.shutdown().await;
+}
+
 in_both_modes!(tokio::test, slow_bitaxe);
 /// `idle_timeout` is for connections that have not authorized. A Bitaxe silent for longer than
 /// it, through several jobs, stays, and its shares are accepted.

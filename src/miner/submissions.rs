@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use metrics::{counter, histogram, SharedString};
+use metrics::{counter, histogram, Counter, SharedString};
 use serde::Serialize;
 
 use crate::jobs::ShareKey;
@@ -210,7 +210,7 @@ pub fn check(
 
     let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
     let root = share::merkle_root(coinbase, &n.merkle_branch);
-    let hash = share::sha256d(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
+    let hash = share::header_hash(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
     let network = share::target_from_nbits(n.nbits);
     let block = share::meets(&hash, &network);
     let judged_at = if share::meets(&hash, job.target) {
@@ -375,6 +375,23 @@ pub const MICRODIFFICULTY: f64 = 1e6;
 #[derive(Debug, Default)]
 pub struct SubmissionManager;
 
+/// The counters every accepted share adds to, for one `pool` label: looked up once, not per
+/// share.
+#[derive(Debug)]
+pub struct AcceptedCounters {
+    shares: Counter,
+    work: Counter,
+}
+
+impl AcceptedCounters {
+    pub fn new(pool: &SharedString) -> Self {
+        AcceptedCounters {
+            shares: counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()),
+            work: counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()),
+        }
+    }
+}
+
 // `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
 // share allocates nothing.
 impl SubmissionManager {
@@ -388,10 +405,9 @@ impl SubmissionManager {
     }
 
     /// A share passed the proxy's checks: it is accepted as work.
-    pub fn validated(&self, session: &SessionHandle, pool: &SharedString, share: &ValidShare) {
-        counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()).increment(1);
-        let work = (share.job_difficulty * MICRODIFFICULTY).round() as u64;
-        counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()).increment(work);
+    pub fn validated(&self, session: &SessionHandle, counters: &AcceptedCounters, share: &ValidShare) {
+        counters.shares.increment(1);
+        counters.work.increment((share.job_difficulty * MICRODIFFICULTY).round() as u64);
         let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
         session.info().stats.record_valid(elapsed, share.job_difficulty, share.share_difficulty);
         session.share_seen(elapsed);

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,7 @@ use crate::config::{Config, PoolConfig, PoolUrl};
 use crate::handshake::handshake;
 use crate::metrics as m;
 use crate::pool_session::PoolSession;
+use crate::submissions::AcceptedCounters;
 
 /// Read buffer a pool connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 1024;
@@ -212,6 +213,8 @@ pub struct Pool {
     up_since: std::sync::Mutex<Option<Instant>>,
     /// What the pool made of the shares forwarded to it, and when it last sent a job.
     pub verdicts: Verdicts,
+    /// Found at the first share, once the metrics recorder is surely installed.
+    accepted: OnceLock<AcceptedCounters>,
 }
 
 /// A pool's answers to forwarded shares, its latest round trip and its latest job, for the API.
@@ -286,7 +289,13 @@ impl Pool {
             redirect_port: AtomicU16::new(0),
             up_since: std::sync::Mutex::new(None),
             verdicts: Verdicts::default(),
+            accepted: OnceLock::new(),
         })
+    }
+
+    /// The counters a share accepted for this pool adds to.
+    pub fn accepted_counters(&self) -> &AcceptedCounters {
+        self.accepted.get_or_init(|| AcceptedCounters::new(&self.metric_label))
     }
 
     fn health(&self) -> Health {

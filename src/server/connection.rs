@@ -3,15 +3,14 @@
 //! feeds them to the session, writes out what it produces, and reports to the registry and the
 //! managers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use metrics::{counter, gauge, SharedString};
 use tokio::io::ReadHalf;
-use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -19,19 +18,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
 use super::outbox::Outbox;
-use crate::aggregate::miner::Member;
+use super::side::Side;
 use crate::aggregate::{Aggregator, Refused};
 use crate::auth::AuthManager;
 use crate::codec::{FrameError, LineCodec};
 use crate::config::{Config, Mode};
 use crate::inventory::Inventory;
 use crate::metrics as m;
-use crate::passthrough::Passthrough;
 use crate::protocol::{code, miner, write, Id};
-use crate::registry::{CloseReason, ConnectionManager, Phase, Registration, SessionHandle};
+use crate::registry::{CloseReason, ConnectionManager, Registration, SessionHandle};
 use crate::session::{Event, Output};
-use crate::submissions::SubmissionManager;
-use crate::upstream::{AsyncStream, NoUpstream, Pool, PoolLink, PoolSet};
+use crate::submissions::{AcceptedCounters, SubmissionManager};
+use crate::upstream::{AsyncStream, NoUpstream, Pool, PoolSet};
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -89,8 +87,10 @@ impl Shared {
 
 /// Read buffer a miner connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 256;
-/// Bytes queued for a miner's pool past which the miner is not read until the pool takes them.
-const MAX_UNWRITTEN: usize = 64 * 1024;
+/// Read buffer of a miner that sends lines faster than they are read.
+const BUSY_READ_BUFFER: usize = 4096;
+/// Buffered lines handled before their answers are written.
+const MAX_BATCH: usize = 32;
 
 /// The `pool` label of what happens while a miner's group has no pool.
 pub(crate) static NO_POOL: SharedString = SharedString::const_str("none");
@@ -261,230 +261,6 @@ fn refusal(line: &[u8], reason: &'static str, message: &str) -> Vec<u8> {
 pub(crate) type MinerStream = Box<dyn AsyncStream>;
 type MinerReader = FramedRead<ReadHalf<MinerStream>, LineCodec>;
 
-/// A miner's pool side: the policy of its task. A member is held inline: the driver that holds
-/// it is one allocation already, and aggregated miners are the many.
-#[allow(clippy::large_enum_variant)]
-enum Side {
-    /// Passthrough: a pool session of its own. Boxed: an aggregated miner does not pay its size.
-    Own(Box<Own>),
-    /// Aggregate mode: a seat in a group that shares one.
-    Member(Member),
-}
-
-/// Passthrough's pool side: the miner's session with its pool session, and the connection.
-struct Own {
-    session: Passthrough,
-    link: PoolLink,
-    started: Instant,
-    job_timeout: Duration,
-    submit_timeout: Duration,
-    connect_timeout: Duration,
-    /// The miner's lines until the pool's first line or the miner's first byte (then `None`):
-    /// replayed on the next pool if this one stays silent for `connect_timeout`.
-    unheard: Option<Vec<BytesMut>>,
-    /// Set once the proxy starts shutting down: no more miner lines, only replies.
-    drain_deadline: Option<Instant>,
-}
-
-impl Own {
-    /// When the pool has gone `job_timeout` without a job.
-    fn job_deadline(&self) -> Instant {
-        self.session.last_notify().unwrap_or(self.started) + self.job_timeout
-    }
-
-    /// When the oldest request the pool has not answered runs out of `submit_timeout`.
-    fn answer_deadline(&mut self) -> Option<Instant> {
-        self.session.oldest_waiting().map(|sent| sent + self.submit_timeout)
-    }
-
-    /// When a pool that has said nothing to the miner's first lines is judged silent.
-    fn silence_deadline(&self) -> Option<Instant> {
-        self.unheard.as_ref().filter(|lines| !lines.is_empty()).map(|_| self.started + self.connect_timeout)
-    }
-
-    /// Starts over on `link`: the miner's lines so far go to the new pool as they came.
-    fn reopen(&mut self, shared: &Shared, handle: &SessionHandle, link: PoolLink, out: &mut Output) {
-        self.session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
-        self.link = link;
-        self.started = Instant::now();
-        let lines = self.unheard.take().unwrap_or_default();
-        for line in &lines {
-            self.session.on_miner_line(line, self.started, out);
-        }
-        self.unheard = Some(lines);
-    }
-}
-
-/// Lines kept for a replay: subscribe, configure, authorize, suggest_difficulty, xnsub and more.
-const MAX_UNHEARD: usize = 8;
-
-/// What woke a pool side.
-enum Wake {
-    Pool(Option<Result<BytesMut, FrameError>>),
-    Work(Result<(), watch::error::RecvError>),
-}
-
-impl Side {
-    /// A pool session of the miner's own, or a seat in a group.
-    async fn open(shared: &Shared, config: &Config, handle: &SessionHandle) -> Result<Side, Refused> {
-        let Some(aggregator) = &shared.aggregator else {
-            let link = shared.pools.connect(None).await.map_err(|NoUpstream| Refused::NoUpstream)?;
-            handle.set_phase(Phase::Connected, shared.registry.now_ms());
-            let session = Passthrough::new(shared.auth.clone(), link.pool().clone(), handle.peer.ip());
-            let own = Own {
-                session,
-                link,
-                started: Instant::now(),
-                job_timeout: config.upstream.job_timeout(),
-                submit_timeout: config.upstream.submit_timeout(),
-                connect_timeout: config.upstream.connect_timeout(),
-                unheard: Some(Vec::new()),
-                drain_deadline: None,
-            };
-            return Ok(Side::Own(Box::new(own)));
-        };
-        let seat = aggregator.admit().await?;
-        Ok(Side::Member(Member::new(seat, config, Instant::now())))
-    }
-
-    fn pool(&self) -> Option<&Arc<Pool>> {
-        match self {
-            Side::Own(own) => Some(own.link.pool()),
-            Side::Member(member) => member.pool(),
-        }
-    }
-
-    fn phase(&self) -> Phase {
-        match self {
-            Side::Own(own) => own.session.phase(),
-            Side::Member(member) => member.session.phase(),
-        }
-    }
-
-    /// The next timer: a pool session's job, answer and drain deadlines, or a member's vardiff.
-    fn deadline(&mut self) -> Instant {
-        match self {
-            Side::Own(own) => {
-                let job = own.job_deadline();
-                let answer = own.answer_deadline().unwrap_or(job);
-                let silence = own.silence_deadline().unwrap_or(job);
-                own.drain_deadline.unwrap_or(job).min(job).min(answer).min(silence)
-            }
-            Side::Member(member) => member.session.next_check().expect("a local session has a vardiff"),
-        }
-    }
-
-    /// The pool's next line, or the group's next work.
-    async fn wake(&mut self) -> Wake {
-        match self {
-            Side::Own(own) => Wake::Pool(own.link.next_line().await),
-            Side::Member(member) => Wake::Work(member.changed().await),
-        }
-    }
-
-    /// Whether to read the miner: not while draining, nor while the pool does not take what is
-    /// queued for it (TCP pushes back).
-    fn reading(&self) -> bool {
-        match self {
-            Side::Own(own) => own.drain_deadline.is_none() && own.link.unwritten() < MAX_UNWRITTEN,
-            Side::Member(_) => true,
-        }
-    }
-
-    /// Shutting down, and nothing is left to answer.
-    fn drained(&self) -> bool {
-        matches!(self, Side::Own(own) if own.drain_deadline.is_some() && own.session.pending() == 0)
-    }
-
-    /// The proxy is shutting down. A pool session waits up to `shutdown_grace` for the replies
-    /// in flight; a member closes at once, as its group drains the shares.
-    fn on_shutdown(&mut self, grace: Duration) -> Option<CloseReason> {
-        match self {
-            Side::Own(own) => {
-                own.drain_deadline.get_or_insert_with(|| Instant::now() + grace);
-                None
-            }
-            Side::Member(_) => Some(CloseReason::Shutdown),
-        }
-    }
-
-    /// The miner is leaving or being closed: requests in flight get an error if it can still
-    /// read one, and their shares are counted as unanswered.
-    fn on_closing(&mut self, out: &mut Output) {
-        if let Side::Own(own) = self {
-            own.session.on_miner_closing(out);
-        }
-    }
-
-    fn on_deadline(&mut self, now: Instant, out: &mut Output) {
-        let own = match self {
-            Side::Member(member) => return member.on_tick(now, out),
-            Side::Own(own) => own,
-        };
-        if own.drain_deadline.is_some_and(|drain| drain <= now) {
-            own.session.on_shutdown_deadline(out);
-        } else if own.silence_deadline().is_some_and(|silence| silence <= now) {
-            // `Driver::leave_silent_pool` moves the session.
-        } else if own.answer_deadline().is_some_and(|answer| answer <= now) {
-            own.session.on_answer_timeout(now, own.submit_timeout, out);
-        } else if own.job_deadline() <= now {
-            let (pool, job_timeout) = (&own.link.pool().label, own.job_timeout);
-            tracing::warn!(%pool, ?job_timeout, "no job from the pool; dropping the pool session");
-            own.session.on_job_timeout(out);
-        }
-    }
-
-    fn on_wake(&mut self, wake: Wake, now: Instant, out: &mut Output) {
-        let own = match (self, wake) {
-            (Side::Member(member), Wake::Work(changed)) => return member.on_changed(changed, out),
-            (Side::Own(own), Wake::Pool(line)) => match line {
-                Some(Ok(line)) => {
-                    own.unheard = None;
-                    return own.session.on_pool_line(&line, now, out);
-                }
-                Some(Err(FrameError::TooLong(max))) => {
-                    counter!(m::LINES_TOO_LONG, "source" => "pool").increment(1);
-                    tracing::warn!(max, pool = %own.link.pool().label, "pool line over the cap");
-                    return own.session.on_pool_line_too_long(out);
-                }
-                Some(Err(FrameError::Io(e))) => {
-                    tracing::info!(error = %e, "pool connection failed");
-                    own
-                }
-                None => {
-                    tracing::info!("pool closed the connection");
-                    own
-                }
-            },
-            _ => unreachable!("each side wakes with its own kind"),
-        };
-        own.link.pool().connection_lost();
-        own.session.on_pool_lost(out);
-    }
-
-    fn on_miner_line(&mut self, handle: &Arc<SessionHandle>, line: &[u8], now: Instant, out: &mut Output) {
-        match self {
-            Side::Own(own) => {
-                let heard = out.to_miner.len();
-                own.session.on_miner_line(line, now, out);
-                match &mut own.unheard {
-                    Some(lines) if out.to_miner.len() == heard && lines.len() < MAX_UNHEARD => lines.push(line.into()),
-                    _ => own.unheard = None,
-                }
-            }
-            Side::Member(member) => member.on_miner_line(handle, line, now, out),
-        }
-    }
-
-    /// Sends what the step wrote for the pool: at once, or while the pool's next line is awaited.
-    fn flush(&mut self, out: &mut Output) {
-        if let Side::Own(own) = self {
-            own.link.queue(&out.to_pool);
-        }
-        out.to_pool.clear();
-    }
-}
-
 /// One miner's task: the miner's lines, its pool side's wake-ups and the timers go into the
 /// session; what comes out is written, accounted and reported.
 struct Driver<'a> {
@@ -536,32 +312,36 @@ impl Driver<'_> {
                         }
                     }
                     wake = self.side.wake() => self.side.on_wake(wake, Instant::now(), &mut self.out),
-                    next = self.reader.next(), if self.side.reading() && throttled.is_none() => match next {
-                        Some(Ok(next)) => line = Some(next),
-                        Some(Err(FrameError::TooLong(max))) => {
-                            counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
-                            tracing::info!(max, "miner line over the cap");
-                            self.side.on_closing(&mut self.out);
-                            close = Some(CloseReason::LineTooLong);
-                        }
-                        // Nobody is left to answer; the shares in flight are still accounted for.
-                        Some(Err(FrameError::Io(_))) | None => {
-                            self.side.on_closing(&mut self.out);
-                            close = Some(CloseReason::MinerClosed);
-                        }
-                    },
+                    next = self.reader.next(), if self.side.reading() && throttled.is_none() => {
+                        (line, close) = self.on_read(next);
+                    }
                 }
             }
             if let Some(now) = expired {
                 close = close.or(self.leave_silent_pool(now).await);
             }
-            if let Some(line) = line {
-                first = self.miner_line(&line, &mut close).await;
+            // Lines the miner sent together are answered together: one write for all of them.
+            let mut batch = 0;
+            while let Some(next) = line.take() {
+                first = self.miner_line(&next, &mut close).await;
+                // Accounting first, so that a miner holding its reply sees it in the metrics and
+                // the API.
+                let reported = self.report();
+                close = close.or(reported);
+                batch += 1;
+                if first.is_none() && close.is_none() && batch < MAX_BATCH {
+                    (line, close) = self.buffered_line();
+                }
+            }
+            if batch == 0 {
+                let reported = self.report();
+                close = close.or(reported);
+            } else if batch > 1 {
+                // The miner sends faster than it is read: its reads take more lines at once.
+                let buffer = self.reader.read_buffer_mut();
+                buffer.reserve(BUSY_READ_BUFFER.saturating_sub(buffer.len()));
             }
             self.side.flush(&mut self.out);
-            // Accounting first, so that a miner holding its reply sees it in the metrics and the API.
-            let reported = self.report();
-            close = close.or(reported);
             self.handle.set_phase(self.side.phase(), self.shared.registry.now_ms());
             // The buffer goes with it, not kept: most miners are idle between jobs.
             if let Err(reason) = self.outbox.push(std::mem::take(&mut self.out.to_miner), &self.config.server) {
@@ -573,6 +353,39 @@ impl Driver<'_> {
             if self.side.drained() {
                 return CloseReason::Shutdown;
             }
+        }
+    }
+
+    /// What a read from the miner gave: a line, or the reason to close.
+    fn on_read(&mut self, next: Option<Result<BytesMut, FrameError>>) -> (Option<BytesMut>, Option<CloseReason>) {
+        match next {
+            Some(Ok(line)) => (Some(line), None),
+            Some(Err(FrameError::TooLong(max))) => {
+                counter!(m::LINES_TOO_LONG, "source" => "miner").increment(1);
+                tracing::info!(max, "miner line over the cap");
+                self.side.on_closing(&mut self.out);
+                (None, Some(CloseReason::LineTooLong))
+            }
+            // Nobody is left to answer; the shares in flight are still accounted for.
+            Some(Err(FrameError::Io(_))) | None => {
+                self.side.on_closing(&mut self.out);
+                (None, Some(CloseReason::MinerClosed))
+            }
+        }
+    }
+
+    /// The next line if the read buffer already holds it and the miner may send it now: taken
+    /// without a read from the socket.
+    fn buffered_line(&mut self) -> (Option<BytesMut>, Option<CloseReason>) {
+        let whole = self.reader.read_buffer().contains(&b'\n');
+        if !whole || !self.side.reading() || self.limiter.ready_at(Instant::now()).is_some() {
+            return (None, None);
+        }
+        // Polled once; the select polls the read again, with the task's own waker, if this one
+        // found only blank lines.
+        match self.reader.next().now_or_never() {
+            Some(next) => self.on_read(next),
+            None => (None, None),
         }
     }
 
@@ -659,7 +472,16 @@ impl Driver<'_> {
         // Taken, not drained: an idle miner keeps no buffer.
         for event in std::mem::take(&mut self.out.events) {
             match event {
-                Event::ShareValid(share) => submissions.validated(handle, label, &share),
+                Event::ShareValid(share) => {
+                    let counters = match &self.pool {
+                        Some(pool) => pool.accepted_counters(),
+                        None => {
+                            static NO_POOL_COUNTERS: OnceLock<AcceptedCounters> = OnceLock::new();
+                            NO_POOL_COUNTERS.get_or_init(|| AcceptedCounters::new(&NO_POOL))
+                        }
+                    };
+                    submissions.validated(handle, counters, &share);
+                }
                 Event::ShareRefused(reason) => submissions.refused(handle, label, reason),
                 Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, label, verdict, rtt),
                 Event::Authorized(worker) => {

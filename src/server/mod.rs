@@ -10,6 +10,7 @@ pub mod hashrate;
 pub mod outbox;
 pub mod proxy_protocol;
 pub mod registry;
+mod side;
 pub mod systemd;
 pub mod tls;
 
