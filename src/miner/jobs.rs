@@ -77,9 +77,17 @@ impl Job {
     }
 }
 
-/// What identifies a share within its job: the decoded bytes, never their hex spelling, so that
-/// case variants of one share are duplicates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What identifies a share within its job's book: the low 128 bits of its hash, which covers
+/// every byte of the share (extranonces, ntime, nonce, version). So case variants of one share
+/// are duplicates, and a remembered share costs 16 bytes, not its decoded fields' 40.
+pub type ShareId = u128;
+
+pub fn share_id(hash: &U256Le) -> ShareId {
+    u128::from_le_bytes(hash[..16].try_into().expect("16 bytes"))
+}
+
+/// A share's decoded fields, never their hex spelling: what is forwarded to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShareKey {
     /// extranonce1 ‖ extranonce2.
     extranonce: [u8; MAX_EXTRANONCE1_SIZE + MAX_EXTRANONCE2_SIZE],
@@ -145,10 +153,10 @@ pub struct Sent {
     /// Shares taken under this id; allocated with the first, freed with the entry. Boxed, so that
     /// an entry with none costs a pointer, not an empty set's 48 bytes: a book holds 16 entries
     /// for every idle miner.
-    /// Hashed with foldhash: a key is remembered only once its share passed sha256d, so a miner
-    /// cannot choose keys that collide.
+    /// Hashed with foldhash: an id is remembered only once its share met its target, so a
+    /// miner cannot choose ids that collide.
     #[allow(clippy::box_collection)]
-    seen: Option<Box<HashSet<ShareKey, foldhash::fast::RandomState>>>,
+    seen: Option<Box<HashSet<ShareId, foldhash::fast::RandomState>>>,
 }
 
 /// What the book knows of a job id.
@@ -264,14 +272,14 @@ impl JobBook {
     }
 
     /// A share with `key` was taken on this job, under any id.
-    pub fn is_duplicate(&self, index: usize, key: &ShareKey) -> bool {
+    pub fn is_duplicate(&self, index: usize, id: ShareId) -> bool {
         let seq = self.sent[index].job.seq;
-        self.sent.iter().any(|s| s.job.seq == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(key)))
+        self.sent.iter().any(|s| s.job.seq == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(&id)))
     }
 
     /// Records a share that passed; the set is freed with its entry.
-    pub fn remember(&mut self, index: usize, key: ShareKey) {
-        self.sent[index].seen.get_or_insert_with(Default::default).insert(key);
+    pub fn remember(&mut self, index: usize, id: ShareId) {
+        self.sent[index].seen.get_or_insert_with(Default::default).insert(id);
     }
 
     pub fn newest(&self) -> Option<&Sent> {
@@ -390,14 +398,12 @@ mod tests {
         assert_eq!(b.push(j.clone(), 2.0, false), JobId::Proxy(0x701));
         assert_eq!(difficulty(&b, "700"), Some(1.0));
         assert_eq!(difficulty(&b, "701"), Some(2.0));
-        let key = ShareKey::new(&[1, 2], &[0, 0, 0, 1], 5, 6, 7);
+        let id = share_id(&[7; 32]);
         let Lookup::Live(first) = b.lookup("700") else { panic!() };
-        b.remember(first, key);
+        b.remember(first, id);
         let Lookup::Live(second) = b.lookup("701") else { panic!() };
-        assert!(b.is_duplicate(second, &key), "one job under two ids is one job");
-        assert!(!b.is_duplicate(second, &ShareKey::new(&[1, 2], &[0, 0, 0, 2], 5, 6, 7)));
-        // Same bytes split differently between the extranonces is another share.
-        assert!(!b.is_duplicate(second, &ShareKey::new(&[1], &[2, 0, 0, 0, 1], 5, 6, 7)));
+        assert!(b.is_duplicate(second, id), "one job under two ids is one job");
+        assert!(!b.is_duplicate(second, share_id(&[8; 32])));
         assert!(matches!(b.lookup("600"), Lookup::Stale), "an older number");
         assert!(matches!(b.lookup("800"), Lookup::Unknown), "never issued");
         assert!(matches!(b.lookup("not hex"), Lookup::Unknown));
@@ -419,13 +425,13 @@ mod tests {
     fn a_pool_id_sent_again_replaces_its_job() {
         let mut b = JobBook::new(JobIds::Pool);
         b.push(job(1, "a"), 1.0, true);
-        let key = ShareKey::new(&[1, 2], &[0, 0, 0, 1], 5, 6, 7);
+        let id = share_id(&[7; 32]);
         let Lookup::Live(i) = b.lookup("a") else { panic!() };
-        b.remember(i, key);
+        b.remember(i, id);
         b.push(job(2, "a"), 1.0, false);
         assert_eq!(b.len(), 1);
         let Lookup::Live(i) = b.lookup("a") else { panic!() };
-        assert!(!b.is_duplicate(i, &key));
+        assert!(!b.is_duplicate(i, id));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::aggregate::Work;
-use crate::jobs::{Job, JobBook, JobIds, Lookup};
+use crate::jobs::{share_id, Job, JobBook, JobIds, Lookup};
 use crate::metrics as m;
 use crate::protocol::miner::{self, Call, MinerMessage, Submit};
 use crate::protocol::pool::MAX_EXTRANONCE2_SIZE;
@@ -537,7 +537,7 @@ impl MinerSession {
                 return;
             }
         };
-        self.book.remember(index, share.key);
+        self.book.remember(index, share_id(&share.hash));
         let job = self.book.sent(index).job.clone();
         // Both modes send every block candidate, as ckpool does, whatever the pool's difficulty.
         let meets_pool = meets(&share.hash, &job.upstream_target);
@@ -615,7 +615,7 @@ impl MinerSession {
             extranonce2_size: self.en2_size,
             version_mask: self.mask.unwrap_or(0),
         };
-        let share = submissions::check(job, miner, submit, |k| self.book.is_duplicate(index, k))?;
+        let share = submissions::check(job, miner, submit, |id| self.book.is_duplicate(index, id))?;
         Ok((index, worker.upstream.clone(), share))
     }
 }

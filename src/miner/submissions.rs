@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use metrics::{counter, histogram, Counter, SharedString};
 use serde::Serialize;
 
-use crate::jobs::ShareKey;
+use crate::jobs::{share_id, ShareId, ShareKey};
 use crate::metrics as m;
 use crate::protocol::miner::Submit;
 use crate::protocol::pool::{Notify, MAX_EXTRANONCE2_SIZE};
@@ -160,15 +160,15 @@ pub struct JobTarget<'a> {
 }
 
 /// Judges a share on a known job: field widths, the ntime window, the version mask, duplicates
-/// (`seen` answers whether a share was already taken) and the hash against the job's target, in
-/// that order. A hash that misses the job's target but meets the network's (a network easier
+/// (`seen` answers whether a share with that hash was already taken) and the hash against the
+/// job's target, in that order. A hash that misses the job's target but meets the network's (a network easier
 /// than the pool, as on testnets) passes as a block candidate, judged at the network's
 /// difficulty. Allocates nothing on success.
 pub fn check(
     job: JobTarget<'_>,
     miner: ShareContext<'_>,
     submit: &Submit,
-    seen: impl FnOnce(&ShareKey) -> bool,
+    seen: impl FnOnce(ShareId) -> bool,
 ) -> Result<ValidShare, LocalReject> {
     let size = miner.extranonce2_size;
     let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
@@ -203,14 +203,13 @@ pub fn check(
         Some(bits) => (n.version & !miner.version_mask) | (bits & miner.version_mask),
     };
 
-    let key = ShareKey::new(miner.extranonce1, extranonce2, ntime, nonce, version);
-    if seen(&key) {
-        return Err(LocalReject::new(code::DUPLICATE, "Duplicate share", RejectReason::Duplicate));
-    }
-
     let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
     let root = share::merkle_root(coinbase, &n.merkle_branch);
     let hash = share::header_hash(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
+    if seen(share_id(&hash)) {
+        return Err(LocalReject::new(code::DUPLICATE, "Duplicate share", RejectReason::Duplicate));
+    }
+    let key = ShareKey::new(miner.extranonce1, extranonce2, ntime, nonce, version);
     let network = share::target_from_nbits(n.nbits);
     let block = share::meets(&hash, &network);
     let judged_at = if share::meets(&hash, job.target) {
