@@ -336,8 +336,10 @@ impl Driver<'_> {
             if batch == 0 {
                 let reported = self.report();
                 close = close.or(reported);
-            } else if batch > 1 {
-                // The miner sends faster than it is read: its reads take more lines at once.
+            } else if !self.reader.read_buffer().is_empty() {
+                // A line is left half read: the miner sent more than the buffer held, faster than
+                // it is read. Its reads take more lines at once from now on. (A handshake sent in
+                // one write fits the first buffer, so an idle miner keeps it.)
                 let buffer = self.reader.read_buffer_mut();
                 buffer.reserve(BUSY_READ_BUFFER.saturating_sub(buffer.len()));
             }
