@@ -175,7 +175,7 @@ pub fn check(
     if size == 0 || size > MAX_EXTRANONCE2_SIZE || submit.extranonce2.len() != size * 2 {
         return Err(LocalReject::malformed(format!("extranonce2 must be {} hex characters", size * 2)));
     }
-    hex::decode_to_slice(&submit.extranonce2, &mut extranonce2[..size])
+    hex::decode_to_slice(submit.extranonce2.as_bytes(), &mut extranonce2[..size])
         .map_err(|_| LocalReject::malformed("extranonce2 is not hex"))?;
     let extranonce2 = &extranonce2[..size];
     let ntime = parse_hex_u32(&submit.ntime).ok_or_else(|| LocalReject::malformed("ntime must be 8 hex characters"))?;
@@ -519,14 +519,14 @@ mod tests {
         (notify, difficulty)
     }
 
-    fn submit(en2: u32, ntime: u32, nonce: u32, bits: u32) -> Submit {
+    fn submit(en2: u32, ntime: u32, nonce: u32, bits: u32) -> Submit<'static> {
         Submit {
             worker: "w".into(),
             job_id: "j".into(),
-            extranonce2: format!("{en2:08x}"),
-            ntime: format!("{ntime:08x}"),
-            nonce: format!("{nonce:08x}"),
-            version_bits: Some(format!("{bits:08x}")),
+            extranonce2: format!("{en2:08x}").into(),
+            ntime: format!("{ntime:08x}").into(),
+            nonce: format!("{nonce:08x}").into(),
+            version_bits: Some(format!("{bits:08x}").into()),
         }
     }
 

@@ -22,11 +22,11 @@ pub struct Request<'a> {
     pub id: Id,
     pub method: Cow<'a, str>,
     pub params: Option<&'a RawValue>,
-    pub call: Call,
+    pub call: Call<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Call {
+pub enum Call<'a> {
     Subscribe {
         user_agent: Option<String>,
         session_id: Option<String>,
@@ -38,7 +38,7 @@ pub enum Call {
     Configure(Configure),
     ExtranonceSubscribe,
     SuggestDifficulty(f64),
-    Submit(Submit),
+    Submit(Submit<'a>),
     /// A method the proxy does not know; relayed as it came in passthrough mode.
     Unknown,
 }
@@ -60,13 +60,13 @@ impl Configure {
 /// `mining.submit [worker, job_id, extranonce2, ntime, nonce, (version_bits)]`, as strings. Hex
 /// widths are judged by the share checks, not here.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Submit {
-    pub worker: String,
-    pub job_id: String,
-    pub extranonce2: String,
-    pub ntime: String,
-    pub nonce: String,
-    pub version_bits: Option<String>,
+pub struct Submit<'a> {
+    pub worker: Cow<'a, str>,
+    pub job_id: Cow<'a, str>,
+    pub extranonce2: Cow<'a, str>,
+    pub ntime: Cow<'a, str>,
+    pub nonce: Cow<'a, str>,
+    pub version_bits: Option<Cow<'a, str>>,
 }
 
 pub const SUBSCRIBE: &str = "mining.subscribe";
@@ -115,12 +115,12 @@ pub fn parse(line: &[u8]) -> Result<MinerMessage<'_>, ParseError> {
             let p = Params::new(&id, SUBMIT, env.params)?;
             p.expect_len(5, 6)?;
             Call::Submit(Submit {
-                worker: p.string(0, "worker")?,
-                job_id: p.string(1, "job id")?,
-                extranonce2: p.string(2, "extranonce2")?,
-                ntime: p.string(3, "ntime")?,
-                nonce: p.string(4, "nonce")?,
-                version_bits: if p.len() == 6 { Some(p.string(5, "version bits")?) } else { None },
+                worker: p.str(0, "worker")?,
+                job_id: p.str(1, "job id")?,
+                extranonce2: p.str(2, "extranonce2")?,
+                ntime: p.str(3, "ntime")?,
+                nonce: p.str(4, "nonce")?,
+                version_bits: if p.len() == 6 { Some(p.str(5, "version bits")?) } else { None },
             })
         }
         _ => {
@@ -140,7 +140,7 @@ pub fn parse(line: &[u8]) -> Result<MinerMessage<'_>, ParseError> {
     Ok(MinerMessage::Request(Request { id, method, params: env.params, call }))
 }
 
-fn parse_configure(p: &Params<'_>) -> Result<Configure, ParseError> {
+fn parse_configure(p: &Params<'_, '_>) -> Result<Configure, ParseError> {
     p.expect_len(1, 2)?;
     let extensions: Vec<String> = p.typed(0, "extensions", "an array of strings")?;
     let mut out = Configure { extensions, ..Configure::default() };
@@ -166,7 +166,7 @@ fn parse_configure(p: &Params<'_>) -> Result<Configure, ParseError> {
 mod tests {
     use super::*;
 
-    fn call(line: &str) -> Call {
+    fn call(line: &str) -> Call<'_> {
         match parse(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}")) {
             MinerMessage::Request(r) => r.call,
             other => panic!("{line}: {other:?}"),

@@ -132,8 +132,8 @@ fn parse_envelope(line: &[u8]) -> Result<Parsed<'_>, ParseError> {
 }
 
 /// The positional params of a request, borrowed from the line.
-pub(crate) struct Params<'a> {
-    id: &'a Id,
+pub(crate) struct Params<'i, 'a> {
+    id: &'i Id,
     method: &'static str,
     items: Vec<&'a RawValue>,
 }
@@ -141,8 +141,8 @@ pub(crate) struct Params<'a> {
 /// The most params any known method takes; a longer array is rejected before it is walked twice.
 const MAX_PARAMS: usize = 64;
 
-impl<'a> Params<'a> {
-    fn new(id: &'a Id, method: &'static str, raw: Option<&'a RawValue>) -> Result<Self, ParseError> {
+impl<'i, 'a> Params<'i, 'a> {
+    fn new(id: &'i Id, method: &'static str, raw: Option<&'a RawValue>) -> Result<Self, ParseError> {
         let items = match raw {
             None => Vec::new(),
             Some(raw) if raw.get() == "null" => Vec::new(),
@@ -188,6 +188,15 @@ impl<'a> Params<'a> {
 
     fn string(&self, i: usize, name: &'static str) -> Result<String, ParseError> {
         self.typed::<String>(i, name, "a string")
+    }
+
+    /// A string borrowed from the line, or unescaped into one of its own: a share's fields are
+    /// read without allocating.
+    fn str(&self, i: usize, name: &'static str) -> Result<Cow<'a, str>, ParseError> {
+        match self.typed::<&'a str>(i, name, "a string") {
+            Ok(s) => Ok(Cow::Borrowed(s)),
+            Err(_) => self.string(i, name).map(Cow::Owned),
+        }
     }
 
     fn opt_string(&self, i: usize, name: &'static str) -> Result<Option<String>, ParseError> {

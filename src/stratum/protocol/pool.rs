@@ -131,14 +131,14 @@ pub fn parse(line: &[u8]) -> Result<PoolMessage<'_>, ParseError> {
 }
 
 /// The extranonce2 size from a subscribe reply or `set_extranonce`, within what miners can use.
-pub(crate) fn extranonce2_size(p: &Params<'_>, size: i64) -> Result<usize, ParseError> {
+pub(crate) fn extranonce2_size(p: &Params<'_, '_>, size: i64) -> Result<usize, ParseError> {
     match usize::try_from(size) {
         Ok(s @ 1..=MAX_EXTRANONCE2_SIZE) => Ok(s),
         _ => Err(p.error(format!("extranonce2_size out of range: {size}"))),
     }
 }
 
-fn parse_notify(p: &Params<'_>) -> Result<Notify, ParseError> {
+fn parse_notify(p: &Params<'_, '_>) -> Result<Notify, ParseError> {
     if p.len() < 9 {
         return Err(p.error(format!("expected 9 params, got {}", p.len())));
     }
@@ -171,7 +171,7 @@ fn parse_notify(p: &Params<'_>) -> Result<Notify, ParseError> {
     })
 }
 
-fn hash32(p: &Params<'_>, bytes: Vec<u8>, name: &'static str) -> Result<[u8; 32], ParseError> {
+fn hash32(p: &Params<'_, '_>, bytes: Vec<u8>, name: &'static str) -> Result<[u8; 32], ParseError> {
     bytes.try_into().map_err(|_| p.error(format!("{name} must be 32 bytes")))
 }
 
