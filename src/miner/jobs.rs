@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::protocol::pool::{Notify, MAX_EXTRANONCE1_SIZE, MAX_EXTRANONCE2_SIZE};
+use crate::protocol::pool::Notify;
 use crate::share::{target_from_difficulty, U256Le};
 
 /// Job ids a miner's book holds; older ones are forgotten first, and shares on them are stale.
@@ -84,53 +84,6 @@ pub type ShareId = u128;
 
 pub fn share_id(hash: &U256Le) -> ShareId {
     u128::from_le_bytes(hash[..16].try_into().expect("16 bytes"))
-}
-
-/// A share's decoded fields, never their hex spelling: what is forwarded to the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShareKey {
-    /// extranonce1 ‖ extranonce2.
-    extranonce: [u8; MAX_EXTRANONCE1_SIZE + MAX_EXTRANONCE2_SIZE],
-    extranonce1_len: u8,
-    extranonce2_len: u8,
-    ntime: u32,
-    nonce: u32,
-    version: u32,
-}
-
-impl ShareKey {
-    pub fn new(extranonce1: &[u8], extranonce2: &[u8], ntime: u32, nonce: u32, version: u32) -> Self {
-        let mut extranonce = [0u8; MAX_EXTRANONCE1_SIZE + MAX_EXTRANONCE2_SIZE];
-        extranonce[..extranonce1.len()].copy_from_slice(extranonce1);
-        extranonce[extranonce1.len()..extranonce1.len() + extranonce2.len()].copy_from_slice(extranonce2);
-        ShareKey {
-            extranonce,
-            extranonce1_len: extranonce1.len() as u8,
-            extranonce2_len: extranonce2.len() as u8,
-            ntime,
-            nonce,
-            version,
-        }
-    }
-
-    pub fn ntime(&self) -> u32 {
-        self.ntime
-    }
-
-    pub fn nonce(&self) -> u32 {
-        self.nonce
-    }
-
-    /// The header's version, the miner's rolled bits in.
-    pub fn version(&self) -> u32 {
-        self.version
-    }
-
-    /// The share's extranonce2 bytes.
-    pub fn extranonce2(&self) -> &[u8] {
-        let start = usize::from(self.extranonce1_len);
-        &self.extranonce[start..start + usize::from(self.extranonce2_len)]
-    }
 }
 
 /// Whose job ids the miner sees.

@@ -549,17 +549,17 @@ impl MinerSession {
             let mut extranonce2 = [0u8; MAX_EXTRANONCE2_SIZE];
             let len = prefix.len() + self.en2_size + job.pad;
             extranonce2[..prefix.len()].copy_from_slice(prefix);
-            extranonce2[prefix.len()..prefix.len() + self.en2_size].copy_from_slice(share.key.extranonce2());
+            extranonce2[prefix.len()..prefix.len() + self.en2_size].copy_from_slice(share.extranonce2());
             Forward {
                 job: job.clone(),
                 worker,
                 extranonce2,
                 extranonce2_len: len as u8,
-                ntime: share.key.ntime(),
-                nonce: share.key.nonce(),
+                ntime: share.ntime,
+                nonce: share.nonce,
                 // The bits as the miner sent them: the checks kept them inside the mask. None go
                 // to a pool that granted no mask.
-                version_bits: (submit.version_bits.is_some() && mask != 0).then(|| share.key.version() & mask),
+                version_bits: (submit.version_bits.is_some() && mask != 0).then_some(share.version & mask),
                 reply_to,
                 block,
             }

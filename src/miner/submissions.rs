@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use metrics::{counter, histogram, Counter, SharedString};
 use serde::Serialize;
 
-use crate::jobs::{share_id, ShareId, ShareKey};
+use crate::jobs::{share_id, ShareId};
 use crate::metrics as m;
 use crate::protocol::miner::Submit;
 use crate::protocol::pool::{Notify, MAX_EXTRANONCE2_SIZE};
@@ -122,7 +122,13 @@ pub struct ShareContext<'a> {
 /// A share that passed every local check.
 #[derive(Debug, Clone, Copy)]
 pub struct ValidShare {
-    pub key: ShareKey,
+    /// The decoded fields, never their hex spelling: what is forwarded to the pool.
+    extranonce2: [u8; MAX_EXTRANONCE2_SIZE],
+    extranonce2_len: u8,
+    pub ntime: u32,
+    pub nonce: u32,
+    /// The header's version, the miner's rolled bits in.
+    pub version: u32,
     pub hash: [u8; 32],
     /// The difficulty the share was judged at, and counts as work at: its job's, or the
     /// network's for a block candidate below its job's target.
@@ -159,11 +165,18 @@ pub struct JobTarget<'a> {
     pub target: &'a share::U256Le,
 }
 
+impl ValidShare {
+    /// The share's extranonce2 bytes.
+    pub fn extranonce2(&self) -> &[u8] {
+        &self.extranonce2[..usize::from(self.extranonce2_len)]
+    }
+}
+
 /// Judges a share on a known job: field widths, the ntime window, the version mask, duplicates
 /// (`seen` answers whether a share with that hash was already taken) and the hash against the
-/// job's target, in that order. A hash that misses the job's target but meets the network's (a network easier
-/// than the pool, as on testnets) passes as a block candidate, judged at the network's
-/// difficulty. Allocates nothing on success.
+/// job's target, in that order. A hash that misses the job's target but meets the network's (a
+/// network easier than the pool, as on testnets) passes as a block candidate, judged at the
+/// network's difficulty. Allocates nothing on success.
 pub fn check(
     job: JobTarget<'_>,
     miner: ShareContext<'_>,
@@ -177,7 +190,6 @@ pub fn check(
     }
     hex::decode_to_slice(submit.extranonce2.as_bytes(), &mut extranonce2[..size])
         .map_err(|_| LocalReject::malformed("extranonce2 is not hex"))?;
-    let extranonce2 = &extranonce2[..size];
     let ntime = parse_hex_u32(&submit.ntime).ok_or_else(|| LocalReject::malformed("ntime must be 8 hex characters"))?;
     let nonce = parse_hex_u32(&submit.nonce).ok_or_else(|| LocalReject::malformed("nonce must be 8 hex characters"))?;
     let version_bits = match &submit.version_bits {
@@ -203,13 +215,12 @@ pub fn check(
         Some(bits) => (n.version & !miner.version_mask) | (bits & miner.version_mask),
     };
 
-    let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, extranonce2, &n.coinb2);
+    let coinbase = share::coinbase_hash(&n.coinb1, miner.extranonce1, &extranonce2[..size], &n.coinb2);
     let root = share::merkle_root(coinbase, &n.merkle_branch);
     let hash = share::header_hash(&share::header(version, &n.prevhash, &root, ntime, n.nbits, nonce));
     if seen(share_id(&hash)) {
         return Err(LocalReject::new(code::DUPLICATE, "Duplicate share", RejectReason::Duplicate));
     }
-    let key = ShareKey::new(miner.extranonce1, extranonce2, ntime, nonce, version);
     let network = share::target_from_nbits(n.nbits);
     let block = share::meets(&hash, &network);
     let judged_at = if share::meets(&hash, job.target) {
@@ -219,7 +230,17 @@ pub fn check(
     } else {
         return Err(LocalReject::new(code::LOW_DIFFICULTY, "Low difficulty share", RejectReason::LowDifficulty));
     };
-    Ok(ValidShare { key, hash, job_difficulty: judged_at, share_difficulty: share::difficulty_of(&hash), block })
+    Ok(ValidShare {
+        extranonce2,
+        extranonce2_len: size as u8,
+        ntime,
+        nonce,
+        version,
+        hash,
+        job_difficulty: judged_at,
+        share_difficulty: share::difficulty_of(&hash),
+        block,
+    })
 }
 
 /// The window the API's hashrate is averaged over.
