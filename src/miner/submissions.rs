@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use metrics::{counter, histogram, Counter, SharedString};
+use metrics::{counter, histogram, Counter, Histogram, SharedString};
 use serde::Serialize;
 
 use crate::jobs::{share_id, ShareId};
@@ -94,17 +94,6 @@ pub enum PoolVerdict {
     /// The pool session ended (the pool went, the miner left in passthrough mode, the shutdown
     /// grace ran out) before the pool answered.
     Unanswered,
-}
-
-impl PoolVerdict {
-    /// The `result` label of `loka_upstream_shares_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolVerdict::Accepted => "accepted",
-            PoolVerdict::Rejected(_) => "rejected",
-            PoolVerdict::Unanswered => "unanswered",
-        }
-    }
 }
 
 /// How far past its job's ntime a share's ntime may roll, as ckpool allows.
@@ -395,47 +384,61 @@ pub const MICRODIFFICULTY: f64 = 1e6;
 #[derive(Debug, Default)]
 pub struct SubmissionManager;
 
-/// The counters every accepted share adds to, for one `pool` label: looked up once, not per
-/// share.
+/// One pool's per-share series, looked up once (its [`Pool`](crate::upstream::Pool) holds
+/// them), not in the metrics registry on every share. `label` names the pool in the rarer
+/// series: reject reasons, blocks, faults.
 #[derive(Debug)]
-pub struct AcceptedCounters {
-    shares: Counter,
-    work: Counter,
+pub struct ShareMetrics {
+    pub label: SharedString,
+    submitted: Counter,
+    accepted: Counter,
+    accepted_work: Counter,
+    pool_accepted: Counter,
+    pool_rejected: Counter,
+    pool_unanswered: Counter,
+    rtt: Histogram,
 }
 
-impl AcceptedCounters {
-    pub fn new(pool: &SharedString) -> Self {
-        AcceptedCounters {
-            shares: counter!(m::SHARES_ACCEPTED, "pool" => pool.clone()),
-            work: counter!(m::SHARES_ACCEPTED_WORK, "pool" => pool.clone()),
+impl ShareMetrics {
+    pub fn new(label: SharedString) -> Self {
+        let verdict = |result: &'static str| counter!(m::UPSTREAM_SHARES, "pool" => label.clone(), "result" => result);
+        ShareMetrics {
+            submitted: counter!(m::SHARES_SUBMITTED, "pool" => label.clone()),
+            accepted: counter!(m::SHARES_ACCEPTED, "pool" => label.clone()),
+            accepted_work: counter!(m::SHARES_ACCEPTED_WORK, "pool" => label.clone()),
+            pool_accepted: verdict("accepted"),
+            pool_rejected: verdict("rejected"),
+            pool_unanswered: verdict("unanswered"),
+            rtt: histogram!(m::SUBMIT_RTT, "pool" => label.clone()),
+            label,
         }
     }
 }
 
-// `pool` is the pool's shared label: cloning it bumps a reference count, so accounting for a
-// share allocates nothing.
+// The rarer series take the pool's shared label: cloning it bumps a reference count, so
+// accounting for a share allocates nothing.
 impl SubmissionManager {
     /// A share was sent to the pool; a block candidate is counted and announced here, once sent.
-    pub fn forwarded(&self, pool: &SharedString, block: Option<&[u8; 32]>) {
-        counter!(m::SHARES_SUBMITTED, "pool" => pool.clone()).increment(1);
+    pub fn forwarded(&self, pool: &ShareMetrics, block: Option<&[u8; 32]>) {
+        pool.submitted.increment(1);
         if let Some(hash) = block {
-            counter!(m::BLOCKS_FOUND, "pool" => pool.clone()).increment(1);
-            tracing::info!(block_hash = %share::display_hash(hash), pool = &**pool, "block candidate sent to the pool");
+            counter!(m::BLOCKS_FOUND, "pool" => pool.label.clone()).increment(1);
+            tracing::info!(block_hash = %share::display_hash(hash), pool = &*pool.label, "block candidate sent to the pool");
         }
     }
 
     /// A share passed the proxy's checks: it is accepted as work.
-    pub fn validated(&self, session: &SessionHandle, counters: &AcceptedCounters, share: &ValidShare) {
-        counters.shares.increment(1);
-        counters.work.increment((share.job_difficulty * MICRODIFFICULTY).round() as u64);
+    pub fn validated(&self, session: &SessionHandle, pool: &ShareMetrics, share: &ValidShare) {
+        pool.accepted.increment(1);
+        pool.accepted_work.increment((share.job_difficulty * MICRODIFFICULTY).round() as u64);
         let elapsed = tokio::time::Instant::now().duration_since(session.connected_at);
         session.info().stats.record_valid(elapsed, share.job_difficulty, share.share_difficulty);
         session.share_seen(elapsed);
     }
 
     /// A share the proxy's checks refused: the miner got an error, the pool never saw it.
-    pub fn refused(&self, session: &SessionHandle, pool: &SharedString, reason: RejectReason) {
-        counter!(m::SHARES_REJECTED, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
+    pub fn refused(&self, session: &SessionHandle, pool: &ShareMetrics, reason: RejectReason) {
+        counter!(m::SHARES_REJECTED, "pool" => pool.label.clone(), "reason" => reason.as_str()).increment(1);
         session.info().stats.record_refused(reason);
         session.share_seen(tokio::time::Instant::now().duration_since(session.connected_at));
     }
@@ -446,23 +449,24 @@ impl SubmissionManager {
     pub fn pool_verdict(
         &self,
         session: &SessionHandle,
-        pool: &SharedString,
+        pool: &ShareMetrics,
         verdict: PoolVerdict,
         rtt: Option<Duration>,
     ) {
-        counter!(m::UPSTREAM_SHARES, "pool" => pool.clone(), "result" => verdict.as_str()).increment(1);
         if let Some(rtt) = rtt {
-            histogram!(m::SUBMIT_RTT, "pool" => pool.clone()).record(rtt.as_secs_f64());
+            pool.rtt.record(rtt.as_secs_f64());
         }
         match verdict {
             PoolVerdict::Accepted => {
+                pool.pool_accepted.increment(1);
                 session.pool_verdicts.accepted.fetch_add(1, Ordering::Relaxed);
             }
             PoolVerdict::Rejected(reason) => {
-                counter!(m::UPSTREAM_REJECTS, "pool" => pool.clone(), "reason" => reason.as_str()).increment(1);
+                pool.pool_rejected.increment(1);
+                counter!(m::UPSTREAM_REJECTS, "pool" => pool.label.clone(), "reason" => reason.as_str()).increment(1);
                 session.pool_verdicts.rejected.fetch_add(1, Ordering::Relaxed);
             }
-            PoolVerdict::Unanswered => {}
+            PoolVerdict::Unanswered => pool.pool_unanswered.increment(1),
         }
     }
 }

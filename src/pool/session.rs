@@ -275,7 +275,7 @@ impl PoolSession {
             .insert(id, Request::Submit { sent_at: now, miner, reply_to: f.reply_to, block: f.block, difficulty });
         self.waiting.push_back((id, now));
         self.submits_pending += 1;
-        SubmissionManager.forwarded(&self.pool.metric_label, f.block.as_ref().map(|b| &b.hash));
+        SubmissionManager.forwarded(self.pool.share_metrics(), f.block.as_ref().map(|b| &b.hash));
     }
 
     /// Asks the pool to accept a miner's worker, with its credentials rewritten. In aggregate

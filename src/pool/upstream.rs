@@ -26,7 +26,7 @@ use crate::config::{Config, PoolConfig, PoolUrl};
 use crate::handshake::handshake;
 use crate::metrics as m;
 use crate::pool_session::PoolSession;
-use crate::submissions::AcceptedCounters;
+use crate::submissions::ShareMetrics;
 
 /// Read buffer a pool connection starts with; it grows to the line cap only when a line needs it.
 const READ_BUFFER: usize = 1024;
@@ -214,7 +214,7 @@ pub struct Pool {
     /// What the pool made of the shares forwarded to it, and when it last sent a job.
     pub verdicts: Verdicts,
     /// Found at the first share, once the metrics recorder is surely installed.
-    accepted: OnceLock<AcceptedCounters>,
+    share_metrics: OnceLock<ShareMetrics>,
 }
 
 /// A pool's answers to forwarded shares, its latest round trip and its latest job, for the API.
@@ -289,13 +289,13 @@ impl Pool {
             redirect_port: AtomicU16::new(0),
             up_since: std::sync::Mutex::new(None),
             verdicts: Verdicts::default(),
-            accepted: OnceLock::new(),
+            share_metrics: OnceLock::new(),
         })
     }
 
-    /// The counters a share accepted for this pool adds to.
-    pub fn accepted_counters(&self) -> &AcceptedCounters {
-        self.accepted.get_or_init(|| AcceptedCounters::new(&self.metric_label))
+    /// The series every share for this pool moves.
+    pub fn share_metrics(&self) -> &ShareMetrics {
+        self.share_metrics.get_or_init(|| ShareMetrics::new(self.metric_label.clone()))
     }
 
     fn health(&self) -> Health {

@@ -28,7 +28,7 @@ use crate::metrics as m;
 use crate::protocol::{code, miner, write, Id};
 use crate::registry::{CloseReason, ConnectionManager, Registration, SessionHandle};
 use crate::session::{Event, Output};
-use crate::submissions::{AcceptedCounters, SubmissionManager};
+use crate::submissions::{ShareMetrics, SubmissionManager};
 use crate::upstream::{AsyncStream, NoUpstream, Pool, PoolSet};
 
 /// What every connection task shares.
@@ -94,6 +94,12 @@ const MAX_BATCH: usize = 32;
 
 /// The `pool` label of what happens while a miner's group has no pool.
 pub(crate) static NO_POOL: SharedString = SharedString::const_str("none");
+
+/// The per-share series of the miner's pool, or of [`NO_POOL`] while its group has none.
+fn share_metrics(pool: Option<&Arc<Pool>>) -> &ShareMetrics {
+    static NONE: OnceLock<ShareMetrics> = OnceLock::new();
+    pool.map_or_else(|| NONE.get_or_init(|| ShareMetrics::new(NO_POOL.clone())), |pool| pool.share_metrics())
+}
 
 /// Serves one miner until it leaves, is evicted, or the proxy shuts down.
 pub async fn serve(shared: Arc<Shared>, stream: impl AsyncStream + 'static, registration: Registration) {
@@ -468,24 +474,15 @@ impl Driver<'_> {
             self.pool = pool.cloned();
             self.handle.info().upstream = pool.map(|p| Arc::from(p.label.as_str()));
         }
-        let label = self.pool.as_ref().map_or(&NO_POOL, |p| &p.metric_label);
+        let metrics = share_metrics(self.pool.as_ref());
         let (submissions, handle) = (&self.shared.submissions, self.handle);
         let mut close = None;
         // Taken, not drained: an idle miner keeps no buffer.
         for event in std::mem::take(&mut self.out.events) {
             match event {
-                Event::ShareValid(share) => {
-                    let counters = match &self.pool {
-                        Some(pool) => pool.accepted_counters(),
-                        None => {
-                            static NO_POOL_COUNTERS: OnceLock<AcceptedCounters> = OnceLock::new();
-                            NO_POOL_COUNTERS.get_or_init(|| AcceptedCounters::new(&NO_POOL))
-                        }
-                    };
-                    submissions.validated(handle, counters, &share);
-                }
-                Event::ShareRefused(reason) => submissions.refused(handle, label, reason),
-                Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, label, verdict, rtt),
+                Event::ShareValid(share) => submissions.validated(handle, metrics, &share),
+                Event::ShareRefused(reason) => submissions.refused(handle, metrics, reason),
+                Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, metrics, verdict, rtt),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");
@@ -508,7 +505,7 @@ impl Driver<'_> {
                 Event::Close(reason) => close = close.or(Some(reason)),
                 Event::PoolFault(reason) => {
                     let Some(pool) = &self.pool else { continue };
-                    counter!(m::UPSTREAM_FAULTS, "pool" => label.clone(), "reason" => reason).increment(1);
+                    counter!(m::UPSTREAM_FAULTS, "pool" => metrics.label.clone(), "reason" => reason).increment(1);
                     tracing::warn!(pool = %pool.label, reason, "pool fault; dropping the pool session");
                     pool.report_fault();
                 }

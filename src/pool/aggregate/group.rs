@@ -647,6 +647,6 @@ fn suggest(
 /// The pool's verdict on a miner's share, credited to the miner.
 pub(super) fn credit(pool: &Pool, miner: Option<Arc<SessionHandle>>, verdict: PoolVerdict, rtt: Option<Duration>) {
     if let Some(miner) = miner {
-        SubmissionManager.pool_verdict(&miner, &pool.metric_label, verdict, rtt);
+        SubmissionManager.pool_verdict(&miner, pool.share_metrics(), verdict, rtt);
     }
 }
