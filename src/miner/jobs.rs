@@ -99,8 +99,10 @@ pub enum JobIds {
 #[derive(Debug)]
 pub struct Sent {
     pub job: Arc<Job>,
-    /// Re-sends of the job to this miner before this one (proxy ids only).
-    tag: u8,
+    /// `seq << 8 | resends`: the job's number, and its re-sends to this miner before this one
+    /// (always 0 with pool ids). The proxy id the miner sees, held here so that looking a share's
+    /// job up reads no job.
+    key: u64,
     /// The difficulty the miner was given with it.
     pub difficulty: f64,
     /// Shares taken under this id; allocated with the first, freed with the entry. Boxed, so that
@@ -156,26 +158,23 @@ impl JobBook {
                 0
             }
             JobIds::Proxy => match self.sent.back() {
-                Some(s) if s.job.seq == job.seq => s.tag.wrapping_add(1),
+                Some(s) if s.key >> 8 == job.seq => (s.key as u8).wrapping_add(1),
                 _ => 0,
             },
         };
-        self.sent.retain(|s| !(s.job.seq == job.seq && s.tag == tag));
+        let key = job.seq << 8 | u64::from(tag);
+        self.sent.retain(|s| s.key != key);
         if self.sent.len() == MAX_JOBS {
             let oldest = self.sent.pop_front().expect("the book is full");
             self.retire(oldest);
         }
         self.newest_seq = self.newest_seq.max(job.seq);
-        let id = self.id_of(&job, tag);
-        self.sent.push_back(Sent { job, tag, difficulty, seen: None });
-        id
-    }
-
-    fn id_of(&self, job: &Job, tag: u8) -> JobId {
-        match self.ids {
+        let id = match self.ids {
             JobIds::Pool => JobId::Pool(job.upstream_id.clone()),
-            JobIds::Proxy => JobId::Proxy(job.seq << 8 | u64::from(tag)),
-        }
+            JobIds::Proxy => JobId::Proxy(key),
+        };
+        self.sent.push_back(Sent { job, key, difficulty, seen: None });
+        id
     }
 
     fn retire(&mut self, sent: Sent) {
@@ -208,8 +207,9 @@ impl JobBook {
                 }
             }
             JobIds::Proxy => {
-                let Some((seq, tag)) = parse_proxy_id(id) else { return Lookup::Unknown };
-                if let Some(i) = self.sent.iter().rposition(|s| s.job.seq == seq && s.tag == tag) {
+                let Some(key) = parse_proxy_id(id) else { return Lookup::Unknown };
+                let seq = key >> 8;
+                if let Some(i) = self.sent.iter().rposition(|s| s.key == key) {
                     Lookup::Live(i)
                 } else if seq <= self.newest_seq && seq > 0 {
                     Lookup::Stale
@@ -226,8 +226,8 @@ impl JobBook {
 
     /// A share with `key` was taken on this job, under any id.
     pub fn is_duplicate(&self, index: usize, id: ShareId) -> bool {
-        let seq = self.sent[index].job.seq;
-        self.sent.iter().any(|s| s.job.seq == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(&id)))
+        let seq = self.sent[index].key >> 8;
+        self.sent.iter().any(|s| s.key >> 8 == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(&id)))
     }
 
     /// Records a share that passed; the set is freed with its entry.
@@ -274,12 +274,11 @@ impl std::fmt::Display for JobId {
     }
 }
 
-fn parse_proxy_id(id: &str) -> Option<(u64, u8)> {
+fn parse_proxy_id(id: &str) -> Option<u64> {
     if id.is_empty() || id.len() > 16 {
         return None;
     }
-    let n = u64::from_str_radix(id, 16).ok()?;
-    Some((n >> 8, n as u8))
+    u64::from_str_radix(id, 16).ok()
 }
 
 #[cfg(test)]
@@ -367,7 +366,8 @@ mod tests {
     #[test]
     fn proxy_ids_round_trip() {
         for (seq, tag) in [(1, 0), (0x00ab_cdef, 7), (u64::MAX >> 8, 255)] {
-            assert_eq!(parse_proxy_id(&JobId::Proxy(seq << 8 | tag as u64).to_string()), Some((seq, tag)));
+            let key = seq << 8 | tag as u64;
+            assert_eq!(parse_proxy_id(&JobId::Proxy(key).to_string()), Some(key));
         }
         assert_eq!(parse_proxy_id(""), None);
         assert_eq!(parse_proxy_id("xyz"), None);
