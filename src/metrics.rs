@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::protocol::{miner, pool};
@@ -128,6 +128,9 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("the metrics recorder is installed once, here");
             describe();
+            let labels = MINER_METHODS.iter().chain(&POOL_METHODS).copied().chain(["other"]);
+            let counters = labels.map(|m| (m, counter!(MESSAGES, "method" => m, "direction" => "from_miner")));
+            let _ = FROM_MINER.set(counters.collect());
             handle
         })
         .clone()
@@ -228,8 +231,24 @@ const LINE_SOURCES: [&str; 2] = ["miner", "pool"];
 const REDIRECT_RESULTS: [&str; 3] = ["honoured", "refused", "same_address"];
 
 /// The `method` label for a Stratum method: known names as themselves, anything else `other`.
-pub fn method_label(method: &str) -> &'static str {
+fn method_label(method: &str) -> &'static str {
     MINER_METHODS.iter().chain(&POOL_METHODS).find(|m| **m == method).copied().unwrap_or("other")
+}
+
+/// [`MESSAGES`] from miners by `method` label, looked up once the recorder is installed.
+static FROM_MINER: OnceLock<Vec<(&'static str, Counter)>> = OnceLock::new();
+
+/// Counts a request from a miner under [`MESSAGES`]: every share is one, so its counter is
+/// held, not looked up in the registry each time.
+pub fn message_from_miner(method: &str) {
+    match FROM_MINER.get() {
+        // The last is `other`.
+        Some(counters) => {
+            let (_, counter) = counters.iter().find(|(m, _)| *m == method).or(counters.last()).expect("not empty");
+            counter.increment(1);
+        }
+        None => counter!(MESSAGES, "method" => method_label(method), "direction" => "from_miner").increment(1),
+    }
 }
 
 /// Creates every series with its closed label sets, so that a fresh proxy exports all of them at

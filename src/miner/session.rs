@@ -273,8 +273,7 @@ impl MinerSession {
         match miner::parse(line) {
             Ok(MinerMessage::Request(request)) => {
                 self.malformed_streak = 0;
-                let method = m::method_label(&request.method);
-                counter!(m::MESSAGES, "method" => method, "direction" => "from_miner").increment(1);
+                m::message_from_miner(&request.method);
                 Some(request)
             }
             Ok(MinerMessage::Response { .. }) => None,
@@ -575,7 +574,7 @@ impl MinerSession {
                 if meets_pool || block.is_some() {
                     out.up.push(Up::Share(forward(None)));
                 } else if let Some(pool) = &local.work.pool {
-                    counter!(m::SHARES_LOCAL_ONLY, "pool" => pool.metric_label.clone()).increment(1);
+                    pool.share_metrics().kept_local();
                 }
                 out.events.push(Event::ShareValid(share));
                 // The work counts at the difficulty it was judged at, on whichever job it came.

@@ -397,6 +397,7 @@ pub struct ShareMetrics {
     pool_rejected: Counter,
     pool_unanswered: Counter,
     rtt: Histogram,
+    local_only: Counter,
 }
 
 impl ShareMetrics {
@@ -410,8 +411,14 @@ impl ShareMetrics {
             pool_rejected: verdict("rejected"),
             pool_unanswered: verdict("unanswered"),
             rtt: histogram!(m::SUBMIT_RTT, "pool" => label.clone()),
+            local_only: counter!(m::SHARES_LOCAL_ONLY, "pool" => label.clone()),
             label,
         }
+    }
+
+    /// Aggregate mode: a valid share below the pool's target, answered here and not sent.
+    pub fn kept_local(&self) {
+        self.local_only.increment(1);
     }
 }
 
