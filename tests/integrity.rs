@@ -95,8 +95,14 @@ async fn unknown_and_stale_jobs() {
     p[1] = json!("no-such-job");
     assert_eq!(local_reject(&pool, &mut miner, p).await, json!([21, "Job not found", null]));
 
+    // The job before a clean one stays for the shares in flight: the pool judges them, and this
+    // one takes it. Two clean jobs later, a share on it is stale here.
     let old = miner.any_share();
+    let in_flight = miner.grind(None);
     new_job(&pool, &mut miner, "fresh", true).await;
+    let id = miner.request("mining.submit", params(&in_flight)).await;
+    assert_eq!(miner.wait_reply(&id).await.expect("a reply")["result"], true, "the pool took it");
+    new_job(&pool, &mut miner, "fresher", true).await;
     assert_eq!(local_reject(&pool, &mut miner, params(&old)).await, json!([21, "Job not found (stale)", null]));
     let (_, text) = proxy.http_get("/metrics").await;
     let label = pool.label();

@@ -140,11 +140,16 @@ impl JobBook {
         Self { ids, sent: VecDeque::new(), retired: VecDeque::new(), newest_seq: 0 }
     }
 
-    /// Enters `job`, sent at `difficulty`; a `clean` job retires every earlier one. Returns the
-    /// id the miner sees it under.
+    /// Enters `job`, sent at `difficulty`, and returns the id the miner sees it under. A `clean`
+    /// job retires the earlier ones; with pool ids (passthrough) the newest of them stays, for
+    /// the shares the miner sent before the clean job reached it. The pool judges those, as it
+    /// would without the proxy: many keep their last jobs for a while. In aggregate mode the
+    /// proxy answers them itself, and cannot know whether the pool would still take them.
     pub fn push(&mut self, job: Arc<Job>, difficulty: f64, clean: bool) -> JobId {
         if clean {
-            while let Some(old) = self.sent.pop_front() {
+            let keep = usize::from(self.ids == JobIds::Pool);
+            while self.sent.len() > keep {
+                let old = self.sent.pop_front().expect("longer than keep");
                 self.retire(old);
             }
         }
@@ -316,9 +321,22 @@ mod tests {
         assert_eq!(difficulty(&b, "b"), Some(2.0));
         b.push(job(3, "c"), 2.0, true);
         assert!(matches!(b.lookup("a"), Lookup::Stale));
-        assert!(matches!(b.lookup("b"), Lookup::Stale));
+        assert_eq!(difficulty(&b, "b"), Some(2.0), "the newest before a clean job stays, for shares in flight");
         assert!(matches!(b.lookup("c"), Lookup::Live(_)));
         assert!(matches!(b.lookup("zzz"), Lookup::Unknown));
+        b.push(job(4, "d"), 2.0, true);
+        assert!(matches!(b.lookup("b"), Lookup::Stale), "two clean jobs later");
+        assert!(matches!(b.lookup("c"), Lookup::Live(_)));
+    }
+
+    #[test]
+    fn a_clean_job_retires_every_proxy_id() {
+        let mut b = JobBook::new(JobIds::Proxy);
+        let first = b.push(job(1, "a"), 1.0, true).to_string();
+        let second = b.push(job(2, "b"), 1.0, true).to_string();
+        assert!(matches!(b.lookup(&first), Lookup::Stale));
+        assert!(matches!(b.lookup(&second), Lookup::Live(_)));
+        assert_eq!(b.len(), 1);
     }
 
     #[test]

@@ -372,9 +372,21 @@ fn unknown_and_stale_jobs() {
     let mut s = ready("");
     let (code, _, reason) = local_error(&mut s, &submit(5, "nope", "00000001", NTIME, 0, None));
     assert_eq!((code, reason), (21, RejectReason::BadJob));
+    // A share sent before the clean job reached the miner goes to the pool, which judges it.
     pool(&mut s, &notify("j2", true));
-    let (code, _, reason) = local_error(&mut s, &valid_submit(6, 1));
+    assert_eq!(forwarded(&mut s, &valid_submit(6, 1))["params"][1], "j1");
+    // Two clean jobs later it is stale here.
+    pool(&mut s, &notify("j3", true));
+    let (code, _, reason) = local_error(&mut s, &valid_submit(7, 2));
     assert_eq!((code, reason), (21, RejectReason::Stale));
+}
+
+#[test]
+fn a_new_extranonce1_retires_the_jobs_before_it() {
+    let mut s = ready("");
+    pool(&mut s, r#"{"id":null,"method":"mining.set_extranonce","params":["08000003",4]}"#);
+    let (code, _, reason) = local_error(&mut s, &valid_submit(6, 1));
+    assert_eq!((code, reason), (21, RejectReason::Stale), "hashed with the old extranonce1");
 }
 
 #[test]
