@@ -394,7 +394,10 @@ impl Oracle {
     /// A notify line for the pool to send, recorded as the live job of that id.
     fn notify(&mut self, job: &str, ntime: u32, version: u32, clean: bool) -> String {
         if clean {
+            // The newest job before a clean one stays live, for the shares in flight.
+            let newest = self.jobs.iter().max_by_key(|(_, j)| j.generation).map(|(id, j)| (id.clone(), *j));
             self.jobs.clear();
+            self.jobs.extend(newest);
         }
         self.generations += 1;
         self.jobs.insert(job.into(), LiveJob { generation: self.generations, ntime, version });
