@@ -474,15 +474,18 @@ impl Driver<'_> {
             self.pool = pool.cloned();
             self.handle.info().upstream = pool.map(|p| Arc::from(p.label.as_str()));
         }
-        let metrics = share_metrics(self.pool.as_ref());
+        // Looked up at a share, not on each step: the `none` series appear only once a share
+        // has come without a pool.
+        let current = &self.pool;
+        let metrics = || share_metrics(current.as_ref());
         let (submissions, handle) = (&self.shared.submissions, self.handle);
         let mut close = None;
         // Taken, not drained: an idle miner keeps no buffer.
         for event in std::mem::take(&mut self.out.events) {
             match event {
-                Event::ShareValid(share) => submissions.validated(handle, metrics, &share),
-                Event::ShareRefused(reason) => submissions.refused(handle, metrics, reason),
-                Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, metrics, verdict, rtt),
+                Event::ShareValid(share) => submissions.validated(handle, metrics(), &share),
+                Event::ShareRefused(reason) => submissions.refused(handle, metrics(), reason),
+                Event::PoolVerdict(verdict, rtt) => submissions.pool_verdict(handle, metrics(), verdict, rtt),
                 Event::Authorized(worker) => {
                     tracing::Span::current().record("worker", field::display(&worker));
                     tracing::debug!(%worker, "authorized");
@@ -505,7 +508,7 @@ impl Driver<'_> {
                 Event::Close(reason) => close = close.or(Some(reason)),
                 Event::PoolFault(reason) => {
                     let Some(pool) = &self.pool else { continue };
-                    counter!(m::UPSTREAM_FAULTS, "pool" => metrics.label.clone(), "reason" => reason).increment(1);
+                    counter!(m::UPSTREAM_FAULTS, "pool" => pool.metric_label.clone(), "reason" => reason).increment(1);
                     tracing::warn!(pool = %pool.label, reason, "pool fault; dropping the pool session");
                     pool.report_fault();
                 }
