@@ -229,7 +229,7 @@ impl JobBook {
         &self.sent[index]
     }
 
-    /// A share with `key` was taken on this job, under any id.
+    /// A share with `id` was taken on this job, under any of its ids.
     pub fn is_duplicate(&self, index: usize, id: ShareId) -> bool {
         let seq = self.sent[index].key >> 8;
         self.sent.iter().any(|s| s.key >> 8 == seq && s.seen.as_ref().is_some_and(|seen| seen.contains(&id)))

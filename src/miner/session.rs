@@ -406,7 +406,8 @@ impl MinerSession {
     }
 
     /// Passthrough: the pool's extranonce, from its subscribe reply or `mining.set_extranonce`.
-    /// The jobs sent before a new extranonce1 are stale: their shares were hashed with the old one.
+    /// The jobs sent before a new extranonce1 are stale: their shares were hashed with the old
+    /// one. (A job made for another extranonce2 size is stale by its own `en2_size`.)
     pub fn set_extranonce(&mut self, extranonce1: &[u8], extranonce2_size: usize) {
         if *self.extranonce1 != *extranonce1 {
             self.book.retain(|_| false);
